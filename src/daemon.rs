@@ -1,0 +1,228 @@
+//! `seguro-fs mount`: preflight checks, start the Raft node, mount, serve until unmounted or
+//! signalled, then drain and checkpoint.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::config::MountConfig;
+use crate::datadir::{DataDir, DataDirError};
+use crate::fs::overlay::Overlay;
+use crate::fs::pending::Pending;
+use crate::fs::{Fs, FsParts};
+use crate::fuse::FuseAdapter;
+use crate::replication::{self, proposer::Proposer, StartError};
+
+/// Why `mount` failed; each message says what to do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error("mountpoint {0} does not exist; create it first (mkdir -p {0})")]
+    NoMountpoint(String),
+    #[error("mountpoint {0} is not a directory")]
+    NotADirectory(String),
+    #[error(
+        "mountpoint {0} is not empty; seguro-fs mounts over an empty directory (a new \
+         pier's .urb/log). Move existing files away first"
+    )]
+    NotEmpty(String),
+    #[error("mountpoint {0} is already a mount point; unmount it first (umount {0})")]
+    AlreadyMounted(String),
+    #[error(
+        "/dev/fuse is missing: load the fuse module (modprobe fuse), or in a container \
+         pass the device (--device /dev/fuse)"
+    )]
+    NoDevFuse,
+    #[error(
+        "fusermount3 is not installed and is needed to mount as a non-root user: \
+         install the fuse3 package (apt-get install fuse3)"
+    )]
+    NoFusermount,
+    #[error(transparent)]
+    DataDir(#[from] DataDirError),
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error("the node did not become writable: {0}")]
+    NotWritable(String),
+    #[error("mounting {path}: {source}")]
+    Mount {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+fn is_mount_point(path: &Path) -> std::io::Result<bool> {
+    let canon = path.canonicalize()?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Field 5 of each line is the mount point (octal-escaped spaces).
+    Ok(info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .map(|m| m.replace("\\040", " "))
+            .is_some_and(|m| Path::new(&m) == canon)
+    }))
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file())
+    })
+}
+
+fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
+    let mp = &cfg.mountpoint;
+    let shown = mp.display().to_string();
+    let meta = std::fs::metadata(mp).map_err(|_| MountError::NoMountpoint(shown.clone()))?;
+    if !meta.is_dir() {
+        return Err(MountError::NotADirectory(shown));
+    }
+    if is_mount_point(mp)? {
+        return Err(MountError::AlreadyMounted(shown));
+    }
+    if std::fs::read_dir(mp)?.next().is_some() {
+        return Err(MountError::NotEmpty(shown));
+    }
+    if !Path::new("/dev/fuse").exists() {
+        return Err(MountError::NoDevFuse);
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 && !on_path("fusermount3") {
+        return Err(MountError::NoFusermount);
+    }
+    Ok(())
+}
+
+/// Run the daemon in the foreground until the file system is unmounted or a signal
+/// arrives. Returns once the mount is gone and everything accepted is checkpointed.
+pub fn run(cfg: MountConfig) -> Result<(), MountError> {
+    preflight(&cfg)?;
+    // The tree must hold exactly the modes the application asked for.
+    // SAFETY: umask has no preconditions.
+    unsafe { libc::umask(0) };
+    let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("seguro-rt")
+        .build()?;
+
+    // A random id for this run's batches: only this run holds their overlay pieces.
+    let origin = {
+        let mut b = [0u8; 8];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut b))?;
+        u64::from_le_bytes(b) | 1
+    };
+    let overlay = Arc::new(Mutex::new(Overlay::default()));
+    let node = rt.block_on(replication::start(&cfg, &data_dir, origin, overlay.clone()))?;
+    let ready = Duration::from_millis(cfg.limits.ready_timeout_ms);
+    rt.block_on(node.wait_writable(ready))
+        .map_err(MountError::NotWritable)?;
+
+    let pending = Arc::new(Mutex::new(Pending::new(origin, cfg.limits.entry_bytes_max)));
+    let wake = Arc::new(Notify::new());
+    rt.spawn(
+        Proposer {
+            raft: node.raft.clone(),
+            pending: pending.clone(),
+            wake: wake.clone(),
+            flush_rx: node.flush_rx.clone(),
+            proposals_inflight_max: cfg.limits.proposals_inflight_max as u64,
+        }
+        .run(),
+    );
+    let fs = Arc::new(Fs::new(FsParts {
+        rt: rt.handle().clone(),
+        data_dir: data_dir.root.clone(),
+        tree_root: data_dir.tree_dir(),
+        local_root: data_dir.local_dir(),
+        local_names: cfg.local_names.clone(),
+        limits: cfg.limits.clone(),
+        pending,
+        overlay: overlay.clone(),
+        wake,
+        flush_rx: node.flush_rx.clone(),
+        applied_rx: node.applied_rx.clone(),
+    })?);
+
+    let mut fuse_cfg = fuser::Config::default();
+    fuse_cfg.mount_options = vec![
+        fuser::MountOption::FSName(format!("seguro-fs:{}", data_dir.root.display())),
+        fuser::MountOption::Subtype("seguro-fs".into()),
+        fuser::MountOption::DefaultPermissions,
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+    ];
+    if cfg.allow_other {
+        fuse_cfg.acl = fuser::SessionACL::All;
+    }
+    fuse_cfg.n_threads = Some(cfg.limits.fuse_threads);
+    fuse_cfg.clone_fd = true;
+    let adapter = FuseAdapter {
+        fs: fs.clone(),
+        write_bytes_max: cfg.limits.fuse_write_bytes_max,
+    };
+    let mut session =
+        fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
+            MountError::Mount {
+                path: cfg.mountpoint.display().to_string(),
+                source,
+            }
+        })?;
+    let mut unmounter = session.unmount_callable();
+    tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %data_dir.root.display(), "mounted");
+
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let fuse_thread = std::thread::Builder::new()
+        .name("fuse-session".into())
+        .spawn(move || {
+            let r = session.run();
+            let _ = done_tx.send(());
+            r
+        })?;
+
+    let signalled = rt.block_on(async {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => Ok::<bool, std::io::Error>(true),
+            _ = int.recv() => Ok(true),
+            _ = done_rx => Ok(false),
+        }
+    })?;
+    if signalled {
+        tracing::info!("signal received: unmounting");
+        if let Err(e) = unmounter.unmount() {
+            tracing::warn!(error = %e, "unmount failed; the kernel will drop the mount when we exit");
+        }
+    }
+    match fuse_thread.join() {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "fuse session ended with an error"),
+        Err(_) => tracing::error!("fuse session thread panicked"),
+    }
+
+    // Drain: everything accepted is made durable, applied and checkpointed, so a restart
+    // replays nothing.
+    let drained = fs.wait_durable();
+    let apply_deadline = std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);
+    while *node.applied_rx.borrow() < node.flush_rx.borrow().flushed_index
+        && std::time::Instant::now() < apply_deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ckpt = node.state_machine.checkpoint_now();
+    let _ = rt.block_on(node.raft.shutdown());
+    drained.map_err(|_| {
+        MountError::Io(std::io::Error::other(
+            "could not make the last writes durable before exiting",
+        ))
+    })?;
+    ckpt?;
+    tracing::info!("unmounted cleanly");
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! The node's data directory: its layout, its exclusive lock and its identity file.
+//!
+//! ```text
+//! DATA_DIR/
+//!   identity      format version and node id; refuses a dir made for another node/cluster
+//!   lock          flock'd while a daemon owns the dir
+//!   raft/         log segments, vote, committed (log_store.rs)
+//!   applied       the applied-index checkpoint (checkpoint.rs)
+//!   tree/         the committed file tree, a plain directory
+//!   local/        per-host files that are never replicated (lock.mdb)
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::sync::{fsync_dir, write_file_durably};
+
+const FORMAT: &str = "seguro-fs data dir v1";
+
+/// Why a data dir cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DataDirError {
+    #[error("data dir {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "data dir {path} is already in use by another seguro-fs process (pid {pid}); \
+         unmount that mount first or choose another data dir"
+    )]
+    InUse { path: PathBuf, pid: String },
+    #[error(
+        "data dir {path} belongs to {found}, not to this node ({expected}); \
+         use the data dir made for this node, or a new empty one"
+    )]
+    Foreign {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
+    #[error("data dir {path} is not a seguro-fs data dir (it is non-empty and has no identity file); choose an empty or new directory")]
+    NotOurs { path: PathBuf },
+}
+
+/// An opened, locked data dir. Dropping it releases the lock.
+#[derive(Debug)]
+pub struct DataDir {
+    pub root: PathBuf,
+    // Held for the flock; closing the fd releases it.
+    _lock: File,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
+    move |source| DataDirError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl DataDir {
+    /// Open (creating if needed) and lock `root` for node `node_id`.
+    pub fn open(root: &Path, node_id: u64) -> Result<DataDir, DataDirError> {
+        fs::create_dir_all(root).map_err(io_err(root))?;
+        let root = root.canonicalize().map_err(io_err(root))?;
+        let lock_path = root.join("lock");
+        let identity_path = root.join("identity");
+        if !identity_path.exists() && !lock_path.exists() {
+            let non_empty = fs::read_dir(&root)
+                .map_err(io_err(&root))?
+                .next()
+                .is_some();
+            if non_empty {
+                return Err(DataDirError::NotOurs { path: root });
+            }
+        }
+        let mut lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&lock_path)
+            .map_err(io_err(&lock_path))?;
+        // SAFETY: flock on an fd we own.
+        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let pid = fs::read_to_string(&lock_path).unwrap_or_default();
+            return Err(DataDirError::InUse {
+                path: root,
+                pid: pid.trim().to_string(),
+            });
+        }
+        lock.set_len(0).map_err(io_err(&lock_path))?;
+        write!(lock, "{}", std::process::id()).map_err(io_err(&lock_path))?;
+
+        let expected = format!("{FORMAT}\nnode_id={node_id}\n");
+        match fs::read_to_string(&identity_path) {
+            Ok(found) if found == expected => {}
+            Ok(found) => {
+                return Err(DataDirError::Foreign {
+                    path: root,
+                    found: found.trim().replace('\n', ", "),
+                    expected: expected.trim().replace('\n', ", "),
+                })
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                for sub in ["raft", "tree", "local"] {
+                    let p = root.join(sub);
+                    fs::create_dir_all(&p).map_err(io_err(&p))?;
+                }
+                write_file_durably(&identity_path, expected.as_bytes())
+                    .map_err(io_err(&identity_path))?;
+                fsync_dir(&root).map_err(io_err(&root))?;
+            }
+            Err(e) => return Err(io_err(&identity_path)(e)),
+        }
+        Ok(DataDir { root, _lock: lock })
+    }
+
+    pub fn raft_dir(&self) -> PathBuf {
+        self.root.join("raft")
+    }
+    pub fn tree_dir(&self) -> PathBuf {
+        self.root.join("tree")
+    }
+    pub fn local_dir(&self) -> PathBuf {
+        self.root.join("local")
+    }
+    pub fn checkpoint_path(&self) -> PathBuf {
+        self.root.join("applied")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::tests::TempDir;
+
+    #[test]
+    fn lock_identity_and_foreign_dirs() {
+        let t = TempDir::new("datadir");
+        let d = t.path().join("d");
+        let dd = DataDir::open(&d, 1).unwrap();
+        assert!(d.join("tree").is_dir() && d.join("raft").is_dir());
+        // A second opener is refused while the first holds the lock.
+        match DataDir::open(&d, 1) {
+            Err(DataDirError::InUse { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
+            other => panic!("expected InUse, got {other:?}"),
+        }
+        drop(dd);
+        // Reopening as the same node works; as another node it is refused.
+        drop(DataDir::open(&d, 1).unwrap());
+        assert!(matches!(
+            DataDir::open(&d, 2),
+            Err(DataDirError::Foreign { .. })
+        ));
+        // A non-empty directory that is not a data dir is not taken over.
+        let other = t.path().join("other");
+        fs::create_dir_all(&other).unwrap();
+        fs::write(other.join("precious"), b"x").unwrap();
+        assert!(matches!(
+            DataDir::open(&other, 1),
+            Err(DataDirError::NotOurs { .. })
+        ));
+    }
+}

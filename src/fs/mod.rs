@@ -1,0 +1,917 @@
+//! The FUSE-free core of the file system: what each operation means on the leader.
+//!
+//! - Data ops (write, truncate, fallocate) join the open batch and the overlay and return
+//!   at once; the page cache and the overlay serve reads until the entry is applied.
+//! - Namespace ops and chmod/chown/utimes are proposed in a batch of their own and answered
+//!   after the entry is applied, with the errno the tree produced.
+//! - fsync/fsyncdir close the open batch and wait until the log holds every batch accepted
+//!   before them durably (fdatasync'd), or fail with EIO.
+//! - Files named in `local_names` (lock.mdb) live in `DATA_DIR/local/`, are never
+//!   replicated, and are served with plain syscalls.
+//!
+//! `ns_lock` orders namespace ops against everything else: a namespace op holds it
+//! exclusively from proposal to apply, so no data op is ever addressed by a path that is
+//! about to change, and no read sees the tree half-way through a rename.
+
+pub mod inodes;
+pub mod overlay;
+pub mod pending;
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{self, File, Metadata, OpenOptions};
+use std::io;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{FileAttr, FileType};
+use tokio::runtime::Handle;
+use tokio::sync::{oneshot, watch, Notify};
+
+use crate::config::Limits;
+use crate::op::{Op, Timespec};
+use crate::replication::log_store::FlushState;
+use inodes::{join, Area, Inodes, ROOT_INO};
+use overlay::{merge_read, size_after, Overlay, Piece, PieceKind};
+use pending::{split_write, Pending};
+
+/// An errno to answer the kernel with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Errno(pub i32);
+
+impl From<io::Error> for Errno {
+    fn from(e: io::Error) -> Errno {
+        Errno(e.raw_os_error().unwrap_or(libc::EIO))
+    }
+}
+
+pub type FsResult<T> = Result<T, Errno>;
+
+/// An open file or directory.
+enum OpenHandle {
+    File { ino: u64, file: Arc<File> },
+    Dir { entries: Vec<(u64, FileType, Vec<u8>)> },
+}
+
+/// The file system's shared state. All methods are called from FUSE worker threads.
+pub struct Fs {
+    rt: Handle,
+    tree_root: PathBuf,
+    local_root: PathBuf,
+    data_dir: PathBuf,
+    local_names: Vec<Vec<u8>>,
+    limits: Limits,
+    inodes: Mutex<Inodes>,
+    handles: Mutex<HashMap<u64, OpenHandle>>,
+    next_fh: AtomicU64,
+    ns_lock: RwLock<()>,
+    pending: Arc<Mutex<Pending>>,
+    overlay: Arc<Mutex<Overlay>>,
+    wake: Arc<Notify>,
+    flush_rx: watch::Receiver<FlushState>,
+    applied_rx: watch::Receiver<u64>,
+}
+
+/// What `Fs::new` needs from the replication side.
+pub struct FsParts {
+    pub rt: Handle,
+    pub data_dir: PathBuf,
+    pub tree_root: PathBuf,
+    pub local_root: PathBuf,
+    pub local_names: Vec<String>,
+    pub limits: Limits,
+    pub pending: Arc<Mutex<Pending>>,
+    pub overlay: Arc<Mutex<Overlay>>,
+    pub wake: Arc<Notify>,
+    pub flush_rx: watch::Receiver<FlushState>,
+    pub applied_rx: watch::Receiver<u64>,
+}
+
+fn kind_of(m: &Metadata) -> FileType {
+    FileType::from_std(m.file_type()).unwrap_or(FileType::RegularFile)
+}
+
+fn system_time(sec: i64, nsec: i64) -> SystemTime {
+    if sec >= 0 {
+        UNIX_EPOCH + Duration::new(sec as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(sec.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+/// A time for `utimensat`, from the kernel's setattr.
+pub fn to_timespec(t: SystemTime) -> Timespec {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => Timespec {
+            sec: d.as_secs() as i64,
+            nsec: d.subsec_nanos(),
+        },
+        Err(e) => {
+            let d = e.duration();
+            Timespec {
+                sec: -(d.as_secs() as i64) - i64::from(d.subsec_nanos() > 0),
+                nsec: if d.subsec_nanos() > 0 {
+                    1_000_000_000 - d.subsec_nanos()
+                } else {
+                    0
+                },
+            }
+        }
+    }
+}
+
+fn attr_from(ino: u64, m: &Metadata, size: u64) -> FileAttr {
+    FileAttr {
+        ino: fuser::INodeNo(ino),
+        size,
+        blocks: m.blocks(),
+        atime: system_time(m.atime(), m.atime_nsec()),
+        mtime: system_time(m.mtime(), m.mtime_nsec()),
+        ctime: system_time(m.ctime(), m.ctime_nsec()),
+        crtime: UNIX_EPOCH,
+        kind: kind_of(m),
+        perm: (m.mode() & 0o7777) as u16,
+        nlink: m.nlink() as u32,
+        uid: m.uid(),
+        gid: m.gid(),
+        rdev: m.rdev() as u32,
+        blksize: 4096,
+        flags: 0,
+    }
+}
+
+impl Fs {
+    pub fn new(p: FsParts) -> io::Result<Fs> {
+        let root_st_ino = fs::metadata(&p.tree_root)?.ino();
+        Ok(Fs {
+            rt: p.rt,
+            tree_root: p.tree_root,
+            local_root: p.local_root,
+            data_dir: p.data_dir,
+            local_names: p.local_names.into_iter().map(String::into_bytes).collect(),
+            limits: p.limits,
+            inodes: Mutex::new(Inodes::new(root_st_ino)),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+            ns_lock: RwLock::new(()),
+            pending: p.pending,
+            overlay: p.overlay,
+            wake: p.wake,
+            flush_rx: p.flush_rx,
+            applied_rx: p.applied_rx,
+        })
+    }
+
+    fn is_local_name(&self, name: &OsStr) -> bool {
+        self.local_names.iter().any(|n| n.as_slice() == name.as_bytes())
+    }
+
+    fn abs(&self, area: Area, rel: &str) -> PathBuf {
+        let root = match area {
+            Area::Tree => &self.tree_root,
+            Area::Local => &self.local_root,
+        };
+        if rel.is_empty() {
+            root.clone()
+        } else {
+            root.join(rel)
+        }
+    }
+
+    fn failed(&self) -> bool {
+        self.flush_rx.borrow().failed
+    }
+
+    fn node(&self, ino: u64) -> FsResult<inodes::Node> {
+        self.inodes
+            .lock()
+            .expect("inodes mutex poisoned")
+            .get(ino)
+            .cloned()
+            .ok_or(Errno(libc::ENOENT))
+    }
+
+    /// The path of a directory inode (parents are always tree directories).
+    fn dir_path(&self, ino: u64) -> FsResult<String> {
+        let n = self.node(ino)?;
+        if !n.is_dir {
+            return Err(Errno(libc::ENOTDIR));
+        }
+        n.path.ok_or(Errno(libc::ENOENT))
+    }
+
+    fn child(&self, parent: u64, name: &OsStr) -> FsResult<(Area, String)> {
+        let name = name.to_str().ok_or(Errno(libc::EINVAL))?;
+        if name.len() > 255 {
+            return Err(Errno(libc::ENAMETOOLONG));
+        }
+        let dir = self.dir_path(parent)?;
+        let area = if self.is_local_name(OsStr::new(name)) {
+            Area::Local
+        } else {
+            Area::Tree
+        };
+        Ok((area, join(&dir, name)))
+    }
+
+    /// Size of a tree file as the overlay sees it.
+    fn overlay_size(&self, ino: u64, base: u64) -> u64 {
+        size_after(base, self.overlay.lock().expect("overlay mutex poisoned").pieces(ino))
+    }
+
+    fn attr_of(&self, ino: u64, area: Area, m: &Metadata) -> FileAttr {
+        let size = if area == Area::Tree && m.is_file() {
+            self.overlay_size(ino, m.len())
+        } else {
+            m.len()
+        };
+        attr_from(ino, m, size)
+    }
+
+    /// Register `path` (which must exist) and return its attributes.
+    fn entry(&self, area: Area, path: &str) -> FsResult<FileAttr> {
+        let m = fs::symlink_metadata(self.abs(area, path))?;
+        let ino = self
+            .inodes
+            .lock()
+            .expect("inodes mutex poisoned")
+            .lookup(path, area, m.ino(), m.is_dir());
+        Ok(self.attr_of(ino, area, &m))
+    }
+
+    // ---- waiting on the log ----------------------------------------------------------
+
+    fn ack_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.ack_timeout_ms)
+    }
+
+    /// Propose `op` alone and wait until it is applied; returns the tree's errno for it.
+    fn propose_and_wait(&self, op: Op) -> FsResult<()> {
+        if self.failed() {
+            return Err(Errno(libc::EIO));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("pending mutex poisoned")
+            .push_alone(op, tx);
+        self.wake.notify_one();
+        let timeout = self.ack_timeout();
+        let outcome = self.rt.block_on(async {
+            tokio::time::timeout(timeout, async {
+                let resp_rx = rx.await.map_err(|_| "proposal dropped".to_string())?;
+                let resp = resp_rx
+                    .await
+                    .map_err(|_| "raft dropped the proposal".to_string())?;
+                resp.map_err(|e| e.to_string())
+            })
+            .await
+        });
+        match outcome {
+            Ok(Ok(resp)) => match resp.data.errnos.first() {
+                Some(0) => Ok(()),
+                Some(&e) => Err(Errno(e)),
+                None => Err(Errno(libc::EIO)),
+            },
+            Ok(Err(why)) => {
+                tracing::error!(%why, "namespace op failed to commit");
+                Err(Errno(libc::EIO))
+            }
+            Err(_) => {
+                tracing::error!("namespace op not applied within ack_timeout_ms");
+                Err(Errno(libc::EIO))
+            }
+        }
+    }
+
+    /// fsync: every op accepted before this call must be durable in the log.
+    pub fn wait_durable(&self) -> FsResult<()> {
+        let target = {
+            let mut p = self.pending.lock().expect("pending mutex poisoned");
+            p.seal();
+            p.last_seq()
+        };
+        self.wake.notify_one();
+        let mut rx = self.flush_rx.clone();
+        let timeout = self.ack_timeout();
+        let ok = self.rt.block_on(async {
+            tokio::time::timeout(timeout, async {
+                loop {
+                    {
+                        let s = rx.borrow_and_update();
+                        if s.failed {
+                            return false;
+                        }
+                        if s.flushed_seq >= target {
+                            return true;
+                        }
+                    }
+                    if rx.changed().await.is_err() {
+                        return false;
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false)
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(Errno(libc::EIO))
+        }
+    }
+
+    /// Block while the overlay holds more than `inflight_bytes_max` (backpressure).
+    fn wait_for_room(&self) -> FsResult<()> {
+        let max = self.limits.inflight_bytes_max;
+        let mut applied = self.applied_rx.clone();
+        let mut flushed = self.flush_rx.clone();
+        let timeout = self.ack_timeout();
+        let room = |o: &Mutex<Overlay>| o.lock().expect("overlay mutex poisoned").bytes() < max;
+        if room(&self.overlay) {
+            return Ok(());
+        }
+        let ok = self.rt.block_on(async {
+            tokio::time::timeout(timeout, async {
+                loop {
+                    if room(&self.overlay) {
+                        return true;
+                    }
+                    if flushed.borrow_and_update().failed {
+                        return false;
+                    }
+                    tokio::select! {
+                        r = applied.changed() => if r.is_err() { return false },
+                        r = flushed.changed() => if r.is_err() { return false },
+                    }
+                }
+            })
+            .await
+            .unwrap_or(false)
+        });
+        if ok {
+            Ok(())
+        } else {
+            Err(Errno(libc::EIO))
+        }
+    }
+
+    /// Accept data ops for `ino` at `path` into the open batch and the overlay.
+    fn accept_data(&self, ino: u64, ops: Vec<(Op, PieceKind)>) {
+        let mut p = self.pending.lock().expect("pending mutex poisoned");
+        // Lock order: pending, then overlay (the proposer never holds both; the state
+        // machine holds only the overlay). Pieces must enter the overlay under the pending
+        // lock, or their batch could be applied before they are there and they would never
+        // be dropped.
+        let mut o = self.overlay.lock().expect("overlay mutex poisoned");
+        for (op, kind) in ops {
+            let seq = p.push_data(op);
+            o.push(ino, Piece { seq, kind });
+        }
+        drop(o);
+        drop(p);
+        self.wake.notify_one();
+    }
+
+    // ---- operations -------------------------------------------------------------------
+
+    pub fn lookup(&self, parent: u64, name: &OsStr) -> FsResult<FileAttr> {
+        let _ns = self.ns_lock.read().expect("ns lock poisoned");
+        let (area, path) = self.child(parent, name)?;
+        self.entry(area, &path)
+    }
+
+    pub fn forget(&self, ino: u64, n: u64) {
+        self.inodes
+            .lock()
+            .expect("inodes mutex poisoned")
+            .forget(ino, n);
+    }
+
+    fn open_file_of(&self, ino: u64) -> Option<Arc<File>> {
+        let h = self.handles.lock().expect("handles mutex poisoned");
+        h.values().find_map(|h| match h {
+            OpenHandle::File { ino: i, file } if *i == ino => Some(file.clone()),
+            _ => None,
+        })
+    }
+
+    pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
+        let _ns = self.ns_lock.read().expect("ns lock poisoned");
+        let n = self.node(ino)?;
+        let m = match &n.path {
+            Some(p) => fs::symlink_metadata(self.abs(n.area, p))?,
+            // Unlinked but open: the handle's descriptor still reaches the file.
+            None => self
+                .open_file_of(ino)
+                .ok_or(Errno(libc::ENOENT))?
+                .metadata()?,
+        };
+        Ok(self.attr_of(ino, n.area, &m))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        &self,
+        ino: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<Timespec>,
+        mtime: Option<Timespec>,
+    ) -> FsResult<FileAttr> {
+        let n = self.node(ino)?;
+        let Some(path) = n.path.clone() else {
+            // Unlinked: nobody else can ever see it, so change the file directly.
+            if let (Some(size), Some(f)) = (size, self.open_file_of(ino)) {
+                f.set_len(size)?;
+            }
+            return self.getattr(ino);
+        };
+        if n.area == Area::Local {
+            let p = self.abs(Area::Local, &path);
+            if let Some(size) = size {
+                OpenOptions::new().write(true).open(&p)?.set_len(size)?;
+            }
+            if let Some(mode) = mode {
+                fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+            }
+            return self.getattr(ino);
+        }
+        if let Some(size) = size {
+            if n.is_dir {
+                return Err(Errno(libc::EISDIR));
+            }
+            if self.failed() {
+                return Err(Errno(libc::EIO));
+            }
+            let _ns = self.ns_lock.read().expect("ns lock poisoned");
+            self.accept_data(
+                ino,
+                vec![(
+                    Op::Truncate {
+                        path: path.clone(),
+                        size,
+                    },
+                    PieceKind::Truncate { size },
+                )],
+            );
+        }
+        if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some()
+        {
+            let _ns = self.ns_lock.write().expect("ns lock poisoned");
+            self.propose_and_wait(Op::SetAttr {
+                path,
+                mode,
+                uid,
+                gid,
+                atime,
+                mtime,
+            })?;
+        }
+        self.getattr(ino)
+    }
+
+    pub fn readlink(&self, ino: u64) -> FsResult<Vec<u8>> {
+        let n = self.node(ino)?;
+        let p = n.path.ok_or(Errno(libc::ENOENT))?;
+        Ok(fs::read_link(self.abs(n.area, &p))?
+            .into_os_string()
+            .into_vec())
+    }
+
+    fn new_fh(&self, h: OpenHandle) -> u64 {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .expect("handles mutex poisoned")
+            .insert(fh, h);
+        fh
+    }
+
+    fn open_path(&self, area: Area, path: &str) -> FsResult<File> {
+        Ok(OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.abs(area, path))?)
+    }
+
+    pub fn open(&self, ino: u64) -> FsResult<u64> {
+        let _ns = self.ns_lock.read().expect("ns lock poisoned");
+        let n = self.node(ino)?;
+        let path = n.path.ok_or(Errno(libc::ENOENT))?;
+        if n.is_dir {
+            return Err(Errno(libc::EISDIR));
+        }
+        let file = self.open_path(n.area, &path)?;
+        Ok(self.new_fh(OpenHandle::File {
+            ino,
+            file: Arc::new(file),
+        }))
+    }
+
+    fn file_handle(&self, fh: u64) -> FsResult<(u64, Arc<File>)> {
+        match self.handles.lock().expect("handles mutex poisoned").get(&fh) {
+            Some(OpenHandle::File { ino, file }) => Ok((*ino, file.clone())),
+            _ => Err(Errno(libc::EBADF)),
+        }
+    }
+
+    pub fn read(&self, ino: u64, fh: u64, offset: u64, size: u32) -> FsResult<Vec<u8>> {
+        let (_, file) = self.file_handle(fh)?;
+        let n = self.node(ino)?;
+        if n.area == Area::Local || n.path.is_none() {
+            let mut buf = vec![0u8; size as usize];
+            let got = file.read_at(&mut buf, offset)?;
+            buf.truncate(got);
+            return Ok(buf);
+        }
+        // The overlay lock spans the tree read so an apply cannot slip in between.
+        let o = self.overlay.lock().expect("overlay mutex poisoned");
+        let base_size = file.metadata()?.len();
+        let want = base_size.saturating_sub(offset).min(size as u64) as usize;
+        let mut base = vec![0u8; want];
+        let mut got = 0;
+        while got < want {
+            let k = file.read_at(&mut base[got..], offset + got as u64)?;
+            if k == 0 {
+                break;
+            }
+            got += k;
+        }
+        base.truncate(got);
+        Ok(merge_read(&base, base_size, o.pieces(ino), offset, size as usize))
+    }
+
+    pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
+        let (_, file) = self.file_handle(fh)?;
+        let n = self.node(ino)?;
+        if n.area == Area::Local || n.path.is_none() {
+            // Host-local, or unlinked (no other process can ever open it again).
+            file.write_all_at(data, offset)?;
+            return Ok(data.len() as u32);
+        }
+        if self.failed() {
+            return Err(Errno(libc::EIO));
+        }
+        self.wait_for_room()?;
+        let _ns = self.ns_lock.read().expect("ns lock poisoned");
+        // Re-read the path under the namespace lock: a rename may have just finished.
+        let path = self.node(ino)?.path.ok_or(Errno(libc::ENOENT))?;
+        let ops = split_write(&path, offset, data, self.limits.entry_bytes_max)
+            .into_iter()
+            .map(|op| {
+                let Op::Write { offset, data, .. } = &op else {
+                    unreachable!("split_write makes writes")
+                };
+                let kind = PieceKind::Write {
+                    offset: *offset,
+                    data: Arc::from(data.as_slice()),
+                };
+                (op, kind)
+            })
+            .collect();
+        self.accept_data(ino, ops);
+        Ok(data.len() as u32)
+    }
+
+    /// close(2) of one descriptor: report a failed log so the application learns of it.
+    pub fn flush(&self) -> FsResult<()> {
+        if self.failed() {
+            Err(Errno(libc::EIO))
+        } else {
+            Ok(())
+        }
+    }
+
+    pub fn release(&self, fh: u64) {
+        self.handles
+            .lock()
+            .expect("handles mutex poisoned")
+            .remove(&fh);
+    }
+
+    pub fn fsync(&self, ino: u64, fh: u64) -> FsResult<()> {
+        let n = self.node(ino)?;
+        if n.area == Area::Local || n.path.is_none() {
+            let (_, file) = self.file_handle(fh)?;
+            return Ok(crate::sync::fdatasync(&file)?);
+        }
+        self.wait_durable()
+    }
+
+    pub fn opendir(&self, ino: u64) -> FsResult<u64> {
+        let _ns = self.ns_lock.read().expect("ns lock poisoned");
+        let path = self.dir_path(ino)?;
+        let parent_ino = if ino == ROOT_INO {
+            ROOT_INO
+        } else {
+            // The kernel does not use ".."'s inode from readdir; the root is good enough
+            // when the parent has not been looked up.
+            let parent = tree_parent(&path);
+            self.peek_ino(Area::Tree, parent).unwrap_or(ROOT_INO)
+        };
+        let mut entries = vec![
+            (ino, FileType::Directory, b".".to_vec()),
+            (parent_ino, FileType::Directory, b"..".to_vec()),
+        ];
+        for area in [Area::Tree, Area::Local] {
+            let dir = self.abs(area, &path);
+            let iter = match fs::read_dir(&dir) {
+                Ok(it) => it,
+                Err(e) if area == Area::Local && e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for e in iter {
+                let e = e?;
+                let name = e.file_name();
+                // Only local names come from local/, and never from tree/.
+                if (area == Area::Local) != self.is_local_name(&name) {
+                    continue;
+                }
+                let ft = e.file_type()?;
+                if area == Area::Local && ft.is_dir() {
+                    continue;
+                }
+                let kind = FileType::from_std(ft).unwrap_or(FileType::RegularFile);
+                let st_ino = std::os::unix::fs::DirEntryExt::ino(&e);
+                let ino = self
+                    .inodes
+                    .lock()
+                    .expect("inodes mutex poisoned")
+                    .peek(area, st_ino)
+                    .unwrap_or(st_ino);
+                entries.push((ino, kind, name.into_vec()));
+            }
+        }
+        Ok(self.new_fh(OpenHandle::Dir { entries }))
+    }
+
+    fn peek_ino(&self, area: Area, path: &str) -> Option<u64> {
+        let st_ino = fs::symlink_metadata(self.abs(area, path)).ok()?.ino();
+        self.inodes
+            .lock()
+            .expect("inodes mutex poisoned")
+            .peek(area, st_ino)
+    }
+
+    /// Directory entries from `offset` on (the caller stops when the reply is full).
+    pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<(u64, FileType, Vec<u8>)>> {
+        match self.handles.lock().expect("handles mutex poisoned").get(&fh) {
+            Some(OpenHandle::Dir { entries }) => Ok(entries
+                .iter()
+                .skip(offset as usize)
+                .cloned()
+                .collect()),
+            _ => Err(Errno(libc::EBADF)),
+        }
+    }
+
+    pub fn fsyncdir(&self) -> FsResult<()> {
+        self.wait_durable()
+    }
+
+    pub fn statfs(&self) -> FsResult<libc::statvfs> {
+        let c = std::ffi::CString::new(self.data_dir.as_os_str().as_bytes())
+            .map_err(|_| Errno(libc::EINVAL))?;
+        // SAFETY: statvfs fills the zeroed struct we pass for a valid path.
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+            return Err(io::Error::last_os_error().into());
+        }
+        Ok(st)
+    }
+
+    fn create_local(&self, path: &str, mode: u32, excl: bool) -> FsResult<()> {
+        let p = self.abs(Area::Local, path);
+        if let Some(parent) = p.parent() {
+            // The local mirror of a tree directory is made on demand, only if the tree
+            // directory exists.
+            if !self.abs(Area::Tree, tree_parent(path)).is_dir() {
+                return Err(Errno(libc::ENOENT));
+            }
+            fs::create_dir_all(parent)?;
+        }
+        let mut o = OpenOptions::new();
+        o.write(true).mode(mode);
+        if excl {
+            o.create_new(true);
+        } else {
+            o.create(true);
+        }
+        o.open(&p)?;
+        Ok(())
+    }
+
+    pub fn create(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        flags: i32,
+    ) -> FsResult<(FileAttr, u64)> {
+        let (area, path) = self.child(parent, name)?;
+        let excl = flags & libc::O_EXCL != 0;
+        let attr = {
+            let _ns = self.ns_lock.write().expect("ns lock poisoned");
+            match area {
+                Area::Local => self.create_local(&path, mode & 0o7777, excl)?,
+                Area::Tree => self.propose_and_wait(Op::Create {
+                    path: path.clone(),
+                    mode: mode & 0o7777,
+                    excl,
+                })?,
+            }
+            self.entry(area, &path)?
+        };
+        let ino = attr.ino.0;
+        if flags & libc::O_TRUNC != 0 && attr.size > 0 {
+            self.setattr(ino, None, None, None, Some(0), None, None)?;
+        }
+        let file = self.open_path(area, &path)?;
+        let fh = self.new_fh(OpenHandle::File {
+            ino,
+            file: Arc::new(file),
+        });
+        Ok((self.getattr(ino)?, fh))
+    }
+
+    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32) -> FsResult<FileAttr> {
+        if mode & libc::S_IFMT != libc::S_IFREG {
+            // Device nodes, FIFOs and sockets have no place in an event log.
+            return Err(Errno(libc::EPERM));
+        }
+        let (area, path) = self.child(parent, name)?;
+        let _ns = self.ns_lock.write().expect("ns lock poisoned");
+        match area {
+            Area::Local => self.create_local(&path, mode & 0o7777, true)?,
+            Area::Tree => self.propose_and_wait(Op::Create {
+                path: path.clone(),
+                mode: mode & 0o7777,
+                excl: true,
+            })?,
+        }
+        self.entry(area, &path)
+    }
+
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32) -> FsResult<FileAttr> {
+        let (area, path) = self.child(parent, name)?;
+        if area == Area::Local {
+            return Err(Errno(libc::EPERM));
+        }
+        let _ns = self.ns_lock.write().expect("ns lock poisoned");
+        self.propose_and_wait(Op::Mkdir {
+            path: path.clone(),
+            mode: mode & 0o7777,
+        })?;
+        self.entry(Area::Tree, &path)
+    }
+
+    pub fn unlink(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let (area, path) = self.child(parent, name)?;
+        let _ns = self.ns_lock.write().expect("ns lock poisoned");
+        match area {
+            Area::Local => fs::remove_file(self.abs(Area::Local, &path))?,
+            Area::Tree => self.propose_and_wait(Op::Unlink { path: path.clone() })?,
+        }
+        self.inodes
+            .lock()
+            .expect("inodes mutex poisoned")
+            .detach(area, &path);
+        Ok(())
+    }
+
+    pub fn rmdir(&self, parent: u64, name: &OsStr) -> FsResult<()> {
+        let (area, path) = self.child(parent, name)?;
+        if area == Area::Local {
+            return Err(Errno(libc::ENOTDIR));
+        }
+        let _ns = self.ns_lock.write().expect("ns lock poisoned");
+        let local = self.abs(Area::Local, &path);
+        // A directory holding a host-local file (lock.mdb) is not empty.
+        if let Ok(mut it) = fs::read_dir(&local) {
+            if it.next().is_some() {
+                return Err(Errno(libc::ENOTEMPTY));
+            }
+        }
+        self.propose_and_wait(Op::Rmdir { path: path.clone() })?;
+        let _ = fs::remove_dir(&local);
+        self.inodes
+            .lock()
+            .expect("inodes mutex poisoned")
+            .detach(Area::Tree, &path);
+        Ok(())
+    }
+
+    pub fn rename(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        newparent: u64,
+        newname: &OsStr,
+        flags: u32,
+    ) -> FsResult<()> {
+        if flags & !libc::RENAME_NOREPLACE != 0 {
+            // RENAME_EXCHANGE / WHITEOUT: not needed by vere or LMDB.
+            return Err(Errno(libc::EINVAL));
+        }
+        let (area, from) = self.child(parent, name)?;
+        let (to_area, to) = self.child(newparent, newname)?;
+        if area != to_area {
+            return Err(Errno(libc::EXDEV));
+        }
+        let _ns = self.ns_lock.write().expect("ns lock poisoned");
+        match area {
+            Area::Local => {
+                if flags & libc::RENAME_NOREPLACE != 0 && self.abs(area, &to).exists() {
+                    return Err(Errno(libc::EEXIST));
+                }
+                fs::rename(self.abs(area, &from), self.abs(area, &to))?;
+            }
+            Area::Tree => {
+                self.propose_and_wait(Op::Rename {
+                    from: from.clone(),
+                    to: to.clone(),
+                    flags,
+                })?;
+                // Host-local files under a renamed directory move with it.
+                let local_from = self.abs(Area::Local, &from);
+                if local_from.is_dir() {
+                    let local_to = self.abs(Area::Local, &to);
+                    if let Some(p) = local_to.parent() {
+                        fs::create_dir_all(p)?;
+                    }
+                    let _ = fs::remove_dir_all(&local_to);
+                    fs::rename(&local_from, &local_to)?;
+                }
+            }
+        }
+        let mut inodes = self.inodes.lock().expect("inodes mutex poisoned");
+        inodes.detach(area, &to);
+        inodes.rename(area, &from, &to);
+        if area == Area::Tree {
+            inodes.rename(Area::Local, &from, &to);
+        }
+        Ok(())
+    }
+
+    pub fn link(&self, ino: u64, newparent: u64, newname: &OsStr) -> FsResult<FileAttr> {
+        let n = self.node(ino)?;
+        let from = n.path.ok_or(Errno(libc::ENOENT))?;
+        let (area, to) = self.child(newparent, newname)?;
+        if n.is_dir {
+            return Err(Errno(libc::EPERM));
+        }
+        if area != n.area || area == Area::Local {
+            return Err(Errno(libc::EXDEV));
+        }
+        let _ns = self.ns_lock.write().expect("ns lock poisoned");
+        self.propose_and_wait(Op::Link {
+            from,
+            to: to.clone(),
+        })?;
+        self.entry(area, &to)
+    }
+
+    pub fn symlink(&self, parent: u64, name: &OsStr, target: &std::path::Path) -> FsResult<FileAttr> {
+        let (area, path) = self.child(parent, name)?;
+        if area == Area::Local {
+            return Err(Errno(libc::EPERM));
+        }
+        let target = target.to_str().ok_or(Errno(libc::EINVAL))?.to_string();
+        let _ns = self.ns_lock.write().expect("ns lock poisoned");
+        self.propose_and_wait(Op::Symlink {
+            target,
+            path: path.clone(),
+        })?;
+        self.entry(area, &path)
+    }
+
+    pub fn fallocate(&self, ino: u64, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+        if mode != 0 {
+            return Err(Errno(libc::EOPNOTSUPP));
+        }
+        let attr = self.getattr(ino)?;
+        let end = offset.checked_add(length).ok_or(Errno(libc::EFBIG))?;
+        if end > attr.size {
+            let n = self.node(ino)?;
+            if n.area == Area::Local || n.path.is_none() {
+                let (_, file) = self.file_handle(fh)?;
+                file.set_len(end)?;
+            } else {
+                self.setattr(ino, None, None, None, Some(end), None, None)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Parent directory of a relative path.
+fn tree_parent(path: &str) -> &str {
+    crate::tree::parent_of(path)
+}

@@ -1,0 +1,217 @@
+//! Group commit: accepted ops accumulate in an open batch until it is sealed, then travel
+//! as one Raft entry. Pure bookkeeping, no IO, so it is unit-tested directly.
+//!
+//! Seq numbers are assigned here, one per batch, in the order batches will be proposed;
+//! the proposer takes sealed batches strictly in that order, so log order = seq order.
+
+use std::collections::VecDeque;
+
+use tokio::sync::oneshot;
+
+use crate::op::{Batch, Op};
+
+/// Room reserved in an entry for the batch's own framing.
+const BATCH_OVERHEAD_BYTES: usize = 256;
+
+/// Whoever waits for a sealed batch to be applied gets openraft's response receiver.
+pub type ResponseSender = oneshot::Sender<crate::replication::ResponseReceiver>;
+
+pub struct Sealed {
+    pub batch: Batch,
+    /// Set for ops whose caller waits until the entry is applied (namespace, setattr).
+    pub reply: Option<ResponseSender>,
+}
+
+pub struct Pending {
+    origin: u64,
+    entry_bytes_max: usize,
+    open: Vec<Op>,
+    open_bytes: usize,
+    /// Seq of the open batch (the next one to be sealed).
+    open_seq: u64,
+    sealed: VecDeque<Sealed>,
+}
+
+/// Split a write into ops that each fit an entry.
+pub fn split_write(path: &str, offset: u64, data: &[u8], entry_bytes_max: usize) -> Vec<Op> {
+    let probe = Op::Write {
+        path: path.to_string(),
+        offset,
+        data: Vec::new(),
+    };
+    let chunk = entry_bytes_max
+        .saturating_sub(probe.encoded_bytes_estimate() + BATCH_OVERHEAD_BYTES)
+        .max(1);
+    if data.is_empty() {
+        return vec![probe];
+    }
+    data.chunks(chunk)
+        .enumerate()
+        .map(|(i, c)| Op::Write {
+            path: path.to_string(),
+            offset: offset + (i * chunk) as u64,
+            data: c.to_vec(),
+        })
+        .collect()
+}
+
+impl Pending {
+    pub fn new(origin: u64, entry_bytes_max: usize) -> Pending {
+        Pending {
+            origin,
+            entry_bytes_max,
+            open: Vec::new(),
+            open_bytes: 0,
+            open_seq: 1,
+            sealed: VecDeque::new(),
+        }
+    }
+
+    /// Add a data op to the open batch (sealing it first if the op would not fit);
+    /// returns the seq of the batch the op travels in.
+    pub fn push_data(&mut self, op: Op) -> u64 {
+        let bytes = op.encoded_bytes_estimate();
+        if !self.open.is_empty()
+            && self.open_bytes + bytes + BATCH_OVERHEAD_BYTES > self.entry_bytes_max
+        {
+            self.seal();
+        }
+        self.open.push(op);
+        self.open_bytes += bytes;
+        let seq = self.open_seq;
+        if self.open_bytes + BATCH_OVERHEAD_BYTES >= self.entry_bytes_max {
+            self.seal();
+        }
+        seq
+    }
+
+    /// Close the open batch if it holds anything.
+    pub fn seal(&mut self) {
+        if self.open.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.open);
+        self.open_bytes = 0;
+        self.sealed.push_back(Sealed {
+            batch: Batch {
+                origin: self.origin,
+                seq: self.open_seq,
+                ops,
+            },
+            reply: None,
+        });
+        self.open_seq += 1;
+    }
+
+    /// Queue `op` in a batch of its own, after everything accepted so far.
+    pub fn push_alone(&mut self, op: Op, reply: ResponseSender) -> u64 {
+        self.seal();
+        let seq = self.open_seq;
+        self.sealed.push_back(Sealed {
+            batch: Batch {
+                origin: self.origin,
+                seq,
+                ops: vec![op],
+            },
+            reply: Some(reply),
+        });
+        self.open_seq += 1;
+        seq
+    }
+
+    /// Seq of the newest batch holding any op (0 if none yet).
+    pub fn last_seq(&self) -> u64 {
+        if self.open.is_empty() {
+            self.open_seq - 1
+        } else {
+            self.open_seq
+        }
+    }
+
+    pub fn has_open(&self) -> bool {
+        !self.open.is_empty()
+    }
+
+    pub fn take_sealed(&mut self) -> Option<Sealed> {
+        self.sealed.pop_front()
+    }
+
+    /// Drop everything not yet proposed (the log failed: none of it can be acknowledged).
+    pub fn clear(&mut self) {
+        self.seal();
+        self.sealed.clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn w(len: usize) -> Op {
+        Op::Write {
+            path: "f".into(),
+            offset: 0,
+            data: vec![0; len],
+        }
+    }
+
+    #[test]
+    fn split_covers_the_write_exactly_and_fits_entries() {
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| i as u8).collect();
+        let ops = split_write("0i5/image.bin", 4096, &data, 1 << 20);
+        assert_eq!(ops.len(), 3);
+        let mut next = 4096;
+        let mut joined = Vec::new();
+        for op in &ops {
+            let Op::Write { offset, data: d, .. } = op else { panic!() };
+            assert_eq!(*offset, next);
+            assert!(op.encoded_bytes_estimate() + BATCH_OVERHEAD_BYTES <= 1 << 20);
+            next += d.len() as u64;
+            joined.extend_from_slice(d);
+        }
+        assert_eq!(joined, data);
+    }
+
+    #[test]
+    fn batches_group_small_ops_and_respect_the_cap() {
+        let mut p = Pending::new(9, 64 << 10);
+        let s1 = p.push_data(w(100));
+        let s2 = p.push_data(w(100));
+        assert_eq!((s1, s2), (1, 1), "small ops share a batch");
+        assert_eq!(p.last_seq(), 1);
+        // An op that does not fit seals the open batch first.
+        let s3 = p.push_data(w(65_200));
+        let s4 = p.push_data(w(100));
+        assert_eq!(s3, 2);
+        assert_eq!(s4, 3);
+        let b1 = p.take_sealed().unwrap().batch;
+        assert_eq!((b1.origin, b1.seq, b1.ops.len()), (9, 1, 2));
+        assert_eq!(p.take_sealed().unwrap().batch.seq, 2);
+        assert!(p.take_sealed().is_none());
+        assert!(p.has_open());
+        p.seal();
+        assert_eq!(p.take_sealed().unwrap().batch.seq, 3);
+        assert_eq!(p.last_seq(), 3);
+    }
+
+    #[test]
+    fn alone_ops_come_after_everything_accepted_before() {
+        let mut p = Pending::new(1, 1 << 20);
+        p.push_data(w(10));
+        let (tx, _rx) = oneshot::channel();
+        let s = p.push_alone(
+            Op::Mkdir {
+                path: "d".into(),
+                mode: 0o700,
+            },
+            tx,
+        );
+        assert_eq!(s, 2);
+        assert_eq!(p.push_data(w(10)), 3);
+        let order: Vec<u64> = std::iter::from_fn(|| p.take_sealed())
+            .map(|s| s.batch.seq)
+            .collect();
+        assert_eq!(order, vec![1, 2]);
+        assert_eq!(p.last_seq(), 3);
+    }
+}

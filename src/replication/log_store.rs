@@ -1,0 +1,626 @@
+//! The Raft log on disk: segment files of checksummed records, the vote, and the flusher
+//! thread that fdatasyncs appends before reporting them flushed.
+//!
+//! `append` writes records into the page cache and returns; the flusher thread coalesces
+//! pending appends, fdatasyncs the touched segments once, and only then calls
+//! `log_io_completed` and advances [`FlushState`]. Reporting a flush before fdatasync would
+//! make fsync acknowledgements lie, so there is no other path to `log_io_completed(Ok)`.
+//! A failed fdatasync is sticky: the page cache's state is unknown after it (the
+//! "fsyncgate" lesson), so every later append fails too and the node must be restarted.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::ops::{Bound, RangeBounds};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+
+use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
+use openraft::{AnyError, EntryPayload, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
+use rkyv::util::AlignedVec;
+use tokio::sync::watch;
+
+use super::record::{self, HEADER_BYTES};
+use super::{Entry, TypeConfig};
+use crate::sync::{fdatasync, fsync_dir, write_file_durably};
+
+type StorageResult<T> = Result<T, StorageError<u64>>;
+
+/// What the flusher has made durable. fsync waiters watch this.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FlushState {
+    /// Highest batch seq of this daemon run (`origin`) that is durable in the log.
+    pub flushed_seq: u64,
+    /// Highest log index that is durable.
+    pub flushed_index: u64,
+    /// An fdatasync failed; nothing will be reported flushed again.
+    pub failed: bool,
+}
+
+/// Options the log store is created with.
+#[derive(Debug, Clone)]
+pub struct LogOptions {
+    pub dir: PathBuf,
+    pub segment_bytes_max: u64,
+    /// This daemon run's batch origin: appends of its batches advance `flushed_seq`.
+    pub origin: u64,
+    /// Test hook: while this file exists, fdatasync of the log reports EIO.
+    pub fault_sync_file: Option<PathBuf>,
+}
+
+struct Segment {
+    path: PathBuf,
+    file: Arc<File>,
+}
+
+#[derive(Clone, Copy)]
+struct Loc {
+    seg_first: u64,
+    offset: u64,
+}
+
+struct Inner {
+    dir: PathBuf,
+    segment_bytes_max: u64,
+    origin: u64,
+    /// Keyed by the index of the first record the segment was created for.
+    segments: BTreeMap<u64, Segment>,
+    active_len: u64,
+    locs: BTreeMap<u64, Loc>,
+    last_log_id: Option<LogId<u64>>,
+    purged: Option<LogId<u64>>,
+    vote: Option<Vote<u64>>,
+}
+
+struct FlushReq {
+    files: Vec<Arc<File>>,
+    last_index: u64,
+    seq: Option<u64>,
+    callback: LogFlushed<TypeConfig>,
+}
+
+/// The log store handed to openraft. Cloning shares the same log.
+#[derive(Clone)]
+pub struct LogStore {
+    inner: Arc<Mutex<Inner>>,
+    flusher: mpsc::Sender<FlushReq>,
+}
+
+fn seg_name(first: u64) -> String {
+    format!("{first:020}.seg")
+}
+
+fn io_write(e: io::Error) -> StorageError<u64> {
+    StorageIOError::write_logs(AnyError::new(&e)).into()
+}
+
+fn io_read(e: io::Error) -> StorageError<u64> {
+    StorageIOError::read_logs(AnyError::new(&e)).into()
+}
+
+fn corrupt(path: &Path, offset: u64, why: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!(
+            "log segment {} is corrupt at byte {offset}: {why}; the log cannot be trusted, \
+             restore this node from a replica",
+            path.display()
+        ),
+    )
+}
+
+fn encode_log_id(id: &LogId<u64>) -> String {
+    format!("{} {} {}", id.leader_id.term, id.leader_id.node_id, id.index)
+}
+
+fn parse_numbers(s: &str) -> Option<Vec<u64>> {
+    s.split_whitespace().map(|w| w.parse().ok()).collect()
+}
+
+fn decode_log_id(s: &str) -> Option<LogId<u64>> {
+    match parse_numbers(s)?.as_slice() {
+        [t, n, i] => Some(LogId::new(openraft::CommittedLeaderId::new(*t, *n), *i)),
+        _ => None,
+    }
+}
+
+fn read_record(file: &File, offset: u64) -> io::Result<Option<(record::Header, AlignedVec<16>, [u8; HEADER_BYTES])>> {
+    let mut hb = [0u8; HEADER_BYTES];
+    match file.read_exact_at(&mut hb, offset) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let Some(h) = record::decode_header(&hb) else {
+        return Ok(None);
+    };
+    let mut body = AlignedVec::<16>::with_capacity(h.body_bytes as usize);
+    body.resize(h.body_bytes as usize, 0);
+    match file.read_exact_at(&mut body, offset + HEADER_BYTES as u64) {
+        Ok(()) => Ok(Some((h, body, hb))),
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+impl Inner {
+    fn open(opts: &LogOptions) -> io::Result<Inner> {
+        fs::create_dir_all(&opts.dir)?;
+        let purged = match fs::read_to_string(opts.dir.join("purged")) {
+            Ok(s) => Some(decode_log_id(&s).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "raft/purged is unreadable")
+            })?),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let vote = match fs::read_to_string(opts.dir.join("vote")) {
+            Ok(s) => match parse_numbers(&s).as_deref() {
+                Some([t, n, c]) => Some(if *c == 1 {
+                    Vote::new_committed(*t, *n)
+                } else {
+                    Vote::new(*t, *n)
+                }),
+                _ => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "raft/vote is unreadable",
+                    ))
+                }
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let mut firsts: Vec<u64> = fs::read_dir(&opts.dir)?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| {
+                let name = e.file_name().into_string().ok()?;
+                name.strip_suffix(".seg")?.parse().ok()
+            })
+            .collect();
+        firsts.sort_unstable();
+
+        let mut inner = Inner {
+            dir: opts.dir.clone(),
+            segment_bytes_max: opts.segment_bytes_max,
+            origin: opts.origin,
+            segments: BTreeMap::new(),
+            active_len: 0,
+            locs: BTreeMap::new(),
+            last_log_id: purged,
+            purged,
+            vote,
+        };
+        let n = firsts.len();
+        for (i, first) in firsts.into_iter().enumerate() {
+            let path = opts.dir.join(seg_name(first));
+            let file = OpenOptions::new().read(true).write(true).open(&path)?;
+            let len = file.metadata()?.len();
+            let mut offset = 0u64;
+            while offset < len {
+                let Some((h, body, hb)) = read_record(&file, offset)? else {
+                    if i + 1 == n {
+                        // A torn append at the very end: it was never reported flushed.
+                        tracing::warn!(segment = %path.display(), offset, "cutting a torn record off the log tail");
+                        file.set_len(offset)?;
+                        fdatasync(&file)?;
+                        break;
+                    }
+                    return Err(corrupt(&path, offset, "unreadable record"));
+                };
+                let entry = match record::decode_body(&hb, &h, &body) {
+                    Ok(e) => e,
+                    Err(_) if i + 1 == n && offset + h.record_bytes() >= len => {
+                        tracing::warn!(segment = %path.display(), offset, "cutting a torn record off the log tail");
+                        file.set_len(offset)?;
+                        fdatasync(&file)?;
+                        break;
+                    }
+                    Err(e) => return Err(corrupt(&path, offset, &e.to_string())),
+                };
+                if let Some(last) = inner.last_log_id {
+                    if h.index != last.index + 1 && h.index > last.index {
+                        return Err(corrupt(&path, offset, "gap in log indexes"));
+                    }
+                }
+                if inner.purged.is_none_or(|p| h.index > p.index) {
+                    inner.locs.insert(
+                        h.index,
+                        Loc {
+                            seg_first: first,
+                            offset,
+                        },
+                    );
+                    inner.last_log_id = Some(entry.log_id);
+                }
+                offset += h.record_bytes();
+            }
+            inner.active_len = file.metadata()?.len();
+            inner.segments.insert(
+                first,
+                Segment {
+                    path,
+                    file: Arc::new(file),
+                },
+            );
+        }
+        Ok(inner)
+    }
+
+    /// Start a new segment for records from `first` on, durably named.
+    fn rotate(&mut self, first: u64) -> io::Result<()> {
+        let path = self.dir.join(seg_name(first));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)?;
+        fsync_dir(&self.dir)?;
+        self.segments.insert(
+            first,
+            Segment {
+                path,
+                file: Arc::new(file),
+            },
+        );
+        self.active_len = 0;
+        Ok(())
+    }
+
+    fn entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        let mut out = Vec::new();
+        for (&index, loc) in self.locs.range(start..end) {
+            let seg = &self.segments[&loc.seg_first];
+            let (h, body, hb) = read_record(&seg.file, loc.offset)?
+                .ok_or_else(|| corrupt(&seg.path, loc.offset, "record vanished"))?;
+            debug_assert_eq!(h.index, index);
+            let e = record::decode_body(&hb, &h, &body)
+                .map_err(|e| corrupt(&seg.path, loc.offset, &e.to_string()))?;
+            out.push(e);
+        }
+        Ok(out)
+    }
+}
+
+fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
+    let start = match range.start_bound() {
+        Bound::Included(&s) => s,
+        Bound::Excluded(&s) => s + 1,
+        Bound::Unbounded => 0,
+    };
+    let end = match range.end_bound() {
+        Bound::Included(&e) => e + 1,
+        Bound::Excluded(&e) => e,
+        Bound::Unbounded => u64::MAX,
+    };
+    (start, end)
+}
+
+impl LogStore {
+    /// Open (recovering a torn tail) and start the flusher thread. The returned watch
+    /// receiver reports durable progress.
+    pub fn open(opts: LogOptions) -> io::Result<(LogStore, watch::Receiver<FlushState>)> {
+        let inner = Inner::open(&opts)?;
+        let flushed_index = inner.last_log_id.map_or(0, |l| l.index);
+        let (state_tx, state_rx) = watch::channel(FlushState {
+            flushed_index,
+            ..FlushState::default()
+        });
+        let (tx, rx) = mpsc::channel::<FlushReq>();
+        let fault = opts.fault_sync_file.clone();
+        std::thread::Builder::new()
+            .name("log-flusher".into())
+            .spawn(move || flusher(rx, state_tx, fault))?;
+        Ok((
+            LogStore {
+                inner: Arc::new(Mutex::new(inner)),
+                flusher: tx,
+            },
+            state_rx,
+        ))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("log store mutex poisoned")
+    }
+}
+
+/// The flusher: coalesce queued appends, fdatasync each touched segment once, then report.
+fn flusher(
+    rx: mpsc::Receiver<FlushReq>,
+    state: watch::Sender<FlushState>,
+    fault: Option<PathBuf>,
+) {
+    let mut failed = false;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while let Ok(more) = rx.try_recv() {
+            batch.push(more);
+        }
+        let mut result: io::Result<()> = if failed {
+            Err(io::Error::other("an earlier log fdatasync failed"))
+        } else {
+            Ok(())
+        };
+        if result.is_ok() {
+            let mut synced: Vec<*const File> = Vec::new();
+            for req in &batch {
+                for f in &req.files {
+                    let p = Arc::as_ptr(f);
+                    if synced.contains(&p) {
+                        continue;
+                    }
+                    synced.push(p);
+                    if fault.as_deref().is_some_and(Path::exists) {
+                        result = Err(io::Error::from_raw_os_error(libc::EIO));
+                    } else {
+                        result = fdatasync(f);
+                    }
+                    if result.is_err() {
+                        break;
+                    }
+                }
+                if result.is_err() {
+                    break;
+                }
+            }
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "log fdatasync failed; the log is now read-only until restart");
+            failed = true;
+            state.send_modify(|s| s.failed = true);
+        }
+        for req in batch {
+            if result.is_ok() {
+                state.send_modify(|s| {
+                    s.flushed_index = s.flushed_index.max(req.last_index);
+                    if let Some(seq) = req.seq {
+                        s.flushed_seq = s.flushed_seq.max(seq);
+                    }
+                });
+                req.callback.log_io_completed(Ok(()));
+            } else {
+                req.callback
+                    .log_io_completed(Err(io::Error::other("log fdatasync failed")));
+            }
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> StorageResult<Vec<Entry>> {
+        let (start, end) = bounds(&range);
+        self.lock().entries(start, end).map_err(io_read)
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = LogStore;
+
+    async fn get_log_state(&mut self) -> StorageResult<LogState<TypeConfig>> {
+        let g = self.lock();
+        Ok(LogState {
+            last_purged_log_id: g.purged,
+            last_log_id: g.last_log_id,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
+        let mut g = self.lock();
+        let text = format!(
+            "{} {} {}",
+            vote.leader_id.term,
+            vote.leader_id.node_id,
+            u8::from(vote.committed)
+        );
+        write_file_durably(&g.dir.join("vote"), text.as_bytes())
+            .map_err(|e| StorageError::from(StorageIOError::write_vote(AnyError::new(&e))))?;
+        g.vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
+        Ok(self.lock().vote)
+    }
+
+    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> StorageResult<()>
+    where
+        I: IntoIterator<Item = Entry> + Send,
+        I::IntoIter: Send,
+    {
+        let mut g = self.lock();
+        let mut files: Vec<Arc<File>> = Vec::new();
+        let mut seq = None;
+        let mut last_index = 0;
+        for entry in entries {
+            let index = entry.log_id.index;
+            if g.segments.is_empty() || g.active_len >= g.segment_bytes_max {
+                g.rotate(index).map_err(io_write)?;
+            }
+            let bytes = record::encode(&entry);
+            let (&seg_first, seg) = g.segments.last_key_value().expect("a segment exists");
+            let file = seg.file.clone();
+            let offset = g.active_len;
+            file.write_all_at(&bytes, offset).map_err(io_write)?;
+            if !files.iter().any(|f| Arc::ptr_eq(f, &file)) {
+                files.push(file);
+            }
+            g.active_len += bytes.len() as u64;
+            g.locs.insert(
+                index,
+                Loc {
+                    seg_first,
+                    offset,
+                },
+            );
+            if let EntryPayload::Normal(b) = &entry.payload {
+                if b.origin == g.origin {
+                    seq = Some(b.seq);
+                }
+            }
+            last_index = index;
+            g.last_log_id = Some(entry.log_id);
+        }
+        drop(g);
+        self.flusher
+            .send(FlushReq {
+                files,
+                last_index,
+                seq,
+                callback,
+            })
+            .map_err(|_| io_write(io::Error::other("log flusher thread is gone")))?;
+        Ok(())
+    }
+
+    async fn truncate(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        let mut g = self.lock();
+        let Some(loc) = g.locs.get(&log_id.index).copied() else {
+            return Ok(());
+        };
+        let later: Vec<u64> = g
+            .segments
+            .range(loc.seg_first + 1..)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in later {
+            let seg = g.segments.remove(&k).expect("listed above");
+            fs::remove_file(&seg.path).map_err(io_write)?;
+        }
+        let seg = &g.segments[&loc.seg_first];
+        seg.file.set_len(loc.offset).map_err(io_write)?;
+        fdatasync(&seg.file).map_err(io_write)?;
+        fsync_dir(&g.dir).map_err(io_write)?;
+        g.active_len = loc.offset;
+        g.locs.split_off(&log_id.index);
+        let prev = g.locs.keys().next_back().copied();
+        g.last_log_id = match prev {
+            Some(i) => g.entries(i, i + 1).map_err(io_read)?.pop().map(|e| e.log_id),
+            None => g.purged,
+        };
+        Ok(())
+    }
+
+    async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
+        let mut g = self.lock();
+        // Record the purge point first: after a crash, recovery skips records at or below
+        // it, so deleting segments afterwards can never expose a gap.
+        write_file_durably(&g.dir.join("purged"), encode_log_id(&log_id).as_bytes())
+            .map_err(io_write)?;
+        g.purged = Some(log_id);
+        let keep = g.locs.split_off(&(log_id.index + 1));
+        g.locs = keep;
+        if g.last_log_id.is_none_or(|l| l.index < log_id.index) {
+            g.last_log_id = Some(log_id);
+        }
+        // A segment may go when every record in it is purged, i.e. the next segment starts
+        // at or below the purge point + 1. The active (last) segment always stays.
+        let firsts: Vec<u64> = g.segments.keys().copied().collect();
+        for pair in firsts.windows(2) {
+            if pair[1] <= log_id.index + 1 {
+                let seg = g.segments.remove(&pair[0]).expect("listed above");
+                fs::remove_file(&seg.path).map_err(io_write)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::tests::TempDir;
+    use crate::replication::state_machine::StateMachine;
+    use openraft::testing::{StoreBuilder, Suite};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, Arc<TempDir>>
+        for Builder
+    {
+        async fn build(
+            &self,
+        ) -> Result<
+            (
+                Arc<TempDir>,
+                LogStore,
+                StateMachine,
+            ),
+            StorageError<u64>,
+        > {
+            let t = Arc::new(TempDir::new("suite"));
+            let (log, _) = LogStore::open(LogOptions {
+                dir: t.path().join("raft"),
+                segment_bytes_max: 4 << 20,
+                origin: 1,
+                fault_sync_file: None,
+            })
+            .map_err(io_write)?;
+            let sm = StateMachine::for_test(t.path())
+                .map_err(io_write)?;
+            Ok((t, log, sm))
+        }
+    }
+
+    /// openraft's storage conformance suite, run against this log store and state machine:
+    /// every case of `Suite::test_store` except `transfer_snapshot`, because shipping the
+    /// tree to another node is not part of the single-node build (install_snapshot says so).
+    #[test]
+    fn openraft_suite() {
+        type S = Suite<TypeConfig, LogStore, StateMachine, Builder, Arc<TempDir>>;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        macro_rules! run {
+            ($($case:ident),* $(,)?) => {$(
+                rt.block_on(async {
+                    let (_guard, log, sm) = Builder.build().await.unwrap();
+                    S::$case(log, sm).await.unwrap_or_else(|e| panic!("{}: {e}", stringify!($case)));
+                });
+            )*};
+        }
+        run!(
+            last_membership_in_log_initial,
+            last_membership_in_log,
+            last_membership_in_log_multi_step,
+            get_membership_initial,
+            get_membership_from_log_and_empty_sm,
+            get_membership_from_empty_log_and_sm,
+            get_membership_from_log_le_sm_last_applied,
+            get_membership_from_log_gt_sm_last_applied_1,
+            get_membership_from_log_gt_sm_last_applied_2,
+            get_initial_state_without_init,
+            get_initial_state_membership_from_log_and_sm,
+            get_initial_state_with_state,
+            get_initial_state_last_log_gt_sm,
+            get_initial_state_last_log_lt_sm,
+            get_initial_state_log_ids,
+            get_initial_state_re_apply_committed,
+            save_vote,
+            get_log_entries,
+            limited_get_log_entries,
+            try_get_log_entry,
+            initial_logs,
+            get_log_state,
+            get_log_id,
+            last_id_in_log,
+            last_applied_state,
+            purge_logs_upto_0,
+            purge_logs_upto_5,
+            purge_logs_upto_20,
+            delete_logs_since_11,
+            delete_logs_since_0,
+            append_to_log,
+            snapshot_meta,
+            apply_single,
+            apply_multiple,
+        );
+    }
+}

@@ -1,0 +1,86 @@
+//! The proposer task: hands sealed batches to openraft, in seq order, and decides when an
+//! open batch is closed (group commit).
+//!
+//! openraft 0.9 appends and flushes proposals one at a time on the leader, so throughput
+//! comes from batching: while an append is being flushed, new ops pile up in the open
+//! batch; when the flush lands, everything that piled up becomes the next entry. A batch
+//! is also closed early when it reaches `entry_bytes_max` (pending.rs) or when an fsync
+//! needs it. At most `proposals_inflight_max` proposals wait for their flush at once.
+
+use std::sync::{Arc, Mutex};
+
+use openraft::Raft;
+use tokio::sync::{watch, Notify};
+
+use super::log_store::FlushState;
+use super::TypeConfig;
+use crate::fs::pending::Pending;
+
+pub struct Proposer {
+    pub raft: Raft<TypeConfig>,
+    pub pending: Arc<Mutex<Pending>>,
+    pub wake: Arc<Notify>,
+    pub flush_rx: watch::Receiver<FlushState>,
+    pub proposals_inflight_max: u64,
+}
+
+impl Proposer {
+    /// Run until Raft shuts down or the log fails.
+    pub async fn run(mut self) {
+        let mut proposed_seq = 0u64;
+        loop {
+            let flushed = *self.flush_rx.borrow_and_update();
+            if flushed.failed {
+                // Nothing can become durable any more; unproposed ops are dropped
+                // (their fsyncs fail with EIO through the flush state).
+                self.pending.lock().expect("pending mutex poisoned").clear();
+                return;
+            }
+            let inflight = proposed_seq.saturating_sub(flushed.flushed_seq);
+            let next = if inflight >= self.proposals_inflight_max {
+                None
+            } else {
+                let mut p = self.pending.lock().expect("pending mutex poisoned");
+                if let Some(s) = p.take_sealed() {
+                    Some(s)
+                } else if p.has_open() && inflight == 0 {
+                    // The log is idle: close the batch now rather than wait for more.
+                    p.seal();
+                    p.take_sealed()
+                } else {
+                    None
+                }
+            };
+            let Some(sealed) = next else {
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    r = self.flush_rx.changed() => if r.is_err() { return },
+                }
+                continue;
+            };
+            proposed_seq = sealed.batch.seq;
+            match self.raft.client_write_ff(sealed.batch).await {
+                Ok(rx) => match sealed.reply {
+                    Some(tx) => {
+                        // The waiter may have timed out and gone; then nobody needs it.
+                        let _ = tx.send(rx);
+                    }
+                    None => {
+                        tokio::spawn(async move {
+                            match rx.await {
+                                Ok(Ok(_)) => {}
+                                Ok(Err(e)) => tracing::warn!(error = %e, "a data batch was not committed"),
+                                Err(_) => tracing::warn!("raft dropped a data batch without answering"),
+                            }
+                        });
+                    }
+                },
+                Err(fatal) => {
+                    tracing::error!(error = %fatal, "raft stopped; no more proposals");
+                    self.pending.lock().expect("pending mutex poisoned").clear();
+                    return;
+                }
+            }
+        }
+    }
+}
