@@ -1,1 +1,2 @@
 pub mod vere;
+pub mod mount;

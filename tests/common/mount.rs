@@ -1,0 +1,249 @@
+//! Test support: real seguro-fs daemons as child processes, real FUSE mounts, and drop
+//! guards that unmount and stop them by PID even when a test fails.
+#![allow(dead_code)]
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a daemon gets to mount, and to exit after SIGTERM.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_seguro-fs"))
+}
+
+/// A directory removed on drop. Declare it before the daemons that use it, so it is
+/// dropped after they are stopped.
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn new(tag: &str) -> TestDir {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static N: AtomicU64 = AtomicU64::new(0);
+        let base = std::env::var_os("SEGURO_TEST_TMP")
+            .map(PathBuf::from)
+            .unwrap_or_else(std::env::temp_dir);
+        let p = base.join(format!(
+            "seguro-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = fs::remove_dir_all(&p);
+        fs::create_dir_all(&p).unwrap();
+        TestDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn is_mounted(mountpoint: &Path) -> bool {
+    let Ok(canon) = mountpoint.canonicalize() else {
+        // A dead FUSE mount ("transport endpoint not connected") cannot be resolved.
+        return fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.split(' ').nth(4) == mountpoint.to_str());
+    };
+    fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split(' ').nth(4).map(Path::new) == Some(canon.as_path()))
+}
+
+/// Detach a mount whose daemon is gone.
+pub fn force_unmount(mountpoint: &Path) {
+    let _ = Command::new("umount")
+        .arg("-l")
+        .arg(mountpoint)
+        .stderr(Stdio::null())
+        .status();
+}
+
+/// A running `seguro-fs mount` child.
+pub struct Daemon {
+    child: Option<Child>,
+    pub data_dir: PathBuf,
+    pub mountpoint: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    /// Start a daemon and wait until its mount is up. Panics with the daemon's log if it
+    /// exits or does not mount in time.
+    pub fn start(data_dir: &Path, mountpoint: &Path, extra: &[&str]) -> Daemon {
+        fs::create_dir_all(mountpoint).unwrap();
+        let log = unique(data_dir.with_extension("daemon"));
+        let out = fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .arg("mount")
+            .arg(data_dir)
+            .arg(mountpoint)
+            .args(extra)
+            .env("SEGURO_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(out)
+            .spawn()
+            .expect("spawn seguro-fs");
+        let mut d = Daemon {
+            child: Some(child),
+            data_dir: data_dir.to_path_buf(),
+            mountpoint: mountpoint.to_path_buf(),
+            log,
+        };
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if is_mounted(mountpoint) {
+                return d;
+            }
+            if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("seguro-fs exited with {status} before mounting:\n{}", d.log_text());
+            }
+            if Instant::now() > deadline {
+                panic!("seguro-fs did not mount within {START_TIMEOUT:?}:\n{}", d.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, wait for a clean exit (status 0) and for the mount to be gone.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), libc::SIGTERM);
+        let deadline = Instant::now() + STOP_TIMEOUT;
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                force_unmount(&self.mountpoint);
+                panic!("seguro-fs did not stop within {STOP_TIMEOUT:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let text = self.log_text();
+        assert!(status.success(), "seguro-fs exited with {status}:\n{text}");
+        assert!(!is_mounted(&self.mountpoint), "still mounted after a clean stop");
+        text
+    }
+
+    /// SIGKILL (a crash): the kernel aborts the FUSE connection; the dead mount is
+    /// detached so the mountpoint can be reused.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), libc::SIGKILL);
+        let _ = child.wait();
+        force_unmount(&self.mountpoint);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGKILL);
+            let _ = child.wait();
+            force_unmount(&self.mountpoint);
+            if std::thread::panicking() {
+                eprintln!("--- seguro-fs log ({}):\n{}", self.log.display(), self.log_text());
+            }
+        }
+    }
+}
+
+fn unique(p: PathBuf) -> PathBuf {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    p.with_extension(format!("log{}", N.fetch_add(1, Ordering::Relaxed)))
+}
+
+pub fn signal(pid: u32, sig: i32) {
+    // SAFETY: sending a signal to a child we spawned and have not yet reaped.
+    unsafe {
+        libc::kill(pid as i32, sig);
+    }
+}
+
+/// A child process running one `#[ignore]`d test of the current test binary (the way
+/// these tests get a second, independent process with its own LMDB environment).
+pub struct ChildTest {
+    child: Option<Child>,
+}
+
+impl ChildTest {
+    pub fn spawn(test_name: &str, envs: &[(&str, String)]) -> ChildTest {
+        let mut cmd = Command::new(std::env::current_exe().unwrap());
+        cmd.args([test_name, "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        ChildTest {
+            child: Some(cmd.stdout(Stdio::null()).spawn().expect("spawn child test")),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Wait (bounded) for the child to finish; true if it passed.
+    pub fn wait(mut self, timeout: Duration) -> bool {
+        let mut child = self.child.take().unwrap();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s.success();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ChildTest {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), libc::SIGKILL);
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Copy a directory tree (to open a replica's tree with LMDB without adding lock files
+/// to it).
+pub fn copy_tree(from: &Path, to: &Path) {
+    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
+}

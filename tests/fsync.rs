@@ -1,0 +1,98 @@
+//! fsync is honest: it reaches the daemon, waits for the log's fdatasync, fails with EIO
+//! when that fdatasync fails, and what it acknowledged survives SIGKILL.
+
+mod common;
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+
+use common::mount::{Daemon, TestDir};
+
+fn errno(e: &std::io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(0)
+}
+
+#[test]
+fn fsync_fails_with_eio_when_the_log_fdatasync_fails() {
+    let t = TestDir::new("fsync-fault");
+    let data = t.join("data");
+    let mnt = t.join("mnt");
+    let fault = t.join("fault");
+    let d = Daemon::start(&data, &mnt, &["--fault-log-sync-file", fault.to_str().unwrap()]);
+
+    let f = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .write(true)
+        .open(mnt.join("data.mdb"))
+        .unwrap();
+    f.write_all_at(b"durable", 0).unwrap();
+    f.sync_data().expect("fdatasync succeeds while the log can sync");
+
+    // From now on the log's fdatasync fails. If FSYNC were answered ENOSYS (or not waited
+    // for), the kernel would report success here.
+    std::fs::write(&fault, b"").unwrap();
+    f.write_all_at(b"doomed!", 4096).unwrap();
+    let e = f.sync_data().expect_err("fdatasync must fail when the log cannot sync");
+    assert_eq!(errno(&e), libc::EIO, "{e}");
+    let e = f.sync_all().expect_err("fsync must fail too");
+    assert_eq!(errno(&e), libc::EIO, "{e}");
+
+    // The failure is sticky: after fsyncgate, nothing may be acknowledged again.
+    std::fs::remove_file(&fault).unwrap();
+    let e = f.sync_data().expect_err("a failed log stays failed");
+    assert_eq!(errno(&e), libc::EIO, "{e}");
+    // An O_DSYNC write is a write plus an fsync: it must fail as well.
+    let mut g = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(mnt.join("data.mdb"))
+        .unwrap();
+    let e = g.write_all(b"meta").expect_err("O_DSYNC write must fail");
+    assert_eq!(errno(&e), libc::EIO, "{e}");
+    drop((f, g));
+    d.kill9();
+
+    // What was acknowledged before the fault is there after a restart.
+    let d = Daemon::start(&data, &mnt, &[]);
+    let mut buf = [0u8; 7];
+    std::fs::File::open(mnt.join("data.mdb"))
+        .unwrap()
+        .read_exact_at(&mut buf, 0)
+        .unwrap();
+    assert_eq!(&buf, b"durable");
+    d.stop();
+}
+
+#[test]
+fn acknowledged_writes_survive_sigkill() {
+    let t = TestDir::new("fsync-kill");
+    let data = t.join("data");
+    let mnt = t.join("mnt");
+    let d = Daemon::start(&data, &mnt, &[]);
+    // 3 MiB in one write (split across entries) plus scattered small writes.
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .open(mnt.join("f"))
+        .unwrap();
+    f.write_all_at(&big, 0).unwrap();
+    for k in 0..50u64 {
+        f.write_all_at(&k.to_le_bytes(), k * 60_013).unwrap();
+    }
+    f.sync_data().unwrap();
+    d.kill9();
+
+    let mut expect = big.clone();
+    for k in 0..50u64 {
+        let o = (k * 60_013) as usize;
+        expect[o..o + 8].copy_from_slice(&k.to_le_bytes());
+    }
+    let d = Daemon::start(&data, &mnt, &[]);
+    assert_eq!(std::fs::read(mnt.join("f")).unwrap(), expect);
+    d.stop();
+    // And the tree holds it too once the daemon has checkpointed on stop.
+    assert_eq!(std::fs::read(data.join("tree/f")).unwrap(), expect);
+}
