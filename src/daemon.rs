@@ -67,9 +67,8 @@ fn is_mount_point(path: &Path) -> std::io::Result<bool> {
 }
 
 fn on_path(bin: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|paths| {
-        std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
 }
 
 fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
@@ -209,7 +208,8 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
     // Drain: everything accepted is made durable, applied and checkpointed, so a restart
     // replays nothing.
     let drained = fs.wait_durable();
-    let apply_deadline = std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);
+    let apply_deadline =
+        std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);
     while *node.applied_rx.borrow() < node.flush_rx.borrow().flushed_index
         && std::time::Instant::now() < apply_deadline
     {

@@ -66,10 +66,7 @@ impl DataDir {
         let lock_path = root.join("lock");
         let identity_path = root.join("identity");
         if !identity_path.exists() && !lock_path.exists() {
-            let non_empty = fs::read_dir(&root)
-                .map_err(io_err(&root))?
-                .next()
-                .is_some();
+            let non_empty = fs::read_dir(&root).map_err(io_err(&root))?.next().is_some();
             if non_empty {
                 return Err(DataDirError::NotOurs { path: root });
             }

@@ -361,7 +361,14 @@ impl Filesystem for FuseAdapter {
         reply.error(FuseErrno::ENOSYS);
     }
 
-    fn getxattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, _size: u32, reply: ReplyXattr) {
+    fn getxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _size: u32,
+        reply: ReplyXattr,
+    ) {
         reply.error(FuseErrno::ENOSYS);
     }
 

@@ -28,7 +28,10 @@ pub enum Op {
         data: Vec<u8>,
     },
     /// ftruncate to `size` (also used for fallocate mode 0 that extends a file).
-    Truncate { path: String, size: u64 },
+    Truncate {
+        path: String,
+        size: u64,
+    },
     /// chmod / chown / utimensat; any field may be absent.
     SetAttr {
         path: String,
@@ -39,14 +42,35 @@ pub enum Op {
         mtime: Option<Timespec>,
     },
     /// open(O_CREAT [| O_EXCL]) of a regular file.
-    Create { path: String, mode: u32, excl: bool },
-    Mkdir { path: String, mode: u32 },
-    Unlink { path: String },
-    Rmdir { path: String },
+    Create {
+        path: String,
+        mode: u32,
+        excl: bool,
+    },
+    Mkdir {
+        path: String,
+        mode: u32,
+    },
+    Unlink {
+        path: String,
+    },
+    Rmdir {
+        path: String,
+    },
     /// renameat2 with `flags` (0 or RENAME_NOREPLACE).
-    Rename { from: String, to: String, flags: u32 },
-    Link { from: String, to: String },
-    Symlink { target: String, path: String },
+    Rename {
+        from: String,
+        to: String,
+        flags: u32,
+    },
+    Link {
+        from: String,
+        to: String,
+    },
+    Symlink {
+        target: String,
+        path: String,
+    },
 }
 
 impl Op {

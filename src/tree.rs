@@ -201,7 +201,13 @@ impl TreeApplier {
                 let (a, b) = (cstr(&self.abs(from))?, cstr(&self.abs(to))?);
                 // SAFETY: valid paths; flags are 0 or RENAME_NOREPLACE (checked by the leader).
                 check(unsafe {
-                    libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), *flags)
+                    libc::renameat2(
+                        libc::AT_FDCWD,
+                        a.as_ptr(),
+                        libc::AT_FDCWD,
+                        b.as_ptr(),
+                        *flags,
+                    )
                 })
             }
             Op::Link { from, to } => std::fs::hard_link(self.abs(from), self.abs(to)),
@@ -249,29 +255,65 @@ mod tests {
             offset: off,
             data: d.to_vec(),
         };
-        assert_eq!(a.apply(&Op::Mkdir { path: "d".into(), mode: 0o755 }).unwrap(), 0);
         assert_eq!(
-            a.apply(&Op::Mkdir { path: "d".into(), mode: 0o755 }).unwrap(),
+            a.apply(&Op::Mkdir {
+                path: "d".into(),
+                mode: 0o755
+            })
+            .unwrap(),
+            0
+        );
+        assert_eq!(
+            a.apply(&Op::Mkdir {
+                path: "d".into(),
+                mode: 0o755
+            })
+            .unwrap(),
             libc::EEXIST
         );
         assert_eq!(
-            a.apply(&Op::Create { path: "d/f".into(), mode: 0o644, excl: true }).unwrap(),
+            a.apply(&Op::Create {
+                path: "d/f".into(),
+                mode: 0o644,
+                excl: true
+            })
+            .unwrap(),
             0
         );
         assert_eq!(a.apply(&w("d/f", 3, b"abc")).unwrap(), 0);
         assert_eq!(std::fs::read(t.path().join("d/f")).unwrap(), b"\0\0\0abc");
         assert_eq!(a.apply(&w("nope", 0, b"x")).unwrap(), libc::ENOENT);
-        assert_eq!(a.apply(&Op::Rmdir { path: "d".into() }).unwrap(), libc::ENOTEMPTY);
         assert_eq!(
-            a.apply(&Op::Rename { from: "d/f".into(), to: "g".into(), flags: 0 }).unwrap(),
+            a.apply(&Op::Rmdir { path: "d".into() }).unwrap(),
+            libc::ENOTEMPTY
+        );
+        assert_eq!(
+            a.apply(&Op::Rename {
+                from: "d/f".into(),
+                to: "g".into(),
+                flags: 0
+            })
+            .unwrap(),
             0
         );
         // Replay of an applied rename is a harmless ENOENT, not a second move.
         assert_eq!(
-            a.apply(&Op::Rename { from: "d/f".into(), to: "g".into(), flags: 0 }).unwrap(),
+            a.apply(&Op::Rename {
+                from: "d/f".into(),
+                to: "g".into(),
+                flags: 0
+            })
+            .unwrap(),
             libc::ENOENT
         );
-        assert_eq!(a.apply(&Op::Truncate { path: "g".into(), size: 4 }).unwrap(), 0);
+        assert_eq!(
+            a.apply(&Op::Truncate {
+                path: "g".into(),
+                size: 4
+            })
+            .unwrap(),
+            0
+        );
         assert_eq!(std::fs::read(t.path().join("g")).unwrap(), b"\0\0\0a");
         a.sync().unwrap();
         assert!(a.dirty_files.is_empty() && a.dirty_dirs.is_empty());

@@ -85,7 +85,10 @@ fn sigkill_at_seeded_moments_loses_no_acknowledged_event() {
     vere::verify_through(&log, recorded).unwrap_or_else(|e| {
         panic!("seed {seed} final check: {e}\nreplay: SEGURO_CRASH_SEED={seed} SEGURO_CRASH_ITERS={iters} cargo test --test crash")
     });
-    assert!(recorded > 0, "the writer never completed a commit in {iters} iterations");
+    assert!(
+        recorded > 0,
+        "the writer never completed a commit in {iters} iterations"
+    );
     eprintln!("crash test: {recorded} acknowledged events all present after {iters} kills");
     d.stop();
 }

@@ -19,22 +19,30 @@ fn fsync_fails_with_eio_when_the_log_fdatasync_fails() {
     let data = t.join("data");
     let mnt = t.join("mnt");
     let fault = t.join("fault");
-    let d = Daemon::start(&data, &mnt, &["--fault-log-sync-file", fault.to_str().unwrap()]);
+    let d = Daemon::start(
+        &data,
+        &mnt,
+        &["--fault-log-sync-file", fault.to_str().unwrap()],
+    );
 
     let f = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .read(true)
         .write(true)
         .open(mnt.join("data.mdb"))
         .unwrap();
     f.write_all_at(b"durable", 0).unwrap();
-    f.sync_data().expect("fdatasync succeeds while the log can sync");
+    f.sync_data()
+        .expect("fdatasync succeeds while the log can sync");
 
     // From now on the log's fdatasync fails. If FSYNC were answered ENOSYS (or not waited
     // for), the kernel would report success here.
     std::fs::write(&fault, b"").unwrap();
     f.write_all_at(b"doomed!", 4096).unwrap();
-    let e = f.sync_data().expect_err("fdatasync must fail when the log cannot sync");
+    let e = f
+        .sync_data()
+        .expect_err("fdatasync must fail when the log cannot sync");
     assert_eq!(errno(&e), libc::EIO, "{e}");
     let e = f.sync_all().expect_err("fsync must fail too");
     assert_eq!(errno(&e), libc::EIO, "{e}");
@@ -72,9 +80,12 @@ fn acknowledged_writes_survive_sigkill() {
     let mnt = t.join("mnt");
     let d = Daemon::start(&data, &mnt, &[]);
     // 3 MiB in one write (split across entries) plus scattered small writes.
-    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     let f = OpenOptions::new()
         .create(true)
+        .truncate(true)
         .write(true)
         .open(mnt.join("f"))
         .unwrap();

@@ -43,7 +43,11 @@ fn vere_workload_survives_remount_and_tree_is_plain_lmdb() {
     vere::verify_workload(&copy, &summary, IMAGE_BYTES).expect("verify DATA_DIR/tree without FUSE");
     // lock.mdb never entered the replicated tree.
     for (_, dir) in vere::epochs(&data.join("tree")).unwrap() {
-        assert!(!dir.join("lock.mdb").exists(), "{} holds lock.mdb", dir.display());
+        assert!(
+            !dir.join("lock.mdb").exists(),
+            "{} holds lock.mdb",
+            dir.display()
+        );
     }
     assert!(!data.join("tree/lock.mdb").exists());
 }
@@ -56,7 +60,10 @@ fn reader_child() {
         return;
     };
     let out = PathBuf::from(std::env::var("SEGURO_READER_OUT").unwrap());
-    let target: u64 = std::env::var("SEGURO_READER_TARGET").unwrap().parse().unwrap();
+    let target: u64 = std::env::var("SEGURO_READER_TARGET")
+        .unwrap()
+        .parse()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     let epoch = vere::Epoch::open(std::path::Path::new(&dir)).expect("reader opens the env");
     let mut seen = Vec::new();
@@ -105,13 +112,21 @@ fn reader_process_sees_commits_while_writer_commits() {
         size = size % 37 + 1;
         std::thread::sleep(Duration::from_millis(1));
     }
-    assert!(reader.wait(Duration::from_secs(150)), "reader child failed:\n{}", d.log_text());
+    assert!(
+        reader.wait(Duration::from_secs(150)),
+        "reader child failed:\n{}",
+        d.log_text()
+    );
     let seen: Vec<u64> = std::fs::read_to_string(&out)
         .unwrap()
         .lines()
         .map(|l| l.parse().unwrap())
         .collect();
-    assert_eq!(seen.last(), Some(&target), "reader never saw the final commit: {seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&target),
+        "reader never saw the final commit: {seen:?}"
+    );
     assert!(
         seen.len() > 5,
         "the reader should observe the log growing commit by commit, saw {seen:?}"

@@ -159,7 +159,11 @@ mod tests {
         let mut t = Inodes::new(2);
         let d = t.lookup("d", Area::Tree, 10, true);
         let f = t.lookup("d/f", Area::Tree, 11, false);
-        assert_eq!(t.lookup("d/f", Area::Tree, 11, false), f, "same file, same inode");
+        assert_eq!(
+            t.lookup("d/f", Area::Tree, 11, false),
+            f,
+            "same file, same inode"
+        );
         let l = t.lookup("d/lock.mdb", Area::Local, 11, false);
         assert_ne!(l, f, "areas are separate even if st_ino collides");
         t.rename(Area::Tree, "d", "e");

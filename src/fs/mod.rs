@@ -53,8 +53,13 @@ pub type FsResult<T> = Result<T, Errno>;
 
 /// An open file or directory.
 enum OpenHandle {
-    File { ino: u64, file: Arc<File> },
-    Dir { entries: Vec<(u64, FileType, Vec<u8>)> },
+    File {
+        ino: u64,
+        file: Arc<File>,
+    },
+    Dir {
+        entries: Vec<(u64, FileType, Vec<u8>)>,
+    },
 }
 
 /// The file system's shared state. All methods are called from FUSE worker threads.
@@ -167,7 +172,9 @@ impl Fs {
     }
 
     fn is_local_name(&self, name: &OsStr) -> bool {
-        self.local_names.iter().any(|n| n.as_slice() == name.as_bytes())
+        self.local_names
+            .iter()
+            .any(|n| n.as_slice() == name.as_bytes())
     }
 
     fn abs(&self, area: Area, rel: &str) -> PathBuf {
@@ -220,7 +227,13 @@ impl Fs {
 
     /// Size of a tree file as the overlay sees it.
     fn overlay_size(&self, ino: u64, base: u64) -> u64 {
-        size_after(base, self.overlay.lock().expect("overlay mutex poisoned").pieces(ino))
+        size_after(
+            base,
+            self.overlay
+                .lock()
+                .expect("overlay mutex poisoned")
+                .pieces(ino),
+        )
     }
 
     fn attr_of(&self, ino: u64, area: Area, m: &Metadata) -> FileAttr {
@@ -235,11 +248,12 @@ impl Fs {
     /// Register `path` (which must exist) and return its attributes.
     fn entry(&self, area: Area, path: &str) -> FsResult<FileAttr> {
         let m = fs::symlink_metadata(self.abs(area, path))?;
-        let ino = self
-            .inodes
-            .lock()
-            .expect("inodes mutex poisoned")
-            .lookup(path, area, m.ino(), m.is_dir());
+        let ino = self.inodes.lock().expect("inodes mutex poisoned").lookup(
+            path,
+            area,
+            m.ino(),
+            m.is_dir(),
+        );
         Ok(self.attr_of(ino, area, &m))
     }
 
@@ -462,8 +476,7 @@ impl Fs {
                 )],
             );
         }
-        if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some()
-        {
+        if mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some() {
             let _ns = self.ns_lock.write().expect("ns lock poisoned");
             self.propose_and_wait(Op::SetAttr {
                 path,
@@ -516,7 +529,12 @@ impl Fs {
     }
 
     fn file_handle(&self, fh: u64) -> FsResult<(u64, Arc<File>)> {
-        match self.handles.lock().expect("handles mutex poisoned").get(&fh) {
+        match self
+            .handles
+            .lock()
+            .expect("handles mutex poisoned")
+            .get(&fh)
+        {
             Some(OpenHandle::File { ino, file }) => Ok((*ino, file.clone())),
             _ => Err(Errno(libc::EBADF)),
         }
@@ -545,7 +563,13 @@ impl Fs {
             got += k;
         }
         base.truncate(got);
-        Ok(merge_read(&base, base_size, o.pieces(ino), offset, size as usize))
+        Ok(merge_read(
+            &base,
+            base_size,
+            o.pieces(ino),
+            offset,
+            size as usize,
+        ))
     }
 
     pub fn write(&self, ino: u64, fh: u64, offset: u64, data: &[u8]) -> FsResult<u32> {
@@ -662,12 +686,15 @@ impl Fs {
 
     /// Directory entries from `offset` on (the caller stops when the reply is full).
     pub fn readdir(&self, fh: u64, offset: u64) -> FsResult<Vec<(u64, FileType, Vec<u8>)>> {
-        match self.handles.lock().expect("handles mutex poisoned").get(&fh) {
-            Some(OpenHandle::Dir { entries }) => Ok(entries
-                .iter()
-                .skip(offset as usize)
-                .cloned()
-                .collect()),
+        match self
+            .handles
+            .lock()
+            .expect("handles mutex poisoned")
+            .get(&fh)
+        {
+            Some(OpenHandle::Dir { entries }) => {
+                Ok(entries.iter().skip(offset as usize).cloned().collect())
+            }
             _ => Err(Errno(libc::EBADF)),
         }
     }
@@ -878,7 +905,12 @@ impl Fs {
         self.entry(area, &to)
     }
 
-    pub fn symlink(&self, parent: u64, name: &OsStr, target: &std::path::Path) -> FsResult<FileAttr> {
+    pub fn symlink(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        target: &std::path::Path,
+    ) -> FsResult<FileAttr> {
         let (area, path) = self.child(parent, name)?;
         if area == Area::Local {
             return Err(Errno(libc::EPERM));
@@ -892,7 +924,14 @@ impl Fs {
         self.entry(area, &path)
     }
 
-    pub fn fallocate(&self, ino: u64, fh: u64, offset: u64, length: u64, mode: i32) -> FsResult<()> {
+    pub fn fallocate(
+        &self,
+        ino: u64,
+        fh: u64,
+        offset: u64,
+        length: u64,
+        mode: i32,
+    ) -> FsResult<()> {
         if mode != 0 {
             return Err(Errno(libc::EOPNOTSUPP));
         }

@@ -39,7 +39,13 @@ pub fn size_after(base: u64, pieces: &[Piece]) -> u64 {
 /// Bytes `[offset, offset+len)` of the file as the overlay sees it. `base` holds the tree's
 /// bytes from `offset` (as many as the tree file has, possibly fewer than `len`),
 /// `base_size` is the tree file's size. The result is never short inside the file size.
-pub fn merge_read(base: &[u8], base_size: u64, pieces: &[Piece], offset: u64, len: usize) -> Vec<u8> {
+pub fn merge_read(
+    base: &[u8],
+    base_size: u64,
+    pieces: &[Piece],
+    offset: u64,
+    len: usize,
+) -> Vec<u8> {
     let size = size_after(base_size, pieces);
     let n = size.saturating_sub(offset).min(len as u64) as usize;
     let mut out = vec![0u8; n];
@@ -162,7 +168,11 @@ mod tests {
                 for len in [0usize, 1, 7, 64, 4096] {
                     let from = (offset as usize).min(base.len());
                     let got = merge_read(&base[from..], base.len() as u64, pieces, offset, len);
-                    assert_eq!(got, model(&base, pieces, offset, len), "case {i} @{offset}+{len}");
+                    assert_eq!(
+                        got,
+                        model(&base, pieces, offset, len),
+                        "case {i} @{offset}+{len}"
+                    );
                 }
             }
         }

@@ -163,7 +163,12 @@ mod tests {
         let mut next = 4096;
         let mut joined = Vec::new();
         for op in &ops {
-            let Op::Write { offset, data: d, .. } = op else { panic!() };
+            let Op::Write {
+                offset, data: d, ..
+            } = op
+            else {
+                panic!()
+            };
             assert_eq!(*offset, next);
             assert!(op.encoded_bytes_estimate() + BATCH_OVERHEAD_BYTES <= 1 << 20);
             next += d.len() as u64;

@@ -112,7 +112,10 @@ fn corrupt(path: &Path, offset: u64, why: &str) -> io::Error {
 }
 
 fn encode_log_id(id: &LogId<u64>) -> String {
-    format!("{} {} {}", id.leader_id.term, id.leader_id.node_id, id.index)
+    format!(
+        "{} {} {}",
+        id.leader_id.term, id.leader_id.node_id, id.index
+    )
 }
 
 fn parse_numbers(s: &str) -> Option<Vec<u64>> {
@@ -126,7 +129,10 @@ fn decode_log_id(s: &str) -> Option<LogId<u64>> {
     }
 }
 
-fn read_record(file: &File, offset: u64) -> io::Result<Option<(record::Header, AlignedVec<16>, [u8; HEADER_BYTES])>> {
+fn read_record(
+    file: &File,
+    offset: u64,
+) -> io::Result<Option<(record::Header, AlignedVec<16>, [u8; HEADER_BYTES])>> {
     let mut hb = [0u8; HEADER_BYTES];
     match file.read_exact_at(&mut hb, offset) {
         Ok(()) => {}
@@ -328,11 +334,7 @@ impl LogStore {
 }
 
 /// The flusher: coalesce queued appends, fdatasync each touched segment once, then report.
-fn flusher(
-    rx: mpsc::Receiver<FlushReq>,
-    state: watch::Sender<FlushState>,
-    fault: Option<PathBuf>,
-) {
+fn flusher(rx: mpsc::Receiver<FlushReq>, state: watch::Sender<FlushState>, fault: Option<PathBuf>) {
     let mut failed = false;
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
@@ -455,13 +457,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 files.push(file);
             }
             g.active_len += bytes.len() as u64;
-            g.locs.insert(
-                index,
-                Loc {
-                    seg_first,
-                    offset,
-                },
-            );
+            g.locs.insert(index, Loc { seg_first, offset });
             if let EntryPayload::Normal(b) = &entry.payload {
                 if b.origin == g.origin {
                     seq = Some(b.seq);
@@ -504,7 +500,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         g.locs.split_off(&log_id.index);
         let prev = g.locs.keys().next_back().copied();
         g.last_log_id = match prev {
-            Some(i) => g.entries(i, i + 1).map_err(io_read)?.pop().map(|e| e.log_id),
+            Some(i) => g
+                .entries(i, i + 1)
+                .map_err(io_read)?
+                .pop()
+                .map(|e| e.log_id),
             None => g.purged,
         };
         Ok(())
@@ -538,25 +538,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sync::tests::TempDir;
     use crate::replication::state_machine::StateMachine;
+    use crate::sync::tests::TempDir;
     use openraft::testing::{StoreBuilder, Suite};
 
     struct Builder;
 
-    impl StoreBuilder<TypeConfig, LogStore, StateMachine, Arc<TempDir>>
-        for Builder
-    {
-        async fn build(
-            &self,
-        ) -> Result<
-            (
-                Arc<TempDir>,
-                LogStore,
-                StateMachine,
-            ),
-            StorageError<u64>,
-        > {
+    impl StoreBuilder<TypeConfig, LogStore, StateMachine, Arc<TempDir>> for Builder {
+        async fn build(&self) -> Result<(Arc<TempDir>, LogStore, StateMachine), StorageError<u64>> {
             let t = Arc::new(TempDir::new("suite"));
             let (log, _) = LogStore::open(LogOptions {
                 dir: t.path().join("raft"),
@@ -565,8 +554,7 @@ mod tests {
                 fault_sync_file: None,
             })
             .map_err(io_write)?;
-            let sm = StateMachine::for_test(t.path())
-                .map_err(io_write)?;
+            let sm = StateMachine::for_test(t.path()).map_err(io_write)?;
             Ok((t, log, sm))
         }
     }

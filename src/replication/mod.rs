@@ -37,7 +37,10 @@ openraft::declare_raft_types!(
 pub type Entry = openraft::Entry<TypeConfig>;
 
 /// What a proposer of a batch receives once the entry is applied (or fails).
-pub type ResponseReceiver = <openraft::impls::OneshotResponder<TypeConfig> as openraft::raft::responder::Responder<TypeConfig>>::Receiver;
+pub type ResponseReceiver =
+    <openraft::impls::OneshotResponder<TypeConfig> as openraft::raft::responder::Responder<
+        TypeConfig,
+    >>::Receiver;
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -115,9 +118,11 @@ pub async fn start(
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
     if !initialized {
-        let members: BTreeMap<u64, BasicNode> =
-            BTreeMap::from([(cfg.node_id, BasicNode::new(""))]);
-        tracing::info!(node_id = cfg.node_id, "initialising a new one-voter cluster");
+        let members: BTreeMap<u64, BasicNode> = BTreeMap::from([(cfg.node_id, BasicNode::new(""))]);
+        tracing::info!(
+            node_id = cfg.node_id,
+            "initialising a new one-voter cluster"
+        );
         raft.initialize(members)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;

@@ -69,8 +69,12 @@ impl Proposer {
                         tokio::spawn(async move {
                             match rx.await {
                                 Ok(Ok(_)) => {}
-                                Ok(Err(e)) => tracing::warn!(error = %e, "a data batch was not committed"),
-                                Err(_) => tracing::warn!("raft dropped a data batch without answering"),
+                                Ok(Err(e)) => {
+                                    tracing::warn!(error = %e, "a data batch was not committed")
+                                }
+                                Err(_) => {
+                                    tracing::warn!("raft dropped a data batch without answering")
+                                }
                             }
                         });
                     }

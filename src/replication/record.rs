@@ -242,7 +242,10 @@ mod tests {
             assert!(decode(&b).is_err(), "flip at {i} went unnoticed");
         }
         for n in 0..bytes.len() {
-            assert!(decode(&bytes[..n]).is_err(), "truncation to {n} went unnoticed");
+            assert!(
+                decode(&bytes[..n]).is_err(),
+                "truncation to {n} went unnoticed"
+            );
         }
     }
 }

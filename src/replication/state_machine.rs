@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError,
-    StorageIOError, StoredMembership,
+    AnyError, EntryPayload, LogId, RaftSnapshotBuilder, SnapshotMeta, StorageError, StorageIOError,
+    StoredMembership,
 };
 use tokio::sync::watch;
 
@@ -169,7 +169,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn applied_state(
         &mut self,
-    ) -> StorageResult<(Option<LogId<u64>>, StoredMembership<u64, openraft::BasicNode>)> {
+    ) -> StorageResult<(
+        Option<LogId<u64>>,
+        StoredMembership<u64, openraft::BasicNode>,
+    )> {
         let g = self.lock();
         Ok((g.applied, g.membership.clone()))
     }

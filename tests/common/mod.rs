@@ -1,2 +1,2 @@
-pub mod vere;
 pub mod mount;
+pub mod vere;

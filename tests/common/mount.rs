@@ -109,10 +109,16 @@ impl Daemon {
                 return d;
             }
             if let Some(status) = d.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("seguro-fs exited with {status} before mounting:\n{}", d.log_text());
+                panic!(
+                    "seguro-fs exited with {status} before mounting:\n{}",
+                    d.log_text()
+                );
             }
             if Instant::now() > deadline {
-                panic!("seguro-fs did not mount within {START_TIMEOUT:?}:\n{}", d.log_text());
+                panic!(
+                    "seguro-fs did not mount within {START_TIMEOUT:?}:\n{}",
+                    d.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -139,13 +145,19 @@ impl Daemon {
                 let _ = child.kill();
                 let _ = child.wait();
                 force_unmount(&self.mountpoint);
-                panic!("seguro-fs did not stop within {STOP_TIMEOUT:?}:\n{}", self.log_text());
+                panic!(
+                    "seguro-fs did not stop within {STOP_TIMEOUT:?}:\n{}",
+                    self.log_text()
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         let text = self.log_text();
         assert!(status.success(), "seguro-fs exited with {status}:\n{text}");
-        assert!(!is_mounted(&self.mountpoint), "still mounted after a clean stop");
+        assert!(
+            !is_mounted(&self.mountpoint),
+            "still mounted after a clean stop"
+        );
         text
     }
 
@@ -166,7 +178,11 @@ impl Drop for Daemon {
             let _ = child.wait();
             force_unmount(&self.mountpoint);
             if std::thread::panicking() {
-                eprintln!("--- seguro-fs log ({}):\n{}", self.log.display(), self.log_text());
+                eprintln!(
+                    "--- seguro-fs log ({}):\n{}",
+                    self.log.display(),
+                    self.log_text()
+                );
             }
         }
     }
@@ -194,7 +210,13 @@ pub struct ChildTest {
 impl ChildTest {
     pub fn spawn(test_name: &str, envs: &[(&str, String)]) -> ChildTest {
         let mut cmd = Command::new(std::env::current_exe().unwrap());
-        cmd.args([test_name, "--exact", "--ignored", "--nocapture", "--test-threads=1"]);
+        cmd.args([
+            test_name,
+            "--exact",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ]);
         for (k, v) in envs {
             cmd.env(k, v);
         }
@@ -244,6 +266,11 @@ impl Drop for ChildTest {
 /// Copy a directory tree (to open a replica's tree with LMDB without adding lock files
 /// to it).
 pub fn copy_tree(from: &Path, to: &Path) {
-    let st = Command::new("cp").arg("-a").arg(from).arg(to).status().unwrap();
+    let st = Command::new("cp")
+        .arg("-a")
+        .arg(from)
+        .arg(to)
+        .status()
+        .unwrap();
     assert!(st.success(), "cp -a {} {}", from.display(), to.display());
 }
