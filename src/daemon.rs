@@ -98,10 +98,11 @@ fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
 /// arrives. Returns once the mount is gone and everything accepted is checkpointed.
 pub fn run(cfg: MountConfig) -> Result<(), MountError> {
     preflight(&cfg)?;
-    // The tree must hold exactly the modes the application asked for.
+    let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id)?;
+    // From here on the tree must hold exactly the modes the application asked for (the
+    // kernel already applied the caller's umask).
     // SAFETY: umask has no preconditions.
     unsafe { libc::umask(0) };
-    let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -507,11 +507,15 @@ impl Fs {
         fh
     }
 
+    /// Handles are opened read-write whatever the caller asked for: page-cache writeback
+    /// may arrive on any handle of the inode. A file the daemon may not write (it does
+    /// not run as root) is opened read-only; writes to it then fail with the real errno.
     fn open_path(&self, area: Area, path: &str) -> FsResult<File> {
-        Ok(OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(self.abs(area, path))?)
+        let p = self.abs(area, path);
+        match OpenOptions::new().read(true).write(true).open(&p) {
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => Ok(File::open(&p)?),
+            r => Ok(r?),
+        }
     }
 
     pub fn open(&self, ino: u64) -> FsResult<u64> {
