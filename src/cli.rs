@@ -18,11 +18,24 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size difference between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Mount DATA_DIR's tree on MOUNTPOINT and serve it in the foreground until unmounted,
     /// SIGINT or SIGTERM.
     Mount(MountArgs),
+    /// Show the running node's role, term, leader and log indexes.
+    Status(StatusArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The data dir of a running `seguro-fs mount`.
+    pub data_dir: PathBuf,
+    /// One line of JSON (for scripts) instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -34,6 +47,20 @@ pub struct MountArgs {
     /// This node's id in its cluster. A data dir remembers the id it was created with.
     #[arg(long, default_value_t = 1)]
     pub node_id: u64,
+    /// Every member's advertised address: ID=HOST:PORT,ID=HOST:PORT,… (this node
+    /// included). Without it the node is a standalone one-voter cluster.
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// Address to accept peer links on (default: this node's entry in --peers).
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// File holding the cluster's shared secret (at least 16 bytes); required with --peers.
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Other replicas that must hold data durably before fsync returns
+    /// (default: majority − 1).
+    #[arg(long)]
+    pub acks: Option<u64>,
     /// Comma-separated file names kept per host in DATA_DIR/local and never replicated.
     #[arg(long, value_delimiter = ',', default_value = "lock.mdb")]
     pub local_names: Vec<String>,
@@ -65,6 +92,15 @@ pub struct MountArgs {
     /// How long to wait for the node to become writable before giving up.
     #[arg(long, default_value_t = Limits::default().ready_timeout_ms)]
     pub ready_timeout_ms: u64,
+    /// Log entries kept below a checkpoint for members slightly behind.
+    #[arg(long, default_value_t = Limits::default().log_keep_entries)]
+    pub log_keep_entries: u64,
+    /// Raft heartbeat interval.
+    #[arg(long, default_value_t = Limits::default().heartbeat_ms)]
+    pub heartbeat_ms: u64,
+    /// Shortest election timeout (the longest is twice this).
+    #[arg(long, default_value_t = Limits::default().election_timeout_min_ms)]
+    pub election_timeout_min_ms: u64,
     /// Test hook: while this file exists the log's fdatasync fails with EIO.
     #[arg(long, hide = true)]
     pub fault_log_sync_file: Option<PathBuf>,
@@ -79,6 +115,65 @@ pub enum ConfigError {
     NodeIdZero,
     #[error("--local-names: {0:?} is not a plain file name (no '/', not '.' or '..')")]
     LocalName(String),
+    #[error("--peers: {0:?} is not ID=HOST:PORT (e.g. 2=10.0.0.2:7100)")]
+    PeerSyntax(String),
+    #[error("--peers: node id {0} appears twice")]
+    PeerTwice(u64),
+    #[error("--node-id {id} is not in --peers (members: {members})")]
+    NotAMember { id: u64, members: String },
+    #[error("--listen {0:?} is not an IP:PORT address")]
+    Listen(String),
+    #[error("--cluster-key-file is required with --peers (create one: head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /etc/seguro-fs/cluster.key)")]
+    NoKey,
+    #[error("--cluster-key-file {path}: {why}")]
+    Key { path: String, why: String },
+    #[error("--acks {acks} is more than the {others} other members")]
+    TooManyAcks { acks: u64, others: u64 },
+    #[error("--{0} only makes sense with --peers")]
+    NeedsPeers(&'static str),
+}
+
+fn parse_peers(raw: &[String]) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
+    let mut peers = std::collections::BTreeMap::new();
+    for p in raw.iter().filter(|p| !p.is_empty()) {
+        let (id, addr) = p
+            .split_once('=')
+            .ok_or_else(|| ConfigError::PeerSyntax(p.clone()))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| ConfigError::PeerSyntax(p.clone()))?;
+        let addr = addr.trim();
+        let port_ok = addr
+            .rsplit_once(':')
+            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if id == 0 || !port_ok {
+            return Err(ConfigError::PeerSyntax(p.clone()));
+        }
+        if peers.insert(id, addr.to_string()).is_some() {
+            return Err(ConfigError::PeerTwice(id));
+        }
+    }
+    Ok(peers)
+}
+
+fn read_key(
+    path: &std::path::Path,
+) -> Result<crate::replication::transport::ClusterKey, ConfigError> {
+    let err = |why: String| ConfigError::Key {
+        path: path.display().to_string(),
+        why,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let n = bytes.trim_ascii().len();
+    if n < 16 {
+        return Err(err(format!(
+            "holds {n} bytes; a cluster key needs at least 16"
+        )));
+    }
+    Ok(crate::replication::transport::ClusterKey::from_file_bytes(
+        &bytes,
+    ))
 }
 
 impl MountArgs {
@@ -92,6 +187,9 @@ impl MountArgs {
             log_segment_bytes_max: self.log_segment_bytes_max,
             fuse_threads: self.fuse_threads,
             ready_timeout_ms: self.ready_timeout_ms,
+            log_keep_entries: self.log_keep_entries,
+            heartbeat_ms: self.heartbeat_ms,
+            election_timeout_min_ms: self.election_timeout_min_ms,
             ..Limits::default()
         };
         limits.validate()?;
@@ -109,6 +207,46 @@ impl MountArgs {
         {
             return Err(ConfigError::LocalName(bad.clone()));
         }
+        let peers = parse_peers(&self.peers)?;
+        let (cluster, acks) = if peers.is_empty() {
+            if self.listen.is_some() {
+                return Err(ConfigError::NeedsPeers("listen"));
+            }
+            if self.acks.is_some_and(|k| k > 0) {
+                return Err(ConfigError::TooManyAcks {
+                    acks: self.acks.unwrap_or(0),
+                    others: 0,
+                });
+            }
+            (None, 0)
+        } else {
+            let Some(own) = peers.get(&self.node_id) else {
+                return Err(ConfigError::NotAMember {
+                    id: self.node_id,
+                    members: peers
+                        .keys()
+                        .map(u64::to_string)
+                        .collect::<Vec<_>>()
+                        .join(","),
+                });
+            };
+            let listen_raw = self.listen.clone().unwrap_or_else(|| own.clone());
+            let listen: std::net::SocketAddr = listen_raw
+                .parse()
+                .map_err(|_| ConfigError::Listen(listen_raw.clone()))?;
+            let key = read_key(self.cluster_key_file.as_deref().ok_or(ConfigError::NoKey)?)?;
+            let others = peers.len() as u64 - 1;
+            let acks = self
+                .acks
+                .unwrap_or_else(|| crate::config::default_acks(peers.len() as u64));
+            if acks > others {
+                return Err(ConfigError::TooManyAcks { acks, others });
+            }
+            (
+                Some(crate::config::ClusterConfig { peers, listen, key }),
+                acks,
+            )
+        };
         Ok(MountConfig {
             data_dir: self.data_dir,
             mountpoint: self.mountpoint,
@@ -117,6 +255,8 @@ impl MountArgs {
             allow_other: self.allow_other,
             limits,
             fault_log_sync_file: self.fault_log_sync_file,
+            cluster,
+            acks,
         })
     }
 }
@@ -129,9 +269,59 @@ mod tests {
         Cli::try_parse_from(std::iter::once("seguro-fs").chain(args.iter().copied()))
     }
 
+    fn mount(args: &[&str]) -> Result<MountConfig, ConfigError> {
+        let mut all = vec!["mount", "/d", "/m"];
+        all.extend_from_slice(args);
+        match parse(&all).unwrap().command {
+            Command::Mount(m) => m.into_config(),
+            Command::Status(_) => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn cluster_flags_are_validated() {
+        let dir = std::env::temp_dir().join(format!("seguro-cli-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key");
+        std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let short = dir.join("short");
+        std::fs::write(&short, "abc").unwrap();
+        let k = key.to_str().unwrap();
+        let peers = "1=127.0.0.1:7001,2=127.0.0.2:7001,3=127.0.0.3:7001";
+        let c = mount(&["--node-id", "2", "--peers", peers, "--cluster-key-file", k]).unwrap();
+        assert_eq!(c.acks, 1, "default K is majority - 1");
+        assert_eq!(
+            c.cluster.as_ref().unwrap().listen.to_string(),
+            "127.0.0.2:7001"
+        );
+        let err = |args: &[&str]| mount(args).unwrap_err().to_string();
+        assert!(
+            err(&["--node-id", "4", "--peers", peers, "--cluster-key-file", k])
+                .contains("not in --peers")
+        );
+        assert!(err(&["--peers", peers]).contains("--cluster-key-file is required"));
+        assert!(err(&[
+            "--peers",
+            peers,
+            "--cluster-key-file",
+            short.to_str().unwrap()
+        ])
+        .contains("at least 16"));
+        assert!(
+            err(&["--peers", peers, "--cluster-key-file", k, "--acks", "3"])
+                .contains("more than the 2 other members")
+        );
+        assert!(err(&["--peers", "1=nope", "--cluster-key-file", k]).contains("not ID=HOST:PORT"));
+        assert!(err(&["--peers", "1=a:1,1=b:2", "--cluster-key-file", k]).contains("appears twice"));
+        assert!(err(&["--acks", "1"]).contains("more than the 0 other members"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn mount_defaults() {
-        let Command::Mount(m) = parse(&["mount", "/d", "/m"]).unwrap().command;
+        let Command::Mount(m) = parse(&["mount", "/d", "/m"]).unwrap().command else {
+            unreachable!()
+        };
         let c = m.into_config().unwrap();
         assert_eq!(c.local_names, vec!["lock.mdb".to_string()]);
         assert_eq!(c.node_id, 1);
@@ -146,16 +336,10 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_flag() {
-        let Command::Mount(m) = parse(&["mount", "/d", "/m", "--fuse-threads", "0"])
-            .unwrap()
-            .command;
-        let e = m.into_config().unwrap_err().to_string();
+        let e = mount(&["--fuse-threads", "0"]).unwrap_err().to_string();
         assert!(e.starts_with("--fuse-threads = 0 is out of range"), "{e}");
-        let Command::Mount(m) = parse(&["mount", "/d", "/m", "--local-names", "a/b"])
-            .unwrap()
-            .command;
         assert!(matches!(
-            m.into_config().unwrap_err(),
+            mount(&["--local-names", "a/b"]).unwrap_err(),
             ConfigError::LocalName(_)
         ));
     }

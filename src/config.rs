@@ -27,6 +27,24 @@ pub struct Limits {
     pub fuse_write_bytes_max: u32,
     /// How long `mount` waits for the node to become a writable leader.
     pub ready_timeout_ms: u64,
+    /// Log entries kept below a checkpoint for members that are slightly behind; one
+    /// further behind gets a tree snapshot.
+    pub log_keep_entries: u64,
+    /// Largest frame on a peer link (an AppendEntries with its entries, or a snapshot chunk).
+    pub frame_bytes_max: usize,
+    /// Entries per AppendEntries.
+    pub append_entries_max: u64,
+    /// Bytes of tree image per snapshot chunk.
+    pub snapshot_chunk_bytes: u64,
+    /// Connecting (and authenticating) to a peer.
+    pub connect_timeout_ms: u64,
+    /// Writing or reading one frame once it has started.
+    pub peer_io_timeout_ms: u64,
+    /// Concurrent inbound peer connections.
+    pub peer_connections_max: usize,
+    /// Raft heartbeat; the election timeout is drawn from [election_timeout_min_ms, 2×].
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
 }
 
 impl Default for Limits {
@@ -42,6 +60,15 @@ impl Default for Limits {
             fuse_threads: 4,
             fuse_write_bytes_max: 1 << 20,
             ready_timeout_ms: 30_000,
+            log_keep_entries: 1_000,
+            frame_bytes_max: 32 << 20,
+            append_entries_max: 16,
+            snapshot_chunk_bytes: 4 << 20,
+            connect_timeout_ms: 1_000,
+            peer_io_timeout_ms: 10_000,
+            peer_connections_max: 64,
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 300,
         }
     }
 }
@@ -111,7 +138,60 @@ impl Limits {
             16 << 20,
         )?;
         check("ready_timeout_ms", self.ready_timeout_ms, 100, 3_600_000)?;
+        check("log_keep_entries", self.log_keep_entries, 0, 1 << 30)?;
+        // A full AppendEntries (entries at the cap plus framing) must fit one frame.
+        let append_bytes = self.append_entries_max * (self.entry_bytes_max as u64 + 4096);
+        check(
+            "frame_bytes_max",
+            self.frame_bytes_max as u64,
+            append_bytes.max(self.snapshot_chunk_bytes + 4096),
+            1 << 30,
+        )?;
+        check("append_entries_max", self.append_entries_max, 1, 1024)?;
+        check(
+            "snapshot_chunk_bytes",
+            self.snapshot_chunk_bytes,
+            64 << 10,
+            64 << 20,
+        )?;
+        check("connect_timeout_ms", self.connect_timeout_ms, 10, 60_000)?;
+        check("peer_io_timeout_ms", self.peer_io_timeout_ms, 100, 600_000)?;
+        check(
+            "peer_connections_max",
+            self.peer_connections_max as u64,
+            2,
+            4096,
+        )?;
+        check("heartbeat_ms", self.heartbeat_ms, 10, 10_000)?;
+        // Elections must not fire between heartbeats.
+        check(
+            "election_timeout_min_ms",
+            self.election_timeout_min_ms,
+            self.heartbeat_ms * 3,
+            60_000,
+        )?;
         Ok(())
+    }
+}
+
+/// Membership and link settings of a replicated node.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// Every member's advertised address, by node id (this node included).
+    pub peers: std::collections::BTreeMap<u64, String>,
+    /// Where this node accepts peer links.
+    pub listen: std::net::SocketAddr,
+    pub key: crate::replication::transport::ClusterKey,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    // The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("peers", &self.peers)
+            .field("listen", &self.listen)
+            .field("key", &self.key.fingerprint())
+            .finish()
     }
 }
 
@@ -128,11 +208,40 @@ pub struct MountConfig {
     pub limits: Limits,
     /// Test hook: while this file exists, the log's fdatasync reports an IO error.
     pub fault_log_sync_file: Option<PathBuf>,
+    /// None: a standalone one-voter node.
+    pub cluster: Option<ClusterConfig>,
+    /// Other replicas that must hold an entry durably before fsync returns (K).
+    pub acks: u64,
+}
+
+impl MountConfig {
+    /// What the data dir records about the cluster it belongs to.
+    pub fn cluster_label(&self) -> String {
+        match &self.cluster {
+            None => "standalone".into(),
+            Some(c) => format!("key-{}", c.key.fingerprint()),
+        }
+    }
+}
+
+/// The default K: the smallest that makes an acknowledged fsync Raft-committed
+/// (majority − 1 other replicas), so it survives the loss of any minority.
+pub fn default_acks(members: u64) -> u64 {
+    members / 2
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_acks_is_majority_minus_one() {
+        for (members, k) in [(1, 0), (2, 1), (3, 1), (4, 2), (5, 2), (7, 3)] {
+            assert_eq!(default_acks(members), k, "{members} members");
+            // K + the leader is a majority.
+            assert!((k + 1) * 2 > members);
+        }
+    }
 
     #[test]
     fn defaults_are_valid() {

@@ -7,12 +7,15 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use crate::admin;
 use crate::config::MountConfig;
 use crate::datadir::{DataDir, DataDirError};
 use crate::fs::overlay::Overlay;
 use crate::fs::pending::Pending;
 use crate::fs::{Fs, FsParts};
 use crate::fuse::FuseAdapter;
+use crate::replication::role::{self, Role};
+use crate::replication::state_machine::ObserverSlot;
 use crate::replication::{self, proposer::Proposer, StartError};
 
 /// Why `mount` failed; each message says what to do about it.
@@ -98,7 +101,7 @@ fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
 /// arrives. Returns once the mount is gone and everything accepted is checkpointed.
 pub fn run(cfg: MountConfig) -> Result<(), MountError> {
     preflight(&cfg)?;
-    let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id)?;
+    let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id, &cfg.cluster_label())?;
     // From here on the tree must hold exactly the modes the application asked for (the
     // kernel already applied the caller's umask).
     // SAFETY: umask has no preconditions.
@@ -117,23 +120,20 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
         u64::from_le_bytes(b) | 1
     };
     let overlay = Arc::new(Mutex::new(Overlay::default()));
-    let node = rt.block_on(replication::start(&cfg, &data_dir, origin, overlay.clone()))?;
-    let ready = Duration::from_millis(cfg.limits.ready_timeout_ms);
-    rt.block_on(node.wait_writable(ready))
-        .map_err(MountError::NotWritable)?;
+    let observer: ObserverSlot = Arc::default();
+    let node = rt.block_on(replication::start(
+        &cfg,
+        &data_dir,
+        origin,
+        overlay.clone(),
+        observer.clone(),
+    ))?;
+    let role = Arc::new(Role::default());
+    rt.block_on(async { admin::serve(&data_dir.root, node.raft.clone(), role.clone(), cfg.acks) })
+        .map_err(|e| MountError::Io(std::io::Error::other(format!("admin socket: {e}"))))?;
 
     let pending = Arc::new(Mutex::new(Pending::new(origin, cfg.limits.entry_bytes_max)));
     let wake = Arc::new(Notify::new());
-    rt.spawn(
-        Proposer {
-            raft: node.raft.clone(),
-            pending: pending.clone(),
-            wake: wake.clone(),
-            flush_rx: node.flush_rx.clone(),
-            proposals_inflight_max: cfg.limits.proposals_inflight_max as u64,
-        }
-        .run(),
-    );
     let fs = Arc::new(Fs::new(FsParts {
         rt: rt.handle().clone(),
         data_dir: data_dir.root.clone(),
@@ -141,12 +141,48 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
         local_root: data_dir.local_dir(),
         local_names: cfg.local_names.clone(),
         limits: cfg.limits.clone(),
-        pending,
+        pending: pending.clone(),
         overlay: overlay.clone(),
-        wake,
+        wake: wake.clone(),
         flush_rx: node.flush_rx.clone(),
         applied_rx: node.applied_rx.clone(),
+        role: role.clone(),
+        metrics: node.raft.metrics(),
+        my_id: cfg.node_id,
+        acks: cfg.acks,
     })?);
+    let _ = observer.set(fs.clone());
+    rt.spawn(role::watch(
+        node.raft.clone(),
+        cfg.node_id,
+        role.clone(),
+        fs.clone(),
+    ));
+    rt.spawn(
+        Proposer {
+            raft: node.raft.clone(),
+            pending,
+            wake,
+            flush_rx: node.flush_rx.clone(),
+            proposals_inflight_max: cfg.limits.proposals_inflight_max as u64,
+            role: role.clone(),
+        }
+        .run(),
+    );
+    if cfg.cluster.is_none() {
+        // Standalone: mounted means writable, as it has always been.
+        let deadline =
+            std::time::Instant::now() + Duration::from_millis(cfg.limits.ready_timeout_ms);
+        while !role.writable() {
+            if std::time::Instant::now() > deadline {
+                return Err(MountError::NotWritable(format!(
+                    "not the writable leader after {} ms",
+                    cfg.limits.ready_timeout_ms
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
 
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.mount_options = vec![
@@ -173,6 +209,7 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
             }
         })?;
     let mut unmounter = session.unmount_callable();
+    fs.set_notifier(session.notifier());
     tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %data_dir.root.display(), "mounted");
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -208,7 +245,11 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
 
     // Drain: everything accepted is made durable, applied and checkpointed, so a restart
     // replays nothing.
-    let drained = fs.wait_durable();
+    let drained = if fs.writable() {
+        fs.wait_durable()
+    } else {
+        Ok(())
+    };
     let apply_deadline =
         std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);
     while *node.applied_rx.borrow() < node.flush_rx.borrow().flushed_index

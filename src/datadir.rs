@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! DATA_DIR/
-//!   identity      format version and node id; refuses a dir made for another node/cluster
+//!   identity      format version, node id, cluster label; refuses a dir made for another
+//!                 node or cluster
 //!   lock          flock'd while a daemon owns the dir
 //!   raft/         log segments, vote, committed (log_store.rs)
 //!   applied       the applied-index checkpoint (checkpoint.rs)
@@ -59,8 +60,9 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
 }
 
 impl DataDir {
-    /// Open (creating if needed) and lock `root` for node `node_id`.
-    pub fn open(root: &Path, node_id: u64) -> Result<DataDir, DataDirError> {
+    /// Open (creating if needed) and lock `root` for node `node_id` of `cluster` (a label
+    /// that identifies the cluster without revealing its key).
+    pub fn open(root: &Path, node_id: u64, cluster: &str) -> Result<DataDir, DataDirError> {
         fs::create_dir_all(root).map_err(io_err(root))?;
         let root = root.canonicalize().map_err(io_err(root))?;
         let lock_path = root.join("lock");
@@ -90,7 +92,7 @@ impl DataDir {
         lock.set_len(0).map_err(io_err(&lock_path))?;
         write!(lock, "{}", std::process::id()).map_err(io_err(&lock_path))?;
 
-        let expected = format!("{FORMAT}\nnode_id={node_id}\n");
+        let expected = format!("{FORMAT}\nnode_id={node_id}\ncluster={cluster}\n");
         match fs::read_to_string(&identity_path) {
             Ok(found) if found == expected => {}
             Ok(found) => {
@@ -123,9 +125,6 @@ impl DataDir {
     pub fn local_dir(&self) -> PathBuf {
         self.root.join("local")
     }
-    pub fn checkpoint_path(&self) -> PathBuf {
-        self.root.join("applied")
-    }
 }
 
 #[cfg(test)]
@@ -137,18 +136,22 @@ mod tests {
     fn lock_identity_and_foreign_dirs() {
         let t = TempDir::new("datadir");
         let d = t.path().join("d");
-        let dd = DataDir::open(&d, 1).unwrap();
+        let dd = DataDir::open(&d, 1, "standalone").unwrap();
         assert!(d.join("tree").is_dir() && d.join("raft").is_dir());
         // A second opener is refused while the first holds the lock.
-        match DataDir::open(&d, 1) {
+        match DataDir::open(&d, 1, "standalone") {
             Err(DataDirError::InUse { pid, .. }) => assert_eq!(pid, std::process::id().to_string()),
             other => panic!("expected InUse, got {other:?}"),
         }
         drop(dd);
         // Reopening as the same node works; as another node it is refused.
-        drop(DataDir::open(&d, 1).unwrap());
+        drop(DataDir::open(&d, 1, "standalone").unwrap());
         assert!(matches!(
-            DataDir::open(&d, 2),
+            DataDir::open(&d, 2, "standalone"),
+            Err(DataDirError::Foreign { .. })
+        ));
+        assert!(matches!(
+            DataDir::open(&d, 1, "key-0123"),
             Err(DataDirError::Foreign { .. })
         ));
         // A non-empty directory that is not a data dir is not taken over.
@@ -156,7 +159,7 @@ mod tests {
         fs::create_dir_all(&other).unwrap();
         fs::write(other.join("precious"), b"x").unwrap();
         assert!(matches!(
-            DataDir::open(&other, 1),
+            DataDir::open(&other, 1, "standalone"),
             Err(DataDirError::NotOurs { .. })
         ));
     }

@@ -189,11 +189,18 @@ impl Filesystem for FuseAdapter {
         }
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // KEEP_CACHE: this mount is the only writer, so cached pages stay valid across
         // opens; dropping them on every open would cost LMDB's readers a re-read.
-        match self.fs.open(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+        // Followers keep no cache across opens: their pages are invalidated as entries
+        // apply, but a fresh open is the cheap place to be sure.
+        let keep = if self.fs.writable() {
+            FopenFlags::FOPEN_KEEP_CACHE
+        } else {
+            FopenFlags::empty()
+        };
+        match self.fs.open(ino.0, flags.0) {
+            Ok(fh) => reply.opened(FileHandle(fh), keep),
             Err(err) => reply.error(e(err)),
         }
     }

@@ -1,5 +1,6 @@
 //! seguro-fs: parse the command line, run the command, map the outcome to an exit code.
 
+mod admin;
 mod cli;
 mod config;
 mod daemon;
@@ -27,6 +28,9 @@ fn main() {
             Ok(cfg) => daemon::run(cfg).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),
         },
+        cli::Command::Status(args) => admin::status(&args.data_dir, args.json).map(|out| {
+            println!("{}", out.trim_end());
+        }),
     };
     if let Err(msg) = result {
         eprintln!("seguro-fs: error: {msg}");

@@ -35,6 +35,13 @@ fn fsync_fails_with_eio_when_the_log_fdatasync_fails() {
     f.write_all_at(b"durable", 0).unwrap();
     f.sync_data()
         .expect("fdatasync succeeds while the log can sync");
+    let mut g = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_DSYNC)
+        .open(mnt.join("data.mdb"))
+        .unwrap();
+    g.write_all(b"dsync ok")
+        .expect("an O_DSYNC write succeeds while the log can sync");
 
     // From now on the log's fdatasync fails. If FSYNC were answered ENOSYS (or not waited
     // for), the kernel would report success here.
@@ -52,12 +59,13 @@ fn fsync_fails_with_eio_when_the_log_fdatasync_fails() {
     let e = f.sync_data().expect_err("a failed log stays failed");
     assert_eq!(errno(&e), libc::EIO, "{e}");
     // An O_DSYNC write is a write plus an fsync: it must fail as well.
-    let mut g = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc::O_DSYNC)
-        .open(mnt.join("data.mdb"))
-        .unwrap();
     let e = g.write_all(b"meta").expect_err("O_DSYNC write must fail");
+    assert_eq!(errno(&e), libc::EIO, "{e}");
+    // And a failed log takes no new writers.
+    let e = OpenOptions::new()
+        .write(true)
+        .open(mnt.join("data.mdb"))
+        .expect_err("opening for write after a log failure");
     assert_eq!(errno(&e), libc::EIO, "{e}");
     drop((f, g));
     d.kill9();
@@ -69,7 +77,10 @@ fn fsync_fails_with_eio_when_the_log_fdatasync_fails() {
         .unwrap()
         .read_exact_at(&mut buf, 0)
         .unwrap();
-    assert_eq!(&buf, b"durable");
+    assert_eq!(
+        &buf, b"dsync o",
+        "the O_DSYNC write landed at offset 0 over 'durable'"
+    );
     d.stop();
 }
 

@@ -97,6 +97,22 @@ impl Inodes {
         self.by_key.get(&(area, st_ino)).copied()
     }
 
+    /// The inode currently standing for `path`, if the kernel knows one.
+    pub fn find(&self, area: Area, path: &str) -> Option<u64> {
+        self.nodes
+            .iter()
+            .find(|(_, n)| n.area == area && n.path.as_deref() == Some(path))
+            .map(|(i, _)| *i)
+    }
+
+    /// Every inode with a path (for invalidating the kernel's caches wholesale).
+    pub fn all_paths(&self) -> Vec<(u64, Area, String)> {
+        self.nodes
+            .iter()
+            .filter_map(|(i, n)| Some((*i, n.area, n.path.clone()?)))
+            .collect()
+    }
+
     /// The kernel dropped `n` references.
     pub fn forget(&mut self, ino: u64, n: u64) {
         if ino == ROOT_INO {

@@ -9,6 +9,11 @@
 //! - Files named in `local_names` (lock.mdb) live in `DATA_DIR/local/`, are never
 //!   replicated, and are served with plain syscalls.
 //!
+//! Only the leader's mount is writable (`replication/role.rs`); elsewhere mutations of the
+//! tree answer EROFS, while host-local files stay writable (LMDB readers need lock.mdb).
+//! On a node that did not propose an applied op, the kernel's cached pages, attributes and
+//! names for it are invalidated, so readers of a follower mount see committed data.
+//!
 //! `ns_lock` orders namespace ops against everything else: a namespace op holds it
 //! exclusively from proposal to apply, so no data op is ever addressed by a path that is
 //! about to change, and no read sees the tree half-way through a rename.
@@ -25,7 +30,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType};
@@ -35,6 +40,11 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::config::Limits;
 use crate::op::{Op, Timespec};
 use crate::replication::log_store::FlushState;
+use crate::replication::role::{LeadershipHooks, Role};
+use crate::replication::state_machine::ApplyObserver;
+
+/// openraft's metrics, as the fsync path reads them.
+pub type Metrics = watch::Receiver<openraft::RaftMetrics<u64, openraft::BasicNode>>;
 use inodes::{join, Area, Inodes, ROOT_INO};
 use overlay::{merge_read, size_after, Overlay, Piece, PieceKind};
 use pending::{split_write, Pending};
@@ -79,6 +89,11 @@ pub struct Fs {
     wake: Arc<Notify>,
     flush_rx: watch::Receiver<FlushState>,
     applied_rx: watch::Receiver<u64>,
+    role: Arc<Role>,
+    metrics: Metrics,
+    my_id: u64,
+    acks: u64,
+    notifier: OnceLock<fuser::Notifier>,
 }
 
 /// What `Fs::new` needs from the replication side.
@@ -94,6 +109,10 @@ pub struct FsParts {
     pub wake: Arc<Notify>,
     pub flush_rx: watch::Receiver<FlushState>,
     pub applied_rx: watch::Receiver<u64>,
+    pub role: Arc<Role>,
+    pub metrics: Metrics,
+    pub my_id: u64,
+    pub acks: u64,
 }
 
 fn kind_of(m: &Metadata) -> FileType {
@@ -168,7 +187,32 @@ impl Fs {
             wake: p.wake,
             flush_rx: p.flush_rx,
             applied_rx: p.applied_rx,
+            role: p.role,
+            metrics: p.metrics,
+            my_id: p.my_id,
+            acks: p.acks,
+            notifier: OnceLock::new(),
         })
+    }
+
+    /// Called once the FUSE session exists: the channel for cache invalidations.
+    pub fn set_notifier(&self, n: fuser::Notifier) {
+        let _ = self.notifier.set(n);
+    }
+
+    pub fn writable(&self) -> bool {
+        self.role.writable()
+    }
+
+    /// Mutations of the replicated tree need a writable (leader) mount.
+    fn check_writable(&self) -> FsResult<()> {
+        if self.failed() {
+            Err(Errno(libc::EIO))
+        } else if self.role.writable() {
+            Ok(())
+        } else {
+            Err(Errno(libc::EROFS))
+        }
     }
 
     fn is_local_name(&self, name: &OsStr) -> bool {
@@ -265,9 +309,7 @@ impl Fs {
 
     /// Propose `op` alone and wait until it is applied; returns the tree's errno for it.
     fn propose_and_wait(&self, op: Op) -> FsResult<()> {
-        if self.failed() {
-            return Err(Errno(libc::EIO));
-        }
+        self.check_writable()?;
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
@@ -302,29 +344,81 @@ impl Fs {
         }
     }
 
-    /// fsync: every op accepted before this call must be durable in the log.
+    /// fsync: every op accepted before this call must be durable in this node's log and
+    /// in the logs of `acks` other voters, all within this node's current term.
     pub fn wait_durable(&self) -> FsResult<()> {
+        let generation = self.role.generation();
+        let term = self.role.term();
         let target = {
             let mut p = self.pending.lock().expect("pending mutex poisoned");
             p.seal();
             p.last_seq()
         };
+        if !self.role.writable() {
+            // Nothing was accepted here since leadership was lost (the pending queue was
+            // dropped then); an fsync that covers nothing unflushed succeeds, anything else
+            // was never acknowledged and fails.
+            return if target <= self.flush_rx.borrow().flushed_seq {
+                Ok(())
+            } else {
+                Err(Errno(libc::EIO))
+            };
+        }
         self.wake.notify_one();
-        let mut rx = self.flush_rx.clone();
+        let mut flush = self.flush_rx.clone();
+        let mut metrics = self.metrics.clone();
         let timeout = self.ack_timeout();
+        let role = &self.role;
+        let deposed = || role.generation() != generation;
         let ok = self.rt.block_on(async {
             tokio::time::timeout(timeout, async {
-                loop {
+                // 1. The local log holds every batch up to `target` (fdatasync'd).
+                let index = loop {
                     {
-                        let s = rx.borrow_and_update();
-                        if s.failed {
+                        let s = flush.borrow_and_update();
+                        if s.failed || deposed() {
                             return false;
                         }
                         if s.flushed_seq >= target {
+                            break s.flushed_index;
+                        }
+                    }
+                    tokio::select! {
+                        r = flush.changed() => if r.is_err() { return false },
+                        // Leadership changes show up in the metrics.
+                        r = metrics.changed() => if r.is_err() { return false },
+                    }
+                };
+                if self.acks == 0 {
+                    return !deposed();
+                }
+                // 2. `acks` other voters have matched it: they answer AppendEntries only
+                //    after their own fdatasync, so matched means durable there.
+                loop {
+                    {
+                        let m = metrics.borrow_and_update();
+                        if deposed()
+                            || m.current_term != term
+                            || m.state != openraft::ServerState::Leader
+                        {
+                            return false;
+                        }
+                        let voters: Vec<u64> =
+                            m.membership_config.membership().voter_ids().collect();
+                        let acked = m.replication.as_ref().map_or(0, |r| {
+                            r.iter()
+                                .filter(|(id, matched)| {
+                                    **id != self.my_id
+                                        && voters.contains(id)
+                                        && matched.is_some_and(|l| l.index >= index)
+                                })
+                                .count() as u64
+                        });
+                        if acked >= self.acks {
                             return true;
                         }
                     }
-                    if rx.changed().await.is_err() {
+                    if metrics.changed().await.is_err() {
                         return false;
                     }
                 }
@@ -461,9 +555,7 @@ impl Fs {
             if n.is_dir {
                 return Err(Errno(libc::EISDIR));
             }
-            if self.failed() {
-                return Err(Errno(libc::EIO));
-            }
+            self.check_writable()?;
             let _ns = self.ns_lock.read().expect("ns lock poisoned");
             self.accept_data(
                 ino,
@@ -518,12 +610,15 @@ impl Fs {
         }
     }
 
-    pub fn open(&self, ino: u64) -> FsResult<u64> {
+    pub fn open(&self, ino: u64, flags: i32) -> FsResult<u64> {
         let _ns = self.ns_lock.read().expect("ns lock poisoned");
         let n = self.node(ino)?;
         let path = n.path.ok_or(Errno(libc::ENOENT))?;
         if n.is_dir {
             return Err(Errno(libc::EISDIR));
+        }
+        if n.area == Area::Tree && flags & libc::O_ACCMODE != libc::O_RDONLY {
+            self.check_writable()?;
         }
         let file = self.open_path(n.area, &path)?;
         Ok(self.new_fh(OpenHandle::File {
@@ -584,9 +679,7 @@ impl Fs {
             file.write_all_at(data, offset)?;
             return Ok(data.len() as u32);
         }
-        if self.failed() {
-            return Err(Errno(libc::EIO));
-        }
+        self.check_writable()?;
         self.wait_for_room()?;
         let _ns = self.ns_lock.read().expect("ns lock poisoned");
         // Re-read the path under the namespace lock: a rename may have just finished.
@@ -957,4 +1050,112 @@ impl Fs {
 /// Parent directory of a relative path.
 fn tree_parent(path: &str) -> &str {
     crate::tree::parent_of(path)
+}
+
+/// Invalidations to send to the kernel: (inode, offset, len) for data, (parent, name)
+/// for names.
+#[derive(Default)]
+struct Invalidations {
+    inodes: Vec<(u64, i64, i64)>,
+    entries: Vec<(u64, String)>,
+}
+
+impl Fs {
+    fn name_entry(&self, inodes: &Inodes, path: &str, out: &mut Invalidations) {
+        let (parent, name) = match path.rfind('/') {
+            Some(i) => (&path[..i], &path[i + 1..]),
+            None => ("", path),
+        };
+        if let Some(p) = inodes.find(Area::Tree, parent) {
+            out.entries.push((p, name.to_string()));
+        }
+    }
+
+    fn send(&self, inv: Invalidations) {
+        let Some(n) = self.notifier.get() else {
+            return;
+        };
+        // Errors mean the kernel holds nothing to invalidate (ENOENT) or the session is
+        // gone; neither needs handling.
+        for (ino, off, len) in inv.inodes {
+            let _ = n.inval_inode(fuser::INodeNo(ino), off, len);
+        }
+        for (parent, name) in inv.entries {
+            let _ = n.inval_entry(fuser::INodeNo(parent), OsStr::new(&name));
+        }
+    }
+
+    /// Forget every cached page, attribute and name the kernel holds for this mount.
+    fn invalidate_all(&self) {
+        let mut inv = Invalidations::default();
+        {
+            let inodes = self.inodes.lock().expect("inodes mutex poisoned");
+            for (ino, area, path) in inodes.all_paths() {
+                inv.inodes.push((ino, 0, 0));
+                if area == Area::Tree && !path.is_empty() {
+                    self.name_entry(&inodes, &path, &mut inv);
+                }
+            }
+        }
+        self.send(inv);
+    }
+}
+
+impl ApplyObserver for Fs {
+    fn applied(&self, op: &Op, own: bool) {
+        if own && self.role.writable() {
+            // The leader's kernel cache already shows its own writes.
+            return;
+        }
+        let mut inv = Invalidations::default();
+        {
+            let mut inodes = self.inodes.lock().expect("inodes mutex poisoned");
+            match op {
+                Op::Write { path, offset, data } => {
+                    if let Some(ino) = inodes.find(Area::Tree, path) {
+                        inv.inodes.push((ino, *offset as i64, data.len() as i64));
+                    }
+                }
+                Op::Truncate { path, .. } | Op::SetAttr { path, .. } => {
+                    if let Some(ino) = inodes.find(Area::Tree, path) {
+                        inv.inodes.push((ino, 0, 0));
+                    }
+                }
+                Op::Create { path, .. }
+                | Op::Mkdir { path, .. }
+                | Op::Symlink { path, .. }
+                | Op::Link { to: path, .. } => self.name_entry(&inodes, path, &mut inv),
+                Op::Unlink { path } | Op::Rmdir { path } => {
+                    self.name_entry(&inodes, path, &mut inv);
+                    inodes.detach(Area::Tree, path);
+                }
+                Op::Rename { from, to, .. } => {
+                    self.name_entry(&inodes, from, &mut inv);
+                    self.name_entry(&inodes, to, &mut inv);
+                    inodes.detach(Area::Tree, to);
+                    inodes.rename(Area::Tree, from, to);
+                }
+            }
+        }
+        self.send(inv);
+    }
+
+    fn reset(&self) {
+        self.invalidate_all();
+    }
+}
+
+impl LeadershipHooks for Fs {
+    fn lost(&self) {
+        // None of this was acknowledged: fsyncs covering it fail (generation changed).
+        self.pending.lock().expect("pending mutex poisoned").clear();
+        self.overlay.lock().expect("overlay mutex poisoned").clear();
+        // The page cache may hold those unacknowledged writes: drop it, so reads come
+        // from the committed tree.
+        self.invalidate_all();
+    }
+
+    fn gained(&self) {
+        self.invalidate_all();
+    }
 }

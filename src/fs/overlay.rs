@@ -108,6 +108,12 @@ impl Overlay {
         });
         self.bytes -= freed;
     }
+
+    /// Drop everything (leadership lost: none of it was acknowledged).
+    pub fn clear(&mut self) {
+        self.files.clear();
+        self.bytes = 0;
+    }
 }
 
 #[cfg(test)]

@@ -7,12 +7,14 @@ pub mod log_store;
 pub mod network;
 pub mod proposer;
 pub mod record;
+pub mod role;
+pub mod snapshot;
 pub mod state_machine;
+pub mod transport;
+pub mod wire;
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use openraft::{BasicNode, Raft};
 use tokio::sync::watch;
@@ -22,7 +24,9 @@ use crate::datadir::DataDir;
 use crate::fs::overlay::Overlay;
 use crate::op::{ApplyResult, Batch};
 use log_store::{FlushState, LogOptions, LogStore};
-use state_machine::{OverlayLink, StateMachine};
+use network::{NetConfig, Network};
+use state_machine::{ObserverSlot, OverlayLink, StateMachine};
+use transport::LinkLimits;
 
 openraft::declare_raft_types!(
     /// seguro-fs's openraft types: entries carry a [`Batch`] of file ops.
@@ -31,7 +35,7 @@ openraft::declare_raft_types!(
         R = ApplyResult,
         NodeId = u64,
         Node = BasicNode,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
 );
 
 pub type Entry = openraft::Entry<TypeConfig>;
@@ -54,6 +58,11 @@ pub enum StartError {
     StateMachine(std::io::Error),
     #[error("starting raft: {0}")]
     Raft(String),
+    #[error("cannot accept peer links on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// A running Raft node and the channels the file system watches.
@@ -64,13 +73,16 @@ pub struct Node {
     pub applied_rx: watch::Receiver<u64>,
 }
 
-/// Open the log and state machine in `dir` and start Raft. A pristine single-node data
-/// dir is initialised as a one-voter cluster; an existing one just restarts.
+/// Open the log and state machine in `dir` and start Raft (and, in a cluster, the peer
+/// listener). A pristine standalone data dir is initialised as a one-voter cluster; in a
+/// cluster the member with the lowest id initialises a pristine cluster with every member
+/// of `--peers` as a voter. Everything else just restarts from disk.
 pub async fn start(
     cfg: &MountConfig,
     dir: &DataDir,
     origin: u64,
     overlay: Arc<Mutex<Overlay>>,
+    observer: ObserverSlot,
 ) -> Result<Node, StartError> {
     let raft_dir = dir.raft_dir();
     let (log, flush_rx) = LogStore::open(LogOptions {
@@ -84,48 +96,88 @@ pub async fn start(
         source,
     })?;
     let (state_machine, applied_rx) = StateMachine::open(
-        dir.tree_dir(),
-        &dir.checkpoint_path(),
+        dir.root.clone(),
         cfg.limits.apply_open_files_max,
         Some(OverlayLink { origin, overlay }),
+        observer,
     )
     .map_err(StartError::StateMachine)?;
 
+    let l = &cfg.limits;
     let raft_config = openraft::Config {
         cluster_name: "seguro-fs".into(),
-        heartbeat_interval: 50,
-        election_timeout_min: 150,
-        election_timeout_max: 300,
-        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.limits.checkpoint_entries),
-        max_in_snapshot_log_to_keep: 0,
+        heartbeat_interval: l.heartbeat_ms,
+        election_timeout_min: l.election_timeout_min_ms,
+        election_timeout_max: l.election_timeout_min_ms * 2,
+        snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(l.checkpoint_entries),
+        max_in_snapshot_log_to_keep: l.log_keep_entries,
+        max_payload_entries: l.append_entries_max,
+        snapshot_max_chunk_size: l.snapshot_chunk_bytes,
+        install_snapshot_timeout: l.peer_io_timeout_ms,
         ..Default::default()
     }
     .validate()
     .map_err(|e| StartError::Raft(e.to_string()))?;
 
+    let net = NetConfig {
+        my_id: cfg.node_id,
+        bind_ip: cfg.cluster.as_ref().map(|c| c.listen.ip()),
+        key: cfg.cluster.as_ref().map(|c| c.key.clone()),
+        limits: LinkLimits {
+            frame_bytes_max: l.frame_bytes_max,
+            connect_timeout_ms: l.connect_timeout_ms,
+            io_timeout_ms: l.peer_io_timeout_ms,
+        },
+        idle_ms: l.peer_io_timeout_ms * 6,
+        connections_max: l.peer_connections_max,
+    };
+    let listener = match &cfg.cluster {
+        Some(c) => Some(
+            tokio::net::TcpListener::bind(c.listen)
+                .await
+                .map_err(|source| StartError::Listen {
+                    addr: c.listen,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
     let raft = Raft::new(
         cfg.node_id,
         Arc::new(raft_config),
-        network::Network,
+        Network { cfg: net.clone() },
         log,
         state_machine.clone(),
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
+    if let Some(listener) = listener {
+        tokio::spawn(network::serve(listener, raft.clone(), net));
+    }
 
     let initialized = raft
         .is_initialized()
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-    if !initialized {
-        let members: BTreeMap<u64, BasicNode> = BTreeMap::from([(cfg.node_id, BasicNode::new(""))]);
-        tracing::info!(
-            node_id = cfg.node_id,
-            "initialising a new one-voter cluster"
-        );
+    let members: BTreeMap<u64, BasicNode> = match &cfg.cluster {
+        None => BTreeMap::from([(cfg.node_id, BasicNode::new(""))]),
+        Some(c) => c
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect(),
+    };
+    let lowest = *members.keys().next().expect("at least this node");
+    if !initialized && cfg.node_id == lowest {
+        tracing::info!(node_id = cfg.node_id, members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");
         raft.initialize(members)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
+    } else if !initialized {
+        tracing::info!(
+            node_id = cfg.node_id,
+            "pristine member: waiting to be contacted by the cluster"
+        );
     }
     Ok(Node {
         raft,
@@ -133,23 +185,4 @@ pub async fn start(
         flush_rx,
         applied_rx,
     })
-}
-
-impl Node {
-    /// Wait until this node leads and has applied every entry up to its term's first
-    /// entry: only then does the tree show everything acknowledged before a restart.
-    pub async fn wait_writable(&self, timeout: Duration) -> Result<(), String> {
-        let wait = async {
-            loop {
-                match self.raft.ensure_linearizable().await {
-                    Ok(_) => return Ok(()),
-                    Err(openraft::error::RaftError::Fatal(f)) => return Err(f.to_string()),
-                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                }
-            }
-        };
-        tokio::time::timeout(timeout, wait)
-            .await
-            .map_err(|_| format!("not writable after {} ms", timeout.as_millis()))?
-    }
 }

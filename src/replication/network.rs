@@ -1,61 +1,272 @@
-//! Peer transport. The single-node build has no peers: a one-voter cluster never sends an
-//! RPC, so every call reports the target unreachable instead of pretending to deliver.
+//! openraft's network: one authenticated link per (this node → target) client, reconnected
+//! on failure, and the listener that serves peers' RPCs into the local Raft.
+//!
+//! A client carries one RPC at a time (openraft drives each replication stream
+//! sequentially), so the bytes in flight per peer are bounded by `frame_bytes_max`.
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
-use openraft::BasicNode;
+use openraft::{BasicNode, Raft};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 
+use super::transport::{ClusterKey, Link, LinkError, LinkLimits};
+use super::wire::{self, RaftRequest, Request, Response};
 use super::TypeConfig;
 
-#[derive(Debug, thiserror::Error)]
-#[error("node {0} is not reachable: this node runs without peers")]
-struct NoPeers(u64);
-
-fn unreachable<E: std::error::Error>(target: u64) -> RPCError<u64, BasicNode, E> {
-    RPCError::Unreachable(Unreachable::new(&NoPeers(target)))
+/// How this node reaches and serves its peers.
+#[derive(Clone)]
+pub struct NetConfig {
+    pub my_id: u64,
+    /// Source address for outgoing links (the node's listen IP), so links leave from the
+    /// address peers know this node by.
+    pub bind_ip: Option<IpAddr>,
+    pub key: Option<ClusterKey>,
+    pub limits: LinkLimits,
+    /// How long a server waits for the next request on an idle link.
+    pub idle_ms: u64,
+    pub connections_max: usize,
 }
 
-/// Creates [`NoPeerClient`]s.
-pub struct Network;
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct NetErr(String);
 
-pub struct NoPeerClient(u64);
+/// Creates [`PeerClient`]s.
+pub struct Network {
+    pub cfg: NetConfig,
+}
+
+pub struct PeerClient {
+    target: u64,
+    addr: String,
+    cfg: NetConfig,
+    link: Option<Link>,
+}
 
 impl RaftNetworkFactory<TypeConfig> for Network {
-    type Network = NoPeerClient;
-    async fn new_client(&mut self, target: u64, _node: &BasicNode) -> NoPeerClient {
-        NoPeerClient(target)
+    type Network = PeerClient;
+    async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            cfg: self.cfg.clone(),
+            link: None,
+        }
     }
 }
 
-impl RaftNetwork<TypeConfig> for NoPeerClient {
+type CallError = RPCError<u64, BasicNode, RaftError<u64>>;
+
+impl PeerClient {
+    async fn link(&mut self) -> Result<&mut Link, Unreachable> {
+        if self.link.is_none() {
+            let unreachable = |why: String| Unreachable::new(&NetErr(why));
+            let key = self
+                .cfg
+                .key
+                .as_ref()
+                .ok_or_else(|| unreachable("this node has no cluster key".into()))?;
+            let addr: SocketAddr = tokio::net::lookup_host(&self.addr)
+                .await
+                .ok()
+                .and_then(|mut a| a.next())
+                .ok_or_else(|| unreachable(format!("cannot resolve {}", self.addr)))?;
+            let link = Link::connect(addr, self.cfg.bind_ip, key, self.cfg.my_id, self.cfg.limits)
+                .await
+                .map_err(|e| {
+                    if matches!(e, LinkError::Auth(_)) {
+                        tracing::warn!(target = self.target, addr = %self.addr, error = %e, "peer link refused");
+                    }
+                    unreachable(format!("node {} at {}: {e}", self.target, self.addr))
+                })?;
+            if link.peer_id != self.target {
+                return Err(unreachable(format!(
+                    "{} answered as node {}, expected node {}",
+                    self.addr, link.peer_id, self.target
+                )));
+            }
+            self.link = Some(link);
+        }
+        Ok(self.link.as_mut().expect("just set"))
+    }
+
+    /// Send one request and wait (bounded by `ttl`) for its response. Any failure drops
+    /// the link; the next call reconnects.
+    async fn call(&mut self, req: Request, ttl: Duration) -> Result<Response, NetworkError> {
+        let bytes = wire::encode_request(&req);
+        let link = self
+            .link()
+            .await
+            .map_err(|e| NetworkError::new(&NetErr(e.to_string())))?;
+        let result = async {
+            link.send(&bytes).await?;
+            link.recv(ttl.as_millis() as u64).await
+        }
+        .await;
+        match result
+            .map_err(|e| e.to_string())
+            .and_then(|b| wire::decode_response(&b).map_err(|e| e.to_string()))
+        {
+            Ok(resp) => Ok(resp),
+            Err(e) => {
+                self.link = None;
+                Err(NetworkError::new(&NetErr(format!(
+                    "node {} at {}: {e}",
+                    self.target, self.addr
+                ))))
+            }
+        }
+    }
+}
+
+fn remote<E: std::error::Error>(msg: String) -> RPCError<u64, BasicNode, E> {
+    RPCError::Network(NetworkError::new(&NetErr(msg)))
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
     async fn append_entries(
         &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(unreachable(self.0))
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<u64>, CallError> {
+        if self.link.is_none() {
+            // Distinguish "cannot connect" (openraft backs off) from a failed call.
+            self.link().await.map_err(RPCError::Unreachable)?;
+        }
+        let resp = self
+            .call(wire::append_request(&rpc), option.hard_ttl())
+            .await
+            .map_err(RPCError::Network)?;
+        wire::to_append_response(resp).map_err(remote)
     }
 
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        Err(unreachable(self.0))
+        if self.link.is_none() {
+            self.link().await.map_err(RPCError::Unreachable)?;
+        }
+        let resp = self
+            .call(wire::snapshot_request(&rpc), option.hard_ttl())
+            .await
+            .map_err(RPCError::Network)?;
+        wire::to_snapshot_response(resp).map_err(remote)
     }
 
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<u64>,
-        _option: RPCOption,
-    ) -> Result<VoteResponse<u64>, RPCError<u64, BasicNode, RaftError<u64>>> {
-        Err(unreachable(self.0))
+        rpc: VoteRequest<u64>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<u64>, CallError> {
+        if self.link.is_none() {
+            self.link().await.map_err(RPCError::Unreachable)?;
+        }
+        let resp = self
+            .call(wire::vote_request(&rpc), option.hard_ttl())
+            .await
+            .map_err(RPCError::Network)?;
+        wire::to_vote_response(resp).map_err(remote)
+    }
+}
+
+async fn handle(raft: &Raft<TypeConfig>, req: RaftRequest) -> Response {
+    match req {
+        RaftRequest::Append(r) => match raft.append_entries(r).await {
+            Ok(resp) => wire::append_response(&resp),
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        },
+        RaftRequest::Vote(r) => match raft.vote(r).await {
+            Ok(resp) => wire::vote_response(&resp),
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        },
+        RaftRequest::Snapshot(r) => match raft.install_snapshot(r).await {
+            Ok(resp) => wire::snapshot_response(&resp),
+            Err(e) => Response::Error {
+                message: e.to_string(),
+            },
+        },
+    }
+}
+
+/// One accepted connection: authenticate, then answer requests until the peer goes away
+/// or misbehaves (anything that fails to authenticate or decode closes the link).
+async fn serve_link(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    raft: Raft<TypeConfig>,
+    cfg: NetConfig,
+) {
+    let Some(key) = cfg.key.as_ref() else {
+        return;
+    };
+    let mut link = match Link::accept(stream, key, cfg.my_id, cfg.limits).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "peer link refused (authentication failed or not a peer)");
+            return;
+        }
+    };
+    loop {
+        let bytes = match link.recv(cfg.idle_ms).await {
+            Ok(b) => b,
+            Err(LinkError::Io(_)) | Err(LinkError::Timeout) => return,
+            Err(e) => {
+                tracing::warn!(%peer, node = link.peer_id, error = %e, "closing peer link");
+                return;
+            }
+        };
+        let req = match wire::decode_request(&bytes).and_then(wire::to_raft_request) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(%peer, node = link.peer_id, error = %e, "undecodable request; closing peer link");
+                return;
+            }
+        };
+        let resp = handle(&raft, req).await;
+        if link.send(&wire::encode_response(&resp)).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Accept peer connections until the runtime shuts down.
+pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, cfg: NetConfig) {
+    let slots = Arc::new(Semaphore::new(cfg.connections_max));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "too many peer connections; refusing");
+            continue;
+        };
+        let (raft, cfg) = (raft.clone(), cfg.clone());
+        tokio::spawn(async move {
+            serve_link(stream, peer, raft, cfg).await;
+            drop(permit);
+        });
     }
 }

@@ -13,6 +13,7 @@ use openraft::Raft;
 use tokio::sync::{watch, Notify};
 
 use super::log_store::FlushState;
+use super::role::Role;
 use super::TypeConfig;
 use crate::fs::pending::Pending;
 
@@ -22,14 +23,22 @@ pub struct Proposer {
     pub wake: Arc<Notify>,
     pub flush_rx: watch::Receiver<FlushState>,
     pub proposals_inflight_max: u64,
+    pub role: Arc<Role>,
 }
 
 impl Proposer {
     /// Run until Raft shuts down or the log fails.
     pub async fn run(mut self) {
         let mut proposed_seq = 0u64;
+        let mut generation = self.role.generation();
         loop {
             let flushed = *self.flush_rx.borrow_and_update();
+            if self.role.generation() != generation {
+                // Leadership was lost: proposals of the old term will never be flushed by
+                // this leader, so stop counting them as in flight.
+                generation = self.role.generation();
+                proposed_seq = flushed.flushed_seq;
+            }
             if flushed.failed {
                 // Nothing can become durable any more; unproposed ops are dropped
                 // (their fsyncs fail with EIO through the flush state).

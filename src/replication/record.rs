@@ -162,8 +162,7 @@ pub fn decode_body(
     })
 }
 
-/// Decode one whole record from a byte slice.
-#[cfg(test)]
+/// Decode one whole record from a byte slice (a record received from a peer).
 pub fn decode(bytes: &[u8]) -> Result<Entry, DecodeError> {
     let bad = |reason: &str| DecodeError {
         what: "log record",

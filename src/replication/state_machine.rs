@@ -9,10 +9,16 @@
 //! op, whose second application is a harmless ENOENT/EEXIST.
 //!
 //! A checkpoint is also what openraft calls a snapshot here: `build_snapshot` syncs the tree
-//! and records the applied id, after which openraft may purge the log below it.
+//! and records the applied id, after which openraft may purge the log below it. The
+//! transferable form, a tree image (`snapshot.rs`), is only built when openraft asks for the
+//! current snapshot to send it to a member that is behind: it runs in openraft's state
+//! machine task, so no entry is applied while the tree is walked and the image is exactly
+//! the state at the applied index. openraft also asks once at startup, only to learn the
+//! snapshot's id; that first answer carries no image.
 
-use std::io::{self, Cursor};
-use std::sync::{Arc, Mutex};
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
@@ -22,9 +28,10 @@ use openraft::{
 use tokio::sync::watch;
 
 use super::checkpoint::{Checkpoint, CheckpointFile};
+use super::snapshot;
 use super::{Entry, TypeConfig};
 use crate::fs::overlay::Overlay;
-use crate::op::ApplyResult;
+use crate::op::{ApplyResult, Op};
 use crate::tree::TreeApplier;
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
@@ -32,6 +39,18 @@ type StorageResult<T> = Result<T, StorageError<u64>>;
 fn sm_err(e: io::Error) -> StorageError<u64> {
     StorageIOError::write_state_machine(AnyError::new(&e)).into()
 }
+
+/// Told about ops this node did not propose (replicated from a leader, or replayed), so
+/// the kernel's caches of the mount can be invalidated.
+pub trait ApplyObserver: Send + Sync {
+    /// `own`: proposed by this daemon run (its kernel cache already holds the result
+    /// while it is the writable leader).
+    fn applied(&self, op: &Op, own: bool);
+    /// The whole tree was replaced (snapshot installed).
+    fn reset(&self);
+}
+
+pub type ObserverSlot = Arc<OnceLock<Arc<dyn ApplyObserver>>>;
 
 /// The overlay of the daemon run that proposes batches from `origin`.
 #[derive(Clone)]
@@ -41,7 +60,15 @@ pub struct OverlayLink {
 }
 
 struct Inner {
+    data_dir: PathBuf,
     tree: TreeApplier,
+    tree_dir: PathBuf,
+    open_files_max: usize,
+    observer: ObserverSlot,
+    /// openraft's first `get_current_snapshot` (at startup) only wants the id.
+    startup_probe_answered: bool,
+    /// The last image built: (applied index it holds, path).
+    image: Option<(u64, PathBuf)>,
     ckpt_file: CheckpointFile,
     applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, openraft::BasicNode>,
@@ -86,6 +113,14 @@ impl Inner {
                 if let Some(g) = guard.as_mut() {
                     g.drop_upto(batch.seq);
                 }
+                drop(guard);
+                if let Some(obs) = self.observer.get() {
+                    for (op, errno) in batch.ops.iter().zip(&result.errnos) {
+                        if *errno == 0 {
+                            obs.applied(op, link.is_some());
+                        }
+                    }
+                }
             }
         }
         self.applied = Some(entry.log_id);
@@ -101,20 +136,33 @@ pub struct StateMachine {
 }
 
 impl StateMachine {
-    /// Open the state machine over `tree/` and the checkpoint file.
+    /// Open the state machine over `DATA_DIR/tree/` and its checkpoint, finishing a
+    /// snapshot install that a crash interrupted.
     pub fn open(
-        tree_dir: std::path::PathBuf,
-        checkpoint_path: &std::path::Path,
+        data_dir: PathBuf,
         open_files_max: usize,
         overlay: Option<OverlayLink>,
+        observer: ObserverSlot,
     ) -> io::Result<(StateMachine, watch::Receiver<u64>)> {
-        let (ckpt_file, c) = CheckpointFile::open(checkpoint_path)?;
+        let (mut ckpt_file, mut c) = CheckpointFile::open(&data_dir.join("applied"))?;
+        if let Some(installed) = snapshot::recover_install(&data_dir, &mut ckpt_file)? {
+            tracing::warn!(applied = ?installed.applied, "finished a snapshot install interrupted by a crash");
+            c = installed;
+        }
+        std::fs::create_dir_all(data_dir.join("snapshots"))?;
         let (applied_tx, applied_rx) = watch::channel(c.applied.map_or(0, |l| l.index));
         let snapshot = c.applied.map(|_| c.clone());
+        let tree_dir = data_dir.join("tree");
         Ok((
             StateMachine {
                 inner: Arc::new(Mutex::new(Inner {
-                    tree: TreeApplier::new(tree_dir, open_files_max),
+                    tree: TreeApplier::new(tree_dir.clone(), open_files_max),
+                    tree_dir,
+                    open_files_max,
+                    data_dir,
+                    observer,
+                    startup_probe_answered: false,
+                    image: None,
                     ckpt_file,
                     applied: c.applied,
                     membership: c.membership,
@@ -130,7 +178,7 @@ impl StateMachine {
     #[cfg(test)]
     pub fn for_test(dir: &std::path::Path) -> io::Result<StateMachine> {
         std::fs::create_dir_all(dir.join("tree"))?;
-        Ok(Self::open(dir.join("tree"), &dir.join("applied"), 8, None)?.0)
+        Ok(Self::open(dir.to_path_buf(), 8, None, Arc::default())?.0)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -143,24 +191,64 @@ impl StateMachine {
     }
 }
 
-fn to_snapshot(c: &Checkpoint) -> Snapshot<TypeConfig> {
+fn meta_of(c: &Checkpoint) -> SnapshotMeta<u64, openraft::BasicNode> {
     let index = c.applied.map_or(0, |l| l.index);
-    Snapshot {
-        meta: SnapshotMeta {
-            last_log_id: c.applied,
-            last_membership: c.membership.clone(),
-            snapshot_id: format!("checkpoint-{index}"),
-        },
-        // The tree itself is the state; shipping it to another node is not part of the
-        // single-node build, so the transferable data is empty (see install_snapshot).
-        snapshot: Box::new(Cursor::new(Vec::new())),
+    SnapshotMeta {
+        last_log_id: c.applied,
+        last_membership: c.membership.clone(),
+        snapshot_id: format!("tree-{index}"),
+    }
+}
+
+impl Inner {
+    /// An empty file standing in for snapshot data that is never read (checkpoints and the
+    /// startup probe only carry an id).
+    fn no_image(&self) -> io::Result<Box<tokio::fs::File>> {
+        let p = self.data_dir.join("snapshots/none");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(p)?;
+        Ok(Box::new(tokio::fs::File::from_std(f)))
+    }
+
+    /// The image of the tree at the applied index, built now unless already built.
+    fn image(&mut self) -> io::Result<Box<tokio::fs::File>> {
+        let index = self.applied.map_or(0, |l| l.index);
+        let path = match &self.image {
+            Some((i, p)) if *i == index => p.clone(),
+            _ => {
+                let p = self.data_dir.join(format!("snapshots/tree-{index}.img"));
+                let started = std::time::Instant::now();
+                let bytes = snapshot::build_image(&self.tree_dir, &p)?;
+                tracing::info!(
+                    index,
+                    bytes,
+                    ms = started.elapsed().as_millis() as u64,
+                    "built tree image for a member that is behind"
+                );
+                if let Some((_, old)) = self.image.replace((index, p.clone())) {
+                    let _ = std::fs::remove_file(old);
+                }
+                p
+            }
+        };
+        Ok(Box::new(tokio::fs::File::from_std(std::fs::File::open(
+            path,
+        )?)))
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let c = self.lock().checkpoint().map_err(sm_err)?;
-        Ok(to_snapshot(&c))
+        let mut g = self.lock();
+        let c = g.checkpoint().map_err(sm_err)?;
+        Ok(Snapshot {
+            meta: meta_of(&c),
+            snapshot: g.no_image().map_err(sm_err)?,
+        })
     }
 }
 
@@ -198,23 +286,72 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<Cursor<Vec<u8>>>> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+        let g = self.lock();
+        let p = g.data_dir.join("snapshots/incoming.img");
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(p)
+            .map_err(sm_err)?;
+        Ok(Box::new(tokio::fs::File::from_std(f)))
     }
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<u64, openraft::BasicNode>,
+        snapshot: Box<tokio::fs::File>,
     ) -> StorageResult<()> {
-        Err(sm_err(io::Error::new(
-            io::ErrorKind::Unsupported,
-            "installing a tree snapshot from another node is not supported by this build \
-             (single-node); copy the data dir instead",
-        )))
+        // openraft wrote the chunks through this handle; make them durable before reading
+        // the image back by path.
+        snapshot.sync_data().await.map_err(sm_err)?;
+        drop(snapshot);
+        let mut g = self.lock();
+        let c = Checkpoint {
+            applied: meta.last_log_id,
+            membership: meta.last_membership.clone(),
+        };
+        let image = g.data_dir.join("snapshots/incoming.img");
+        let data_dir = g.data_dir.clone();
+        let started = std::time::Instant::now();
+        snapshot::install(&data_dir, &image, &c, &mut g.ckpt_file).map_err(sm_err)?;
+        let _ = std::fs::remove_file(&image);
+        tracing::info!(applied = ?c.applied, ms = started.elapsed().as_millis() as u64, "installed tree snapshot");
+        g.tree = TreeApplier::new(g.tree_dir.clone(), g.open_files_max);
+        g.applied = c.applied;
+        g.membership = c.membership.clone();
+        g.snapshot = Some(c);
+        g.applied_tx
+            .send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        if let Some(obs) = g.observer.get() {
+            obs.reset();
+        }
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        Ok(self.lock().snapshot.as_ref().map(to_snapshot))
+        let mut g = self.lock();
+        let Some(c) = g.snapshot.clone() else {
+            return Ok(None);
+        };
+        if !g.startup_probe_answered {
+            g.startup_probe_answered = true;
+            return Ok(Some(Snapshot {
+                meta: meta_of(&c),
+                snapshot: g.no_image().map_err(sm_err)?,
+            }));
+        }
+        // A member needs the tree: image the current state (applies wait meanwhile).
+        let now = Checkpoint {
+            applied: g.applied,
+            membership: g.membership.clone(),
+        };
+        let data = g.image().map_err(sm_err)?;
+        Ok(Some(Snapshot {
+            meta: meta_of(&now),
+            snapshot: data,
+        }))
     }
 }

@@ -1,0 +1,235 @@
+//! The local admin socket (`DATA_DIR/admin.sock`) and the `status` command that reads it.
+//!
+//! Protocol: the client writes one command line (`status`), the daemon answers one line
+//! of JSON and closes. The socket is created mode 0600 inside the (root-owned) data dir.
+
+use std::fmt::Write as _;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::{Raft, ServerState};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixListener;
+
+use crate::replication::role::Role;
+use crate::replication::TypeConfig;
+
+/// A request line longer than this is refused.
+const REQUEST_BYTES_MAX: usize = 256;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub fn socket_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.sock")
+}
+
+/// A node's state, as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    pub node_id: u64,
+    pub role: &'static str,
+    pub term: u64,
+    pub leader_id: Option<u64>,
+    pub last_index: u64,
+    pub committed_index: u64,
+    pub applied_index: u64,
+    pub acks: u64,
+    pub writable: bool,
+    pub members: Vec<u64>,
+    /// Per other member: the last log index it is known to hold (leader only).
+    pub matched: Vec<(u64, Option<u64>)>,
+}
+
+impl Status {
+    pub fn to_json(&self) -> String {
+        let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
+        let members: Vec<String> = self.members.iter().map(u64::to_string).collect();
+        let mut matched = String::new();
+        for (i, (id, m)) in self.matched.iter().enumerate() {
+            if i > 0 {
+                matched.push(',');
+            }
+            let _ = write!(matched, "\"{id}\":{}", opt(*m));
+        }
+        format!(
+            "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
+             \"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
+             \"members\":[{}],\"matched\":{{{}}}}}",
+            self.node_id,
+            self.role,
+            self.term,
+            opt(self.leader_id),
+            self.last_index,
+            self.committed_index,
+            self.applied_index,
+            self.acks,
+            self.writable,
+            members.join(","),
+            matched
+        )
+    }
+}
+
+fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+async fn collect(raft: &Raft<TypeConfig>, role: &Role, acks: u64) -> Status {
+    let m = raft.metrics().borrow().clone();
+    let committed = raft
+        .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
+        .await
+        .unwrap_or(0);
+    let members: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+    let matched = m
+        .replication
+        .as_ref()
+        .map(|r| {
+            r.iter()
+                .filter(|(id, _)| **id != m.id)
+                .map(|(id, l)| (*id, l.map(|l| l.index)))
+                .collect()
+        })
+        .unwrap_or_default();
+    Status {
+        node_id: m.id,
+        role: role_name(m.state),
+        term: m.current_term,
+        leader_id: m.current_leader,
+        last_index: m.last_log_index.unwrap_or(0),
+        committed_index: committed,
+        applied_index: m.last_applied.map_or(0, |l| l.index),
+        acks,
+        writable: role.writable(),
+        members,
+        matched,
+    }
+}
+
+/// Serve the admin socket until the runtime stops.
+pub fn serve(
+    data_dir: &Path,
+    raft: Raft<TypeConfig>,
+    role: Arc<Role>,
+    acks: u64,
+) -> io::Result<()> {
+    let path = socket_path(data_dir);
+    // A socket left by a crashed daemon: the data dir lock proves nobody else owns it.
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (raft, role) = (raft.clone(), role.clone());
+            tokio::spawn(async move {
+                let (rd, mut wr) = stream.into_split();
+                let mut line = String::new();
+                let mut rd = tokio::io::BufReader::new(rd.take(REQUEST_BYTES_MAX as u64));
+                let read = tokio::time::timeout(CLIENT_TIMEOUT, rd.read_line(&mut line)).await;
+                let reply = match (read, line.trim()) {
+                    (Ok(Ok(_)), "status") => collect(&raft, &role, acks).await.to_json(),
+                    (Ok(Ok(_)), other) => format!("{{\"error\":\"unknown command {other:?}\"}}"),
+                    _ => return,
+                };
+                let _ = wr.write_all(format!("{reply}\n").as_bytes()).await;
+            });
+        }
+    });
+    Ok(())
+}
+
+/// `seguro-fs status DATA_DIR`: ask the running daemon.
+pub fn status(data_dir: &Path, json: bool) -> Result<String, String> {
+    let path = socket_path(data_dir);
+    let mut s = UnixStream::connect(&path).map_err(|e| {
+        format!(
+            "no seguro-fs daemon answers on {} ({e}); is the data dir mounted?",
+            path.display()
+        )
+    })?;
+    s.set_read_timeout(Some(CLIENT_TIMEOUT))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"status\n").map_err(|e| e.to_string())?;
+    let mut line = String::new();
+    BufReader::new(s)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the daemon's answer: {e}"))?;
+    let line = line.trim().to_string();
+    if json {
+        return Ok(line);
+    }
+    Ok(table_from_json(&line))
+}
+
+/// Render the daemon's JSON as `key value` lines (the daemon owns the field list).
+fn table_from_json(line: &str) -> String {
+    let body = line.strip_prefix('{').unwrap_or(line);
+    let body = body.strip_suffix('}').unwrap_or(body);
+    let mut out = String::new();
+    let mut depth = 0;
+    let mut field = String::new();
+    for c in body.chars() {
+        match c {
+            '[' | '{' => depth += 1,
+            ']' | '}' => depth -= 1,
+            _ => {}
+        }
+        if c == ',' && depth == 0 {
+            push_field(&mut out, &field);
+            field.clear();
+        } else {
+            field.push(c);
+        }
+    }
+    push_field(&mut out, &field);
+    out
+}
+
+fn push_field(out: &mut String, field: &str) {
+    if let Some((k, v)) = field.split_once(':') {
+        let _ = writeln!(out, "{:<16}{}", k.trim_matches('"'), v.trim_matches('"'));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_and_table_forms() {
+        let s = Status {
+            node_id: 2,
+            role: "leader",
+            term: 7,
+            leader_id: Some(2),
+            last_index: 40,
+            committed_index: 39,
+            applied_index: 39,
+            acks: 1,
+            writable: true,
+            members: vec![1, 2, 3],
+            matched: vec![(1, Some(40)), (3, None)],
+        };
+        let j = s.to_json();
+        assert_eq!(
+            j,
+            "{\"node_id\":2,\"role\":\"leader\",\"term\":7,\"leader_id\":2,\"last_index\":40,\
+             \"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
+             \"members\":[1,2,3],\"matched\":{\"1\":40,\"3\":null}}"
+        );
+        let t = table_from_json(&j);
+        assert!(t.contains("role            leader"), "{t}");
+        assert!(t.contains("members         [1,2,3]"), "{t}");
+    }
+}

@@ -1,0 +1,434 @@
+//! Tree images: the snapshot a member that is behind the purged log (or new) receives.
+//!
+//! An image is a stream, written and read in bounded buffers whatever the tree's size:
+//!
+//! ```text
+//! "SEGSNAP1"
+//! record*  tag 1 dir:     path, mode, mtime
+//!          tag 2 file:    path, mode, mtime, size u64, then size bytes
+//!          tag 3 symlink: path, target
+//! tag 0    blake3 of every byte before this tag
+//! ```
+//! (strings are u32 length + bytes; mtime is i64 seconds + u32 nanoseconds.)
+//!
+//! Installing writes the image into `tree.new/`, checks the digest, syncs it, and swaps it
+//! in through `install.pending` so that a crash at any step either keeps the old tree or
+//! finishes the swap on restart (`recover_install`).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::checkpoint::{Checkpoint, CheckpointFile};
+use crate::sync::{fdatasync, fsync_dir};
+
+const MAGIC: &[u8; 8] = b"SEGSNAP1";
+const BUF_BYTES: usize = 1 << 20;
+const PATH_BYTES_MAX: u32 = 4096;
+
+struct HashWriter<W: Write> {
+    inner: W,
+    hash: blake3::Hasher,
+}
+
+impl<W: Write> Write for HashWriter<W> {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(b)?;
+        self.hash.update(&b[..n]);
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+struct HashReader<R: Read> {
+    inner: R,
+    hash: blake3::Hasher,
+}
+
+impl<R: Read> Read for HashReader<R> {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(b)?;
+        self.hash.update(&b[..n]);
+        Ok(n)
+    }
+}
+
+fn put_str(w: &mut impl Write, s: &[u8]) -> io::Result<()> {
+    w.write_all(&(s.len() as u32).to_le_bytes())?;
+    w.write_all(s)
+}
+
+fn bad(why: impl Into<String>) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("snapshot image: {}", why.into()),
+    )
+}
+
+/// Walk `root` in sorted order and write its image to `out` (synced).
+pub fn build_image(root: &Path, out: &Path) -> io::Result<u64> {
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(out)?;
+    let mut w = HashWriter {
+        inner: BufWriter::with_capacity(BUF_BYTES, f),
+        hash: blake3::Hasher::new(),
+    };
+    w.write_all(MAGIC)?;
+    let mut buf = vec![0u8; BUF_BYTES];
+    let mut stack = vec![String::new()];
+    while let Some(dir) = stack.pop() {
+        let abs = if dir.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&dir)
+        };
+        let mut names: Vec<_> = fs::read_dir(&abs)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        for name in names.into_iter().rev() {
+            let name = name
+                .into_string()
+                .map_err(|n| bad(format!("non-UTF-8 name {n:?}")))?;
+            let rel = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            let p = root.join(&rel);
+            let m = fs::symlink_metadata(&p)?;
+            let mtime = |w: &mut HashWriter<_>| -> io::Result<()> {
+                w.write_all(&m.mtime().to_le_bytes())?;
+                w.write_all(&(m.mtime_nsec() as u32).to_le_bytes())
+            };
+            if m.is_dir() {
+                w.write_all(&[1])?;
+                put_str(&mut w, rel.as_bytes())?;
+                w.write_all(&(m.mode() & 0o7777).to_le_bytes())?;
+                mtime(&mut w)?;
+                stack.push(rel);
+            } else if m.file_type().is_symlink() {
+                w.write_all(&[3])?;
+                put_str(&mut w, rel.as_bytes())?;
+                let target = fs::read_link(&p)?;
+                put_str(&mut w, target.as_os_str().as_encoded_bytes())?;
+            } else if m.is_file() {
+                w.write_all(&[2])?;
+                put_str(&mut w, rel.as_bytes())?;
+                w.write_all(&(m.mode() & 0o7777).to_le_bytes())?;
+                mtime(&mut w)?;
+                let mut src = File::open(&p)?;
+                let size = m.len();
+                w.write_all(&size.to_le_bytes())?;
+                let mut left = size;
+                while left > 0 {
+                    let n = (left as usize).min(buf.len());
+                    src.read_exact(&mut buf[..n])?;
+                    w.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+            }
+        }
+    }
+    w.write_all(&[0])?;
+    let digest = *w.hash.finalize().as_bytes();
+    let mut inner = w.inner.into_inner().map_err(|e| e.into_error())?;
+    inner.write_all(&digest)?;
+    fdatasync(&inner)?;
+    Ok(inner.metadata()?.len())
+}
+
+fn read_u32(r: &mut impl Read) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    r.read_exact(&mut b)?;
+    Ok(u32::from_le_bytes(b))
+}
+
+fn read_u64(r: &mut impl Read) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    r.read_exact(&mut b)?;
+    Ok(u64::from_le_bytes(b))
+}
+
+fn read_str(r: &mut impl Read) -> io::Result<String> {
+    let n = read_u32(r)?;
+    if n > PATH_BYTES_MAX {
+        return Err(bad("path too long"));
+    }
+    let mut b = vec![0u8; n as usize];
+    r.read_exact(&mut b)?;
+    let s = String::from_utf8(b).map_err(|_| bad("non-UTF-8 path"))?;
+    // Paths come from another machine: never let one escape the new tree.
+    if s.is_empty()
+        || s.starts_with('/')
+        || s.split('/').any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(bad(format!("unsafe path {s:?}")));
+    }
+    Ok(s)
+}
+
+fn set_mtime(p: &Path, sec: i64, nsec: u32) -> io::Result<()> {
+    let c =
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| bad("nul in path"))?;
+    let ts = [
+        libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        libc::timespec {
+            tv_sec: sec,
+            tv_nsec: nsec as i64,
+        },
+    ];
+    // SAFETY: valid path and a two-element timespec array.
+    if unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            ts.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    } != 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Unpack `image` into the empty directory `dest`, verifying the digest; everything is
+/// synced when this returns Ok.
+pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
+    let mut r = HashReader {
+        inner: BufReader::with_capacity(BUF_BYTES, File::open(image)?),
+        hash: blake3::Hasher::new(),
+    };
+    let mut magic = [0u8; 8];
+    r.read_exact(&mut magic)?;
+    if &magic != MAGIC {
+        return Err(bad("bad magic"));
+    }
+    let mut buf = vec![0u8; BUF_BYTES];
+    let mut dirs: Vec<(PathBuf, i64, u32)> = vec![];
+    let mut synced_dirs = vec![dest.to_path_buf()];
+    loop {
+        let mut tag = [0u8; 1];
+        r.read_exact(&mut tag)?;
+        match tag[0] {
+            0 => break,
+            1 => {
+                let rel = read_str(&mut r)?;
+                let mode = read_u32(&mut r)?;
+                let sec = read_u64(&mut r)? as i64;
+                let nsec = read_u32(&mut r)?;
+                let p = dest.join(&rel);
+                fs::create_dir(&p)?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
+                dirs.push((p.clone(), sec, nsec));
+                synced_dirs.push(p);
+            }
+            2 => {
+                let rel = read_str(&mut r)?;
+                let mode = read_u32(&mut r)?;
+                let sec = read_u64(&mut r)? as i64;
+                let nsec = read_u32(&mut r)?;
+                let size = read_u64(&mut r)?;
+                let p = dest.join(&rel);
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(mode)
+                    .open(&p)?;
+                let mut left = size;
+                while left > 0 {
+                    let n = (left as usize).min(buf.len());
+                    r.read_exact(&mut buf[..n])?;
+                    f.write_all(&buf[..n])?;
+                    left -= n as u64;
+                }
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
+                fdatasync(&f)?;
+                drop(f);
+                set_mtime(&p, sec, nsec)?;
+            }
+            3 => {
+                let rel = read_str(&mut r)?;
+                let n = read_u32(&mut r)?;
+                if n > PATH_BYTES_MAX {
+                    return Err(bad("symlink target too long"));
+                }
+                let mut t = vec![0u8; n as usize];
+                r.read_exact(&mut t)?;
+                let target = String::from_utf8(t).map_err(|_| bad("non-UTF-8 symlink target"))?;
+                std::os::unix::fs::symlink(target, dest.join(rel))?;
+            }
+            t => return Err(bad(format!("unknown record tag {t}"))),
+        }
+    }
+    let digest = *r.hash.finalize().as_bytes();
+    let mut want = [0u8; 32];
+    r.inner.read_exact(&mut want)?;
+    if digest != want {
+        return Err(bad("digest mismatch (corrupt or truncated transfer)"));
+    }
+    // Directory mtimes last: creating entries inside would bump them again.
+    for (p, sec, nsec) in dirs.into_iter().rev() {
+        set_mtime(&p, sec, nsec)?;
+    }
+    for d in synced_dirs {
+        fsync_dir(&d)?;
+    }
+    Ok(())
+}
+
+fn pending_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("install.pending")
+}
+
+/// Replace `data_dir/tree` with the image's contents and record `ckpt` as applied.
+pub fn install(
+    data_dir: &Path,
+    image: &Path,
+    ckpt: &Checkpoint,
+    ckpt_file: &mut CheckpointFile,
+) -> io::Result<()> {
+    let new = data_dir.join("tree.new");
+    let _ = fs::remove_dir_all(&new);
+    fs::create_dir(&new)?;
+    unpack_image(image, &new)?;
+    // From here a crash is finished by recover_install: the pending file holds the
+    // checkpoint to record once tree.new has become tree.
+    let (mut pending, _) = CheckpointFile::open(&pending_path(data_dir))?;
+    pending.write(ckpt)?;
+    fsync_dir(data_dir)?;
+    finish_install(data_dir, ckpt, ckpt_file)
+}
+
+fn finish_install(
+    data_dir: &Path,
+    ckpt: &Checkpoint,
+    ckpt_file: &mut CheckpointFile,
+) -> io::Result<()> {
+    let tree = data_dir.join("tree");
+    let new = data_dir.join("tree.new");
+    let old = data_dir.join("tree.old");
+    if new.exists() {
+        if tree.exists() {
+            let _ = fs::remove_dir_all(&old);
+            fs::rename(&tree, &old)?;
+        }
+        fs::rename(&new, &tree)?;
+        fsync_dir(data_dir)?;
+    }
+    ckpt_file.write(ckpt)?;
+    fs::remove_file(pending_path(data_dir))?;
+    fsync_dir(data_dir)?;
+    let _ = fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Finish an install that a crash interrupted after its image was unpacked and synced;
+/// returns the checkpoint it recorded. A crash before that point left `tree/` untouched
+/// (a stray `tree.new/` is removed by the next install).
+pub fn recover_install(
+    data_dir: &Path,
+    ckpt_file: &mut CheckpointFile,
+) -> io::Result<Option<Checkpoint>> {
+    if !pending_path(data_dir).exists() {
+        return Ok(None);
+    }
+    let (_, ckpt) = CheckpointFile::open(&pending_path(data_dir))?;
+    if ckpt.applied.is_none() {
+        // The crash hit while the pending checkpoint itself was written: the old tree is
+        // intact, so drop the half-done install (openraft will send the snapshot again).
+        let _ = fs::remove_dir_all(data_dir.join("tree.new"));
+        fs::remove_file(pending_path(data_dir))?;
+        fsync_dir(data_dir)?;
+        return Ok(None);
+    }
+    finish_install(data_dir, &ckpt, ckpt_file)?;
+    Ok(Some(ckpt))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sync::tests::TempDir;
+
+    fn digest_dir(root: &Path) -> Vec<(String, Vec<u8>, u32)> {
+        let mut out = vec![];
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(d) = stack.pop() {
+            for e in fs::read_dir(&d).unwrap() {
+                let e = e.unwrap();
+                let m = fs::symlink_metadata(e.path()).unwrap();
+                let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+                if m.is_dir() {
+                    stack.push(e.path());
+                    out.push((rel, vec![], m.mode() & 0o7777));
+                } else if m.file_type().is_symlink() {
+                    out.push((
+                        rel,
+                        fs::read_link(e.path())
+                            .unwrap()
+                            .display()
+                            .to_string()
+                            .into_bytes(),
+                        0,
+                    ));
+                } else {
+                    out.push((rel, fs::read(e.path()).unwrap(), m.mode() & 0o7777));
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn image_round_trips_and_corruption_is_caught() {
+        let t = TempDir::new("snap");
+        let src = t.path().join("src");
+        fs::create_dir_all(src.join("0i0/sub")).unwrap();
+        fs::write(src.join("0i0/data.mdb"), vec![7u8; 3 * BUF_BYTES + 5]).unwrap();
+        fs::write(src.join("0i0/epoc.txt"), b"2").unwrap();
+        fs::write(src.join("empty"), b"").unwrap();
+        fs::set_permissions(src.join("empty"), fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::symlink("0i0/epoc.txt", src.join("link")).unwrap();
+        let img = t.path().join("img");
+        build_image(&src, &img).unwrap();
+        let dst = t.path().join("dst");
+        fs::create_dir(&dst).unwrap();
+        unpack_image(&img, &dst).unwrap();
+        assert_eq!(digest_dir(&src), digest_dir(&dst));
+
+        // A flipped byte or a truncated image is refused.
+        let mut bytes = fs::read(&img).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        fs::write(&img, &bytes).unwrap();
+        let dst2 = t.path().join("dst2");
+        fs::create_dir(&dst2).unwrap();
+        assert!(unpack_image(&img, &dst2).is_err());
+        bytes[mid] ^= 1;
+        fs::write(&img, &bytes[..bytes.len() - 40]).unwrap();
+        let dst3 = t.path().join("dst3");
+        fs::create_dir(&dst3).unwrap();
+        assert!(unpack_image(&img, &dst3).is_err());
+    }
+
+    #[test]
+    fn paths_cannot_escape() {
+        for p in ["../x", "/etc/passwd", "a/../../b", "a//b", ""] {
+            let mut b = Vec::new();
+            put_str(&mut b, p.as_bytes()).unwrap();
+            assert!(read_str(&mut &b[..]).is_err(), "{p:?} accepted");
+        }
+    }
+}
