@@ -42,7 +42,10 @@ pub struct Limits {
     pub peer_io_timeout_ms: u64,
     /// Concurrent inbound peer connections.
     pub peer_connections_max: usize,
-    /// Raft heartbeat; the election timeout is drawn from [election_timeout_min_ms, 2×].
+    /// Raft heartbeat. openraft also uses it as the timeout of one AppendEntries, so it
+    /// must exceed the worst-case transfer of `append_entries_max` full entries plus the
+    /// follower's fdatasync. The election timeout is drawn from
+    /// [election_timeout_min_ms, 2×].
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
 }
@@ -62,13 +65,13 @@ impl Default for Limits {
             ready_timeout_ms: 30_000,
             log_keep_entries: 1_000,
             frame_bytes_max: 32 << 20,
-            append_entries_max: 16,
+            append_entries_max: 4,
             snapshot_chunk_bytes: 4 << 20,
             connect_timeout_ms: 1_000,
             peer_io_timeout_ms: 10_000,
             peer_connections_max: 64,
-            heartbeat_ms: 50,
-            election_timeout_min_ms: 300,
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 500,
         }
     }
 }

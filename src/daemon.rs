@@ -107,7 +107,9 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
     // SAFETY: umask has no preconditions.
     unsafe { libc::umask(0) };
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        // More workers than cores: the state machine and the log do blocking IO on them,
+        // and FUSE handlers waiting for Raft need the rest to make progress.
+        .worker_threads(4)
         .enable_all()
         .thread_name("seguro-rt")
         .build()?;
@@ -209,7 +211,7 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
             }
         })?;
     let mut unmounter = session.unmount_callable();
-    fs.set_notifier(session.notifier());
+    fs.set_notifier(session.notifier())?;
     tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %data_dir.root.display(), "mounted");
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();

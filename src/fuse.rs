@@ -31,8 +31,23 @@ fn e(err: Errno) -> FuseErrno {
 
 fn time(t: TimeOrNow) -> SystemTime {
     match t {
-        TimeOrNow::SpecificTime(t) => t,
+        TimeOrNow::SpecificTime(t) => undo_fuser_pre_epoch_bug(t),
         TimeOrNow::Now => SystemTime::now(),
+    }
+}
+
+/// fuser 0.18 builds a pre-1970 time as `epoch - secs - nsecs` where the kernel meant
+/// `-secs + nsecs` (its `system_time_from_time` subtracts the nanoseconds). Undo that so
+/// utimes before 1970 with a fractional part round-trips.
+fn undo_fuser_pre_epoch_bug(t: SystemTime) -> SystemTime {
+    match t.duration_since(std::time::UNIX_EPOCH) {
+        Ok(_) => t,
+        Err(e) => {
+            let d = e.duration();
+            let (secs, nsecs) = (d.as_secs(), d.subsec_nanos());
+            // fuser produced secs' = secs_k, nsecs' = nsecs_k for kernel (-secs_k, +nsecs_k).
+            std::time::UNIX_EPOCH - Duration::from_secs(secs) + Duration::from_nanos(nsecs as u64)
+        }
     }
 }
 

@@ -215,6 +215,12 @@ impl TreeApplier {
         }
     }
 
+    /// Apply an op to a host-local file (under `local/`): the same syscalls, every error
+    /// returned as is.
+    pub fn apply_local(&mut self, op: &Op) -> io::Result<()> {
+        self.apply_inner(op)
+    }
+
     /// Make everything applied so far durable: fdatasync written files, fsync directories
     /// whose entries changed. Called before a checkpoint records the applied id.
     pub fn sync(&mut self) -> io::Result<()> {

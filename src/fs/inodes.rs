@@ -2,7 +2,7 @@
 //!
 //! The tree is addressed by path, the kernel by inode number. A FUSE inode is allocated
 //! the first time a file is looked up and keyed by the backing file's `st_ino`, so hard
-//! links share one FUSE inode. Numbers are never reused within a daemon run (generation
+//! links share one FUSE inode (which then knows each of its names). Numbers are never reused within a daemon run (generation
 //! stays 0). Renames rewrite paths (a directory's whole subtree); unlink detaches the path
 //! while open handles keep working on their file descriptor.
 
@@ -19,12 +19,20 @@ pub enum Area {
 
 #[derive(Debug, Clone)]
 pub struct Node {
-    /// Path relative to the area root; `None` once unlinked.
+    /// Path relative to the area root; `None` once its last name is unlinked.
     pub path: Option<String>,
+    /// Further names of a hard-linked file.
+    links: Vec<String>,
     pub area: Area,
     pub is_dir: bool,
     nlookup: u64,
     key: (Area, u64),
+}
+
+impl Node {
+    fn has_name(&self, path: &str) -> bool {
+        self.path.as_deref() == Some(path) || self.links.iter().any(|l| l == path)
+    }
 }
 
 #[derive(Debug)]
@@ -50,6 +58,7 @@ impl Inodes {
             ROOT_INO,
             Node {
                 path: Some(String::new()),
+                links: Vec::new(),
                 area: Area::Tree,
                 is_dir: true,
                 nlookup: 1,
@@ -73,7 +82,13 @@ impl Inodes {
         if let Some(&ino) = self.by_key.get(&key) {
             let n = self.nodes.get_mut(&ino).expect("by_key and nodes agree");
             n.nlookup += 1;
-            n.path = Some(path.to_string());
+            match &n.path {
+                None => n.path = Some(path.to_string()),
+                Some(p) if p != path && !n.links.iter().any(|l| l == path) => {
+                    n.links.push(path.to_string());
+                }
+                Some(_) => {}
+            }
             return ino;
         }
         let ino = self.next;
@@ -82,6 +97,7 @@ impl Inodes {
             ino,
             Node {
                 path: Some(path.to_string()),
+                links: Vec::new(),
                 area,
                 is_dir,
                 nlookup: 1,
@@ -101,7 +117,7 @@ impl Inodes {
     pub fn find(&self, area: Area, path: &str) -> Option<u64> {
         self.nodes
             .iter()
-            .find(|(_, n)| n.area == area && n.path.as_deref() == Some(path))
+            .find(|(_, n)| n.area == area && n.has_name(path))
             .map(|(i, _)| *i)
     }
 
@@ -130,21 +146,27 @@ impl Inodes {
         }
     }
 
-    /// `path` in `area` no longer names anything.
+    /// `path` in `area` no longer names anything. A file keeps its inode (and any other
+    /// names) until its last name goes.
     pub fn detach(&mut self, area: Area, path: &str) {
         let hit: Vec<u64> = self
             .nodes
             .iter()
-            .filter(|(_, n)| n.area == area && n.path.as_deref() == Some(path))
+            .filter(|(_, n)| n.area == area && n.has_name(path))
             .map(|(i, _)| *i)
             .collect();
         for ino in hit {
             let node = self.nodes.get_mut(&ino).expect("just found");
-            node.path = None;
-            // A new file may get the same st_ino; it must get a new FUSE inode.
-            let key = node.key;
-            if self.by_key.get(&key) == Some(&ino) {
-                self.by_key.remove(&key);
+            node.links.retain(|l| l != path);
+            if node.path.as_deref() == Some(path) {
+                node.path = node.links.pop();
+            }
+            if node.path.is_none() {
+                // A new file may get the same st_ino; it must get a new FUSE inode.
+                let key = node.key;
+                if self.by_key.get(&key) == Some(&ino) {
+                    self.by_key.remove(&key);
+                }
             }
         }
     }
@@ -153,14 +175,21 @@ impl Inodes {
     /// under it.
     pub fn rename(&mut self, area: Area, from: &str, to: &str) {
         let prefix = format!("{from}/");
-        for node in self.nodes.values_mut().filter(|n| n.area == area) {
-            let Some(p) = node.path.as_deref() else {
-                continue;
-            };
+        let moved = |p: &str| {
             if p == from {
-                node.path = Some(to.to_string());
-            } else if let Some(rest) = p.strip_prefix(&prefix) {
-                node.path = Some(join(to, rest));
+                Some(to.to_string())
+            } else {
+                p.strip_prefix(&prefix).map(|rest| join(to, rest))
+            }
+        };
+        for node in self.nodes.values_mut().filter(|n| n.area == area) {
+            if let Some(new) = node.path.as_deref().and_then(moved) {
+                node.path = Some(new);
+            }
+            for l in &mut node.links {
+                if let Some(new) = moved(l) {
+                    *l = new;
+                }
             }
         }
     }
@@ -196,5 +225,22 @@ mod tests {
         assert!(t.get(f).is_none());
         t.forget(ROOT_INO, 100);
         assert!(t.get(ROOT_INO).is_some());
+    }
+
+    #[test]
+    fn a_hard_link_keeps_the_file_alive_until_its_last_name_goes() {
+        let mut t = Inodes::new(2);
+        let a = t.lookup("a", Area::Tree, 20, false);
+        assert_eq!(t.lookup("d/b", Area::Tree, 20, false), a);
+        t.detach(Area::Tree, "d/b");
+        assert_eq!(t.get(a).unwrap().path.as_deref(), Some("a"));
+        assert_eq!(t.find(Area::Tree, "a"), Some(a));
+        t.lookup("d/b", Area::Tree, 20, false);
+        t.detach(Area::Tree, "a");
+        assert_eq!(t.get(a).unwrap().path.as_deref(), Some("d/b"));
+        t.rename(Area::Tree, "d", "e");
+        assert_eq!(t.get(a).unwrap().path.as_deref(), Some("e/b"));
+        t.detach(Area::Tree, "e/b");
+        assert_eq!(t.get(a).unwrap().path, None);
     }
 }

@@ -29,6 +29,7 @@ use std::io;
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -93,7 +94,8 @@ pub struct Fs {
     metrics: Metrics,
     my_id: u64,
     acks: u64,
-    notifier: OnceLock<fuser::Notifier>,
+    /// Invalidations go to the kernel from their own thread (see `Invalidator`).
+    invalidator: Invalidator,
 }
 
 /// What `Fs::new` needs from the replication side.
@@ -191,13 +193,29 @@ impl Fs {
             metrics: p.metrics,
             my_id: p.my_id,
             acks: p.acks,
-            notifier: OnceLock::new(),
+            invalidator: Invalidator::default(),
         })
     }
 
-    /// Called once the FUSE session exists: the channel for cache invalidations.
-    pub fn set_notifier(&self, n: fuser::Notifier) {
-        let _ = self.notifier.set(n);
+    /// Called once the FUSE session exists: start sending cache invalidations.
+    pub fn set_notifier(self: &Arc<Self>, n: fuser::Notifier) -> io::Result<()> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(INVALIDATIONS_QUEUED_MAX);
+        if self.invalidator.tx.set(tx).is_err() {
+            return Ok(());
+        }
+        let fs = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("fuse-invalidate".into())
+            .spawn(move || {
+                while let Ok(inv) = rx.recv() {
+                    let Some(fs) = fs.upgrade() else { return };
+                    send_invalidations(&n, inv);
+                    if fs.invalidator.overflowed.swap(false, Ordering::AcqRel) {
+                        send_invalidations(&n, fs.everything());
+                    }
+                }
+            })?;
+        Ok(())
     }
 
     pub fn writable(&self) -> bool {
@@ -269,36 +287,41 @@ impl Fs {
         Ok((area, join(&dir, name)))
     }
 
-    /// Size of a tree file as the overlay sees it.
-    fn overlay_size(&self, ino: u64, base: u64) -> u64 {
-        size_after(
-            base,
-            self.overlay
-                .lock()
-                .expect("overlay mutex poisoned")
-                .pieces(ino),
-        )
-    }
-
-    fn attr_of(&self, ino: u64, area: Area, m: &Metadata) -> FileAttr {
-        let size = if area == Area::Tree && m.is_file() {
-            self.overlay_size(ino, m.len())
+    /// Attributes of a file whose metadata `stat` reads. For tree files the overlay lock
+    /// spans the stat: otherwise an entry applied in between would be counted in neither
+    /// the tree size nor the overlay, and the kernel would cache a size that is too small.
+    fn attr_with<F>(&self, area: Area, stat: F) -> FsResult<(FileAttr, Metadata)>
+    where
+        F: FnOnce() -> io::Result<(u64, Metadata)>,
+    {
+        if area == Area::Local {
+            let (ino, m) = stat()?;
+            return Ok((attr_from(ino, &m, m.len()), m));
+        }
+        let o = self.overlay.lock().expect("overlay mutex poisoned");
+        let (ino, m) = stat()?;
+        let size = if m.is_file() {
+            size_after(m.len(), o.pieces(ino))
         } else {
             m.len()
         };
-        attr_from(ino, m, size)
+        Ok((attr_from(ino, &m, size), m))
     }
 
     /// Register `path` (which must exist) and return its attributes.
     fn entry(&self, area: Area, path: &str) -> FsResult<FileAttr> {
-        let m = fs::symlink_metadata(self.abs(area, path))?;
-        let ino = self.inodes.lock().expect("inodes mutex poisoned").lookup(
-            path,
-            area,
-            m.ino(),
-            m.is_dir(),
-        );
-        Ok(self.attr_of(ino, area, &m))
+        let (attr, _) = self.attr_with(area, || {
+            let m = fs::symlink_metadata(self.abs(area, path))?;
+            // Lock order: overlay, then inodes.
+            let ino = self.inodes.lock().expect("inodes mutex poisoned").lookup(
+                path,
+                area,
+                m.ino(),
+                m.is_dir(),
+            );
+            Ok((ino, m))
+        })?;
+        Ok(attr)
     }
 
     // ---- waiting on the log ----------------------------------------------------------
@@ -511,15 +534,19 @@ impl Fs {
     pub fn getattr(&self, ino: u64) -> FsResult<FileAttr> {
         let _ns = self.ns_lock.read().expect("ns lock poisoned");
         let n = self.node(ino)?;
-        let m = match &n.path {
-            Some(p) => fs::symlink_metadata(self.abs(n.area, p))?,
+        let file = match &n.path {
+            Some(_) => None,
             // Unlinked but open: the handle's descriptor still reaches the file.
-            None => self
-                .open_file_of(ino)
-                .ok_or(Errno(libc::ENOENT))?
-                .metadata()?,
+            None => Some(self.open_file_of(ino).ok_or(Errno(libc::ENOENT))?),
         };
-        Ok(self.attr_of(ino, n.area, &m))
+        let (attr, _) = self.attr_with(n.area, || {
+            let m = match &file {
+                Some(f) => f.metadata()?,
+                None => fs::symlink_metadata(self.abs(n.area, n.path.as_deref().unwrap_or("")))?,
+            };
+            Ok((ino, m))
+        })?;
+        Ok(attr)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -542,13 +569,22 @@ impl Fs {
             return self.getattr(ino);
         };
         if n.area == Area::Local {
-            let p = self.abs(Area::Local, &path);
+            // Host-local: the same syscalls the state machine would make, made here.
+            let mut local = crate::tree::TreeApplier::new(self.local_root.clone(), 1);
             if let Some(size) = size {
-                OpenOptions::new().write(true).open(&p)?.set_len(size)?;
+                local.apply_local(&Op::Truncate {
+                    path: path.clone(),
+                    size,
+                })?;
             }
-            if let Some(mode) = mode {
-                fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(mode))?;
-            }
+            local.apply_local(&Op::SetAttr {
+                path,
+                mode,
+                uid,
+                gid,
+                atime,
+                mtime,
+            })?;
             return self.getattr(ino);
         }
         if let Some(size) = size {
@@ -955,9 +991,27 @@ impl Fs {
                 if flags & libc::RENAME_NOREPLACE != 0 && self.abs(area, &to).exists() {
                     return Err(Errno(libc::EEXIST));
                 }
+                if !self.abs(area, &from).exists() {
+                    return Err(Errno(libc::ENOENT));
+                }
+                // The target's local mirror directory is made on demand, if the tree
+                // directory exists.
+                if !self.abs(Area::Tree, tree_parent(&to)).is_dir() {
+                    return Err(Errno(libc::ENOENT));
+                }
+                if let Some(parent) = self.abs(area, &to).parent() {
+                    fs::create_dir_all(parent)?;
+                }
                 fs::rename(self.abs(area, &from), self.abs(area, &to))?;
             }
             Area::Tree => {
+                // A directory still holding a host-local file is not empty, so it cannot
+                // be replaced.
+                if let Ok(mut it) = fs::read_dir(self.abs(Area::Local, &to)) {
+                    if it.next().is_some() {
+                        return Err(Errno(libc::ENOTEMPTY));
+                    }
+                }
                 self.propose_and_wait(Op::Rename {
                     from: from.clone(),
                     to: to.clone(),
@@ -1032,16 +1086,38 @@ impl Fs {
         if mode != 0 {
             return Err(Errno(libc::EOPNOTSUPP));
         }
-        let attr = self.getattr(ino)?;
         let end = offset.checked_add(length).ok_or(Errno(libc::EFBIG))?;
-        if end > attr.size {
-            let n = self.node(ino)?;
-            if n.area == Area::Local || n.path.is_none() {
-                let (_, file) = self.file_handle(fh)?;
+        let n = self.node(ino)?;
+        if n.area == Area::Local || n.path.is_none() {
+            let (_, file) = self.file_handle(fh)?;
+            if end > file.metadata()?.len() {
                 file.set_len(end)?;
-            } else {
-                self.setattr(ino, None, None, None, Some(end), None, None)?;
             }
+            return Ok(());
+        }
+        self.check_writable()?;
+        let _ns = self.ns_lock.read().expect("ns lock poisoned");
+        let path = self.node(ino)?.path.ok_or(Errno(libc::ENOENT))?;
+        // Size check and truncate-to-grow are one step under the pending and overlay
+        // locks, so a concurrent write past `end` cannot be cut off by it.
+        let mut p = self.pending.lock().expect("pending mutex poisoned");
+        let mut o = self.overlay.lock().expect("overlay mutex poisoned");
+        let size = size_after(
+            fs::metadata(self.abs(Area::Tree, &path))?.len(),
+            o.pieces(ino),
+        );
+        if end > size {
+            let seq = p.push_data(Op::Truncate { path, size: end });
+            o.push(
+                ino,
+                Piece {
+                    seq,
+                    kind: PieceKind::Truncate { size: end },
+                },
+            );
+            drop(o);
+            drop(p);
+            self.wake.notify_one();
         }
         Ok(())
     }
@@ -1052,12 +1128,36 @@ fn tree_parent(path: &str) -> &str {
     crate::tree::parent_of(path)
 }
 
+/// Invalidation batches waiting for the invalidation thread; past this, they collapse
+/// into one "invalidate everything".
+const INVALIDATIONS_QUEUED_MAX: usize = 1024;
+
 /// Invalidations to send to the kernel: (inode, offset, len) for data, (parent, name)
 /// for names.
 #[derive(Default)]
 struct Invalidations {
     inodes: Vec<(u64, i64, i64)>,
     entries: Vec<(u64, String)>,
+}
+
+/// Hands invalidations to a dedicated thread. A kernel notification can block (it takes
+/// the directory's lock, which the kernel may hold while one of our handlers waits for
+/// Raft), so it must never run on a thread that Raft or the state machine needs.
+#[derive(Default)]
+struct Invalidator {
+    tx: OnceLock<std::sync::mpsc::SyncSender<Invalidations>>,
+    overflowed: AtomicBool,
+}
+
+fn send_invalidations(n: &fuser::Notifier, inv: Invalidations) {
+    // Errors mean the kernel holds nothing to invalidate (ENOENT) or the session is gone;
+    // neither needs handling.
+    for (ino, off, len) in inv.inodes {
+        let _ = n.inval_inode(fuser::INodeNo(ino), off, len);
+    }
+    for (parent, name) in inv.entries {
+        let _ = n.inval_entry(fuser::INodeNo(parent), OsStr::new(&name));
+    }
 }
 
 impl Fs {
@@ -1072,31 +1172,33 @@ impl Fs {
     }
 
     fn send(&self, inv: Invalidations) {
-        let Some(n) = self.notifier.get() else {
+        let Some(tx) = self.invalidator.tx.get() else {
             return;
         };
-        // Errors mean the kernel holds nothing to invalidate (ENOENT) or the session is
-        // gone; neither needs handling.
-        for (ino, off, len) in inv.inodes {
-            let _ = n.inval_inode(fuser::INodeNo(ino), off, len);
+        if inv.inodes.is_empty() && inv.entries.is_empty() {
+            return;
         }
-        for (parent, name) in inv.entries {
-            let _ = n.inval_entry(fuser::INodeNo(parent), OsStr::new(&name));
+        if tx.try_send(inv).is_err() {
+            self.invalidator.overflowed.store(true, Ordering::Release);
+            let _ = tx.try_send(Invalidations::default());
         }
     }
 
-    /// Forget every cached page, attribute and name the kernel holds for this mount.
-    fn invalidate_all(&self) {
+    /// Every cached page, attribute and name the kernel may hold for this mount.
+    fn everything(&self) -> Invalidations {
         let mut inv = Invalidations::default();
-        {
-            let inodes = self.inodes.lock().expect("inodes mutex poisoned");
-            for (ino, area, path) in inodes.all_paths() {
-                inv.inodes.push((ino, 0, 0));
-                if area == Area::Tree && !path.is_empty() {
-                    self.name_entry(&inodes, &path, &mut inv);
-                }
+        let inodes = self.inodes.lock().expect("inodes mutex poisoned");
+        for (ino, area, path) in inodes.all_paths() {
+            inv.inodes.push((ino, 0, 0));
+            if area == Area::Tree && !path.is_empty() {
+                self.name_entry(&inodes, &path, &mut inv);
             }
         }
+        inv
+    }
+
+    fn invalidate_all(&self) {
+        let inv = self.everything();
         self.send(inv);
     }
 }
