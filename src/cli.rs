@@ -98,7 +98,7 @@ pub struct MountArgs {
     /// Raft heartbeat interval.
     #[arg(long, default_value_t = Limits::default().heartbeat_ms)]
     pub heartbeat_ms: u64,
-    /// Shortest election timeout (the longest is twice this).
+    /// Shortest election timeout (the longest is 1.25 times this).
     #[arg(long, default_value_t = Limits::default().election_timeout_min_ms)]
     pub election_timeout_min_ms: u64,
     /// Test hook: while this file exists the log's fdatasync fails with EIO.

@@ -45,7 +45,7 @@ pub struct Limits {
     /// Raft heartbeat. openraft also uses it as the timeout of one AppendEntries, so it
     /// must exceed the worst-case transfer of `append_entries_max` full entries plus the
     /// follower's fdatasync. The election timeout is drawn from
-    /// [election_timeout_min_ms, 2×].
+    /// [election_timeout_min_ms, 1.25×].
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
 }

@@ -1,10 +1,11 @@
-//! The Raft log on disk: segment files of checksummed records, the vote, and the flusher
-//! thread that fdatasyncs appends before reporting them flushed.
+//! The Raft log on disk: segment files of checksummed records and the vote.
 //!
-//! `append` writes records into the page cache and returns; the flusher thread coalesces
-//! pending appends, fdatasyncs the touched segments once, and only then calls
+//! `append` writes the records, fdatasyncs each touched segment once, and only then calls
 //! `log_io_completed` and advances [`FlushState`]. Reporting a flush before fdatasync would
 //! make fsync acknowledgements lie, so there is no other path to `log_io_completed(Ok)`.
+//! The sync runs inline: openraft 0.9 awaits the flush of each append before doing
+//! anything else, so a separate flusher thread only added a thread hop to every fsync
+//! (measured: see docs/BENCHMARKS.md).
 //! A failed fdatasync is sticky: the page cache's state is unknown after it (the
 //! "fsyncgate" lesson), so every later append fails too and the node must be restarted.
 
@@ -15,7 +16,8 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, EntryPayload, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -74,18 +76,44 @@ struct Inner {
     vote: Option<Vote<u64>>,
 }
 
-struct FlushReq {
-    files: Vec<Arc<File>>,
-    last_index: u64,
-    seq: Option<u64>,
-    callback: LogFlushed<TypeConfig>,
+/// Durability reporting, shared by the clones of a store.
+struct Flush {
+    state: watch::Sender<FlushState>,
+    fault: Option<PathBuf>,
+    failed: AtomicBool,
+}
+
+impl Flush {
+    /// fdatasync `files`; a failure is sticky.
+    fn sync(&self, files: &[Arc<File>]) -> io::Result<()> {
+        if self.failed.load(Ordering::Acquire) {
+            return Err(io::Error::other("an earlier log fdatasync failed"));
+        }
+        let mut result = Ok(());
+        for f in files {
+            result = if self.fault.as_deref().is_some_and(Path::exists) {
+                Err(io::Error::from_raw_os_error(libc::EIO))
+            } else {
+                fdatasync(f)
+            };
+            if result.is_err() {
+                break;
+            }
+        }
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "log fdatasync failed; the log is now read-only until restart");
+            self.failed.store(true, Ordering::Release);
+            self.state.send_modify(|s| s.failed = true);
+        }
+        result
+    }
 }
 
 /// The log store handed to openraft. Cloning shares the same log.
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
-    flusher: mpsc::Sender<FlushReq>,
+    flush: Arc<Flush>,
 }
 
 fn seg_name(first: u64) -> String {
@@ -275,19 +303,36 @@ impl Inner {
         Ok(())
     }
 
-    fn entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
-        let mut out = Vec::new();
-        for (&index, loc) in self.locs.range(start..end) {
-            let seg = &self.segments[&loc.seg_first];
-            let (h, body, hb) = read_record(&seg.file, loc.offset)?
-                .ok_or_else(|| corrupt(&seg.path, loc.offset, "record vanished"))?;
-            debug_assert_eq!(h.index, index);
-            let e = record::decode_body(&hb, &h, &body)
-                .map_err(|e| corrupt(&seg.path, loc.offset, &e.to_string()))?;
-            out.push(e);
-        }
-        Ok(out)
+    /// Where the records of `start..end` are: read them with [`read_entries`] after the
+    /// lock is released, so replication reads never hold up an append.
+    fn locate(&self, start: u64, end: u64) -> Vec<(u64, Arc<File>, PathBuf, u64)> {
+        self.locs
+            .range(start..end)
+            .map(|(&index, loc)| {
+                let seg = &self.segments[&loc.seg_first];
+                (index, seg.file.clone(), seg.path.clone(), loc.offset)
+            })
+            .collect()
     }
+
+    fn entries(&self, start: u64, end: u64) -> io::Result<Vec<Entry>> {
+        read_entries(self.locate(start, end))
+    }
+}
+
+fn read_entries(located: Vec<(u64, Arc<File>, PathBuf, u64)>) -> io::Result<Vec<Entry>> {
+    let mut out = Vec::with_capacity(located.len());
+    for (index, file, path, offset) in located {
+        let (h, body, hb) = read_record(&file, offset)?
+            .ok_or_else(|| corrupt(&path, offset, "record vanished"))?;
+        if h.index != index {
+            return Err(corrupt(&path, offset, "record index changed under a reader"));
+        }
+        let e = record::decode_body(&hb, &h, &body)
+            .map_err(|e| corrupt(&path, offset, &e.to_string()))?;
+        out.push(e);
+    }
+    Ok(out)
 }
 
 fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
@@ -305,24 +350,23 @@ fn bounds(range: &impl RangeBounds<u64>) -> (u64, u64) {
 }
 
 impl LogStore {
-    /// Open (recovering a torn tail) and start the flusher thread. The returned watch
-    /// receiver reports durable progress.
+    /// Open (recovering a torn tail). The returned watch receiver reports durable
+    /// progress.
     pub fn open(opts: LogOptions) -> io::Result<(LogStore, watch::Receiver<FlushState>)> {
         let inner = Inner::open(&opts)?;
         let flushed_index = inner.last_log_id.map_or(0, |l| l.index);
-        let (state_tx, state_rx) = watch::channel(FlushState {
+        let (state, state_rx) = watch::channel(FlushState {
             flushed_index,
             ..FlushState::default()
         });
-        let (tx, rx) = mpsc::channel::<FlushReq>();
-        let fault = opts.fault_sync_file.clone();
-        std::thread::Builder::new()
-            .name("log-flusher".into())
-            .spawn(move || flusher(rx, state_tx, fault))?;
         Ok((
             LogStore {
                 inner: Arc::new(Mutex::new(inner)),
-                flusher: tx,
+                flush: Arc::new(Flush {
+                    state,
+                    fault: opts.fault_sync_file,
+                    failed: AtomicBool::new(false),
+                }),
             },
             state_rx,
         ))
@@ -333,71 +377,14 @@ impl LogStore {
     }
 }
 
-/// The flusher: coalesce queued appends, fdatasync each touched segment once, then report.
-fn flusher(rx: mpsc::Receiver<FlushReq>, state: watch::Sender<FlushState>, fault: Option<PathBuf>) {
-    let mut failed = false;
-    while let Ok(first) = rx.recv() {
-        let mut batch = vec![first];
-        while let Ok(more) = rx.try_recv() {
-            batch.push(more);
-        }
-        let mut result: io::Result<()> = if failed {
-            Err(io::Error::other("an earlier log fdatasync failed"))
-        } else {
-            Ok(())
-        };
-        if result.is_ok() {
-            let mut synced: Vec<*const File> = Vec::new();
-            for req in &batch {
-                for f in &req.files {
-                    let p = Arc::as_ptr(f);
-                    if synced.contains(&p) {
-                        continue;
-                    }
-                    synced.push(p);
-                    if fault.as_deref().is_some_and(Path::exists) {
-                        result = Err(io::Error::from_raw_os_error(libc::EIO));
-                    } else {
-                        result = fdatasync(f);
-                    }
-                    if result.is_err() {
-                        break;
-                    }
-                }
-                if result.is_err() {
-                    break;
-                }
-            }
-        }
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "log fdatasync failed; the log is now read-only until restart");
-            failed = true;
-            state.send_modify(|s| s.failed = true);
-        }
-        for req in batch {
-            if result.is_ok() {
-                state.send_modify(|s| {
-                    s.flushed_index = s.flushed_index.max(req.last_index);
-                    if let Some(seq) = req.seq {
-                        s.flushed_seq = s.flushed_seq.max(seq);
-                    }
-                });
-                req.callback.log_io_completed(Ok(()));
-            } else {
-                req.callback
-                    .log_io_completed(Err(io::Error::other("log fdatasync failed")));
-            }
-        }
-    }
-}
-
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
         range: RB,
     ) -> StorageResult<Vec<Entry>> {
         let (start, end) = bounds(&range);
-        self.lock().entries(start, end).map_err(io_read)
+        let located = self.lock().locate(start, end);
+        read_entries(located).map_err(io_read)
     }
 }
 
@@ -466,15 +453,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             last_index = index;
             g.last_log_id = Some(entry.log_id);
         }
+        // Readers (replication streams) need not wait for the disk.
         drop(g);
-        self.flusher
-            .send(FlushReq {
-                files,
-                last_index,
-                seq,
-                callback,
-            })
-            .map_err(|_| io_write(io::Error::other("log flusher thread is gone")))?;
+        match self.flush.sync(&files) {
+            Ok(()) => {
+                self.flush.state.send_modify(|s| {
+                    s.flushed_index = s.flushed_index.max(last_index);
+                    if let Some(seq) = seq {
+                        s.flushed_seq = s.flushed_seq.max(seq);
+                    }
+                });
+                callback.log_io_completed(Ok(()));
+            }
+            Err(e) => callback.log_io_completed(Err(e)),
+        }
         Ok(())
     }
 

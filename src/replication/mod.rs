@@ -108,7 +108,11 @@ pub async fn start(
         cluster_name: "seguro-fs".into(),
         heartbeat_interval: l.heartbeat_ms,
         election_timeout_min: l.election_timeout_min_ms,
-        election_timeout_max: l.election_timeout_min_ms * 2,
+        // openraft makes the leader lease (how long a follower refuses to vote after
+        // hearing from its leader) equal to the longest election timeout, so a narrow
+        // window is what keeps failover short: a candidate that fires early is refused
+        // until the lease ends and must wait a whole timeout again.
+        election_timeout_max: l.election_timeout_min_ms + l.election_timeout_min_ms / 4,
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(l.checkpoint_entries),
         max_in_snapshot_log_to_keep: l.log_keep_entries,
         max_payload_entries: l.append_entries_max,

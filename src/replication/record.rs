@@ -64,7 +64,7 @@ fn checksum(header40: &[u8], body: &[u8]) -> [u8; 16] {
     out
 }
 
-pub fn membership_to_record(m: &Membership<u64, BasicNode>) -> Vec<u8> {
+pub fn membership_to_record(m: &Membership<u64, BasicNode>) -> AlignedVec<16> {
     let rec = MembershipRecord {
         configs: m
             .get_joint_config()
@@ -73,9 +73,7 @@ pub fn membership_to_record(m: &Membership<u64, BasicNode>) -> Vec<u8> {
             .collect(),
         nodes: m.nodes().map(|(id, n)| (*id, n.addr.clone())).collect(),
     };
-    rkyv::to_bytes::<rkyv::rancor::Error>(&rec)
-        .expect("archiving a membership is infallible")
-        .to_vec()
+    rkyv::to_bytes::<rkyv::rancor::Error>(&rec).expect("archiving a membership is infallible")
 }
 
 pub fn membership_from_record(body: &[u8]) -> Result<Membership<u64, BasicNode>, DecodeError> {
@@ -102,10 +100,17 @@ pub fn membership_from_record(body: &[u8]) -> Result<Membership<u64, BasicNode>,
 
 /// Encode `entry` as one record.
 pub fn encode(entry: &Entry) -> Vec<u8> {
-    let (kind, body): (u8, Vec<u8>) = match &entry.payload {
-        EntryPayload::Blank => (KIND_BLANK, Vec::new()),
-        EntryPayload::Normal(batch) => (KIND_NORMAL, batch.encode().to_vec()),
-        EntryPayload::Membership(m) => (KIND_MEMBERSHIP, membership_to_record(m)),
+    let archived;
+    let (kind, body): (u8, &[u8]) = match &entry.payload {
+        EntryPayload::Blank => (KIND_BLANK, &[]),
+        EntryPayload::Normal(batch) => {
+            archived = batch.encode();
+            (KIND_NORMAL, &archived)
+        }
+        EntryPayload::Membership(m) => {
+            archived = membership_to_record(m);
+            (KIND_MEMBERSHIP, &archived)
+        }
     };
     let mut out = Vec::with_capacity(HEADER_BYTES + body.len());
     out.extend_from_slice(MAGIC);
@@ -115,9 +120,9 @@ pub fn encode(entry: &Entry) -> Vec<u8> {
     out.extend_from_slice(&entry.log_id.leader_id.node_id.to_le_bytes());
     out.push(kind);
     out.extend_from_slice(&[0u8; 7]);
-    let hash = checksum(&out[..40], &body);
+    let hash = checksum(&out[..40], body);
     out.extend_from_slice(&hash);
-    out.extend_from_slice(&body);
+    out.extend_from_slice(body);
     out
 }
 

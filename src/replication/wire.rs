@@ -149,7 +149,7 @@ fn meta_to_wire(m: &SnapshotMeta<u64, BasicNode>) -> WSnapshotMeta {
     WSnapshotMeta {
         last: m.last_log_id.as_ref().map(wl),
         membership_log_id: m.last_membership.log_id().as_ref().map(wl),
-        membership: record::membership_to_record(m.last_membership.membership()),
+        membership: record::membership_to_record(m.last_membership.membership()).to_vec(),
         id: m.snapshot_id.clone(),
     }
 }
