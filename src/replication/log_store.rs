@@ -692,11 +692,17 @@ mod tests {
         let mut o = opts(&dir);
         o.segment_bytes_max = 64 << 20;
         let check = |log: &mut LogStore| {
-            let got = rt.block_on(log.try_get_log_entries(1..=sizes.len() as u64)).unwrap();
+            let got = rt
+                .block_on(log.try_get_log_entries(1..=sizes.len() as u64))
+                .unwrap();
             assert_eq!(got.len(), sizes.len());
             for (e, len) in got.iter().zip(sizes) {
-                let EntryPayload::Normal(b) = &e.payload else { panic!() };
-                let Op::Write { data, .. } = &b.ops[0] else { panic!() };
+                let EntryPayload::Normal(b) = &e.payload else {
+                    panic!()
+                };
+                let Op::Write { data, .. } = &b.ops[0] else {
+                    panic!()
+                };
                 assert_eq!(data.len(), len);
                 assert!(data.iter().all(|&x| x == e.log_id.index as u8));
             }
@@ -704,7 +710,8 @@ mod tests {
         {
             let (mut log, _) = LogStore::open(o.clone()).unwrap();
             for (i, len) in sizes.iter().enumerate() {
-                rt.block_on(log.blocking_append([entry(i as u64 + 1, *len)])).unwrap();
+                rt.block_on(log.blocking_append([entry(i as u64 + 1, *len)]))
+                    .unwrap();
             }
             check(&mut log);
         }

@@ -35,7 +35,7 @@ openraft::declare_raft_types!(
         R = ApplyResult,
         NodeId = u64,
         Node = BasicNode,
-        SnapshotData = tokio::fs::File,
+        SnapshotData = snapshot::SnapshotFile,
 );
 
 pub type Entry = openraft::Entry<TypeConfig>;

@@ -103,10 +103,13 @@ impl PeerClient {
     /// the link; the next call reconnects.
     async fn call(&mut self, req: Request, ttl: Duration) -> Result<Response, NetworkError> {
         let bytes = wire::encode_request(&req);
-        let link = self
-            .link()
+        self.link()
             .await
             .map_err(|e| NetworkError::new(&NetErr(e.to_string())))?;
+        // The link is out of `self` while a request is in flight: openraft may drop this
+        // future at its timeout between send and receive, and a link left behind would then
+        // hand the late response to the next request. Put back only after a whole answer.
+        let mut link = self.link.take().expect("connected above");
         let result = async {
             link.send(&bytes).await?;
             link.recv(ttl.as_millis() as u64).await
@@ -116,14 +119,14 @@ impl PeerClient {
             .map_err(|e| e.to_string())
             .and_then(|b| wire::decode_response(&b).map_err(|e| e.to_string()))
         {
-            Ok(resp) => Ok(resp),
-            Err(e) => {
-                self.link = None;
-                Err(NetworkError::new(&NetErr(format!(
-                    "node {} at {}: {e}",
-                    self.target, self.addr
-                ))))
+            Ok(resp) => {
+                self.link = Some(link);
+                Ok(resp)
             }
+            Err(e) => Err(NetworkError::new(&NetErr(format!(
+                "node {} at {}: {e}",
+                self.target, self.addr
+            )))),
         }
     }
 }

@@ -3,7 +3,7 @@
 //! An image is a stream, written and read in bounded buffers whatever the tree's size:
 //!
 //! ```text
-//! "SEGSNAP1"
+//! "SEGSNAP1"  root mode u32
 //! record*  tag 1 dir:     path, mode, mtime
 //!          tag 2 file:    path, mode, mtime, size u64, then size bytes
 //!          tag 3 symlink: path, target
@@ -16,9 +16,15 @@
 //! finishes the swap on restart (`recover_install`).
 
 use std::fs::{self, File, OpenOptions};
+use std::future::Future;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::Arc;
+use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use super::checkpoint::{Checkpoint, CheckpointFile};
 use crate::sync::{fdatasync, fsync_dir};
@@ -68,18 +74,53 @@ fn bad(why: impl Into<String>) -> io::Error {
     )
 }
 
-/// Walk `root` in sorted order and write its image to `out` (synced).
-pub fn build_image(root: &Path, out: &Path) -> io::Result<u64> {
-    let f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(out)?;
+/// The exact size `write_image` will produce for `root` as it is now (a metadata walk
+/// in the same order). openraft's chunked sender asks for the snapshot's length before
+/// reading it, and the image is still being written then.
+pub fn image_len(root: &Path) -> io::Result<u64> {
+    let mut len = 8 + 4 + 1 + 32; // magic, root mode, end tag, digest
+    let mut stack = vec![String::new()];
+    while let Some(dir) = stack.pop() {
+        let abs = if dir.is_empty() {
+            root.to_path_buf()
+        } else {
+            root.join(&dir)
+        };
+        for e in fs::read_dir(&abs)? {
+            let e = e?;
+            let name = e
+                .file_name()
+                .into_string()
+                .map_err(|n| bad(format!("non-UTF-8 name {n:?}")))?;
+            let rel = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            let m = fs::symlink_metadata(root.join(&rel))?;
+            let path_bytes = 4 + rel.len() as u64;
+            if m.is_dir() {
+                len += 1 + path_bytes + 4 + 12;
+                stack.push(rel);
+            } else if m.file_type().is_symlink() {
+                len +=
+                    1 + path_bytes + 4 + fs::read_link(root.join(&rel))?.as_os_str().len() as u64;
+            } else if m.is_file() {
+                len += 1 + path_bytes + 4 + 12 + 8 + m.len();
+            }
+        }
+    }
+    Ok(len)
+}
+
+/// Walk `root` in sorted order and write its image into `f` (synced); returns its size.
+pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
     let mut w = HashWriter {
         inner: BufWriter::with_capacity(BUF_BYTES, f),
         hash: blake3::Hasher::new(),
     };
     w.write_all(MAGIC)?;
+    w.write_all(&(fs::metadata(root)?.mode() & 0o7777).to_le_bytes())?;
     let mut buf = vec![0u8; BUF_BYTES];
     let mut stack = vec![String::new()];
     while let Some(dir) = stack.pop() {
@@ -214,6 +255,8 @@ pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
     if &magic != MAGIC {
         return Err(bad("bad magic"));
     }
+    let root_mode = read_u32(&mut r)?;
+    fs::set_permissions(dest, fs::Permissions::from_mode(root_mode))?;
     let mut buf = vec![0u8; BUF_BYTES];
     let mut dirs: Vec<(PathBuf, i64, u32)> = vec![];
     let mut synced_dirs = vec![dest.to_path_buf()];
@@ -285,6 +328,119 @@ pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
         fsync_dir(&d)?;
     }
     Ok(())
+}
+
+/// Progress of an image being written by another thread.
+pub const IMAGE_WRITING: u8 = 0;
+pub const IMAGE_DONE: u8 = 1;
+pub const IMAGE_FAILED: u8 = 2;
+
+/// openraft's snapshot data: a file, which may still be growing while a thread writes the
+/// image into it. Reading at the current end waits (polling every few milliseconds) until
+/// more bytes arrive or the writer finishes, so openraft can start streaming chunks to a
+/// member that is behind long before a large image is complete — the replication stream
+/// to that member, which also carries its heartbeats, never stalls for the whole build.
+pub struct SnapshotFile {
+    file: tokio::fs::File,
+    progress: Option<Arc<AtomicU8>>,
+    /// The final length of a growing image (seeks from the end use it).
+    final_len: u64,
+    wait: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+const GROWING_POLL: Duration = Duration::from_millis(5);
+
+impl SnapshotFile {
+    /// A complete file.
+    pub fn complete(file: File) -> SnapshotFile {
+        SnapshotFile {
+            file: tokio::fs::File::from_std(file),
+            progress: None,
+            final_len: 0,
+            wait: None,
+        }
+    }
+
+    /// A file another thread is still writing up to `final_len` bytes; `progress` says
+    /// when it is done.
+    pub fn growing(file: File, progress: Arc<AtomicU8>, final_len: u64) -> SnapshotFile {
+        SnapshotFile {
+            file: tokio::fs::File::from_std(file),
+            progress: Some(progress),
+            final_len,
+            wait: None,
+        }
+    }
+
+    pub async fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data().await
+    }
+}
+
+impl tokio::io::AsyncRead for SnapshotFile {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        loop {
+            // Read the writer's state before reading: an end of file seen after it was
+            // done is the real end.
+            let state = this
+                .progress
+                .as_ref()
+                .map_or(IMAGE_DONE, |p| p.load(Ordering::Acquire));
+            if state == IMAGE_FAILED {
+                return Poll::Ready(Err(io::Error::other("building the tree image failed")));
+            }
+            let before = buf.filled().len();
+            ready!(Pin::new(&mut this.file).poll_read(cx, buf))?;
+            if buf.filled().len() > before || state == IMAGE_DONE || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let wait = this
+                .wait
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep(GROWING_POLL)));
+            ready!(wait.as_mut().poll(cx));
+            this.wait = None;
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for SnapshotFile {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().file).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().file).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().file).poll_shutdown(cx)
+    }
+}
+
+impl tokio::io::AsyncSeek for SnapshotFile {
+    fn start_seek(self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
+        let this = self.get_mut();
+        let position = match (position, &this.progress) {
+            // The end of a growing image is where it will end, not where it is now.
+            (io::SeekFrom::End(delta), Some(_)) => io::SeekFrom::Start(
+                this.final_len
+                    .checked_add_signed(delta)
+                    .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?,
+            ),
+            (p, _) => p,
+        };
+        Pin::new(&mut this.file).start_seek(position)
+    }
+    fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
+        Pin::new(&mut self.get_mut().file).poll_complete(cx)
+    }
 }
 
 fn pending_path(data_dir: &Path) -> PathBuf {
@@ -396,17 +552,55 @@ mod tests {
         let t = TempDir::new("snap");
         let src = t.path().join("src");
         fs::create_dir_all(src.join("0i0/sub")).unwrap();
+        fs::set_permissions(&src, fs::Permissions::from_mode(0o750)).unwrap();
         fs::write(src.join("0i0/data.mdb"), vec![7u8; 3 * BUF_BYTES + 5]).unwrap();
         fs::write(src.join("0i0/epoc.txt"), b"2").unwrap();
         fs::write(src.join("empty"), b"").unwrap();
         fs::set_permissions(src.join("empty"), fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink("0i0/epoc.txt", src.join("link")).unwrap();
+
+        // A reader of a growing image sees every byte, waiting at the end until the
+        // writer is done.
+        let grown = t.path().join("grown");
+        let progress = Arc::new(AtomicU8::new(IMAGE_WRITING));
+        let reader_file = {
+            File::create(&grown).unwrap();
+            File::open(&grown).unwrap()
+        };
+        let (p2, src2, grown2) = (progress.clone(), src.clone(), grown.clone());
+        let writer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(30));
+            let f = OpenOptions::new().write(true).open(&grown2).unwrap();
+            write_image(&src2, f).unwrap();
+            p2.store(IMAGE_DONE, Ordering::Release);
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let streamed = rt.block_on(async {
+            use tokio::io::AsyncReadExt;
+            use tokio::io::AsyncSeekExt;
+            let want = image_len(&src).unwrap();
+            let mut r = SnapshotFile::growing(reader_file, progress, want);
+            // openraft learns the length first, then reads from the start.
+            assert_eq!(r.seek(io::SeekFrom::End(0)).await.unwrap(), want);
+            r.seek(io::SeekFrom::Start(0)).await.unwrap();
+            let mut all = Vec::new();
+            r.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        writer.join().unwrap();
+        assert_eq!(streamed, fs::read(&grown).unwrap());
+        assert!(streamed.len() > 3 * BUF_BYTES);
         let img = t.path().join("img");
-        build_image(&src, &img).unwrap();
+        write_image(&src, File::create(&img).unwrap()).unwrap();
         let dst = t.path().join("dst");
         fs::create_dir(&dst).unwrap();
         unpack_image(&img, &dst).unwrap();
         assert_eq!(digest_dir(&src), digest_dir(&dst));
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
+        assert_eq!(mode(&dst), mode(&src), "the tree root's mode travels too");
 
         // A flipped byte or a truncated image is refused.
         let mut bytes = fs::read(&img).unwrap();

@@ -18,6 +18,7 @@
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -28,7 +29,7 @@ use openraft::{
 use tokio::sync::watch;
 
 use super::checkpoint::{Checkpoint, CheckpointFile};
-use super::snapshot;
+use super::snapshot::{self, SnapshotFile};
 use super::{Entry, TypeConfig};
 use crate::fs::overlay::Overlay;
 use crate::op::{ApplyResult, Op};
@@ -67,8 +68,8 @@ struct Inner {
     observer: ObserverSlot,
     /// openraft's first `get_current_snapshot` (at startup) only wants the id.
     startup_probe_answered: bool,
-    /// The last image built: (applied index it holds, path).
-    image: Option<(u64, PathBuf)>,
+    /// The newest image: (applied index it holds, path, writer's progress).
+    image: Option<(u64, PathBuf, Arc<AtomicU8>, u64)>,
     ckpt_file: CheckpointFile,
     applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, openraft::BasicNode>,
@@ -203,7 +204,7 @@ fn meta_of(c: &Checkpoint) -> SnapshotMeta<u64, openraft::BasicNode> {
 impl Inner {
     /// An empty file standing in for snapshot data that is never read (checkpoints and the
     /// startup probe only carry an id).
-    fn no_image(&self) -> io::Result<Box<tokio::fs::File>> {
+    fn no_image(&self) -> io::Result<Box<SnapshotFile>> {
         let p = self.data_dir.join("snapshots/none");
         let f = std::fs::OpenOptions::new()
             .read(true)
@@ -211,33 +212,97 @@ impl Inner {
             .create(true)
             .truncate(true)
             .open(p)?;
-        Ok(Box::new(tokio::fs::File::from_std(f)))
+        Ok(Box::new(SnapshotFile::complete(f)))
     }
+}
 
-    /// The image of the tree at the applied index, built now unless already built.
-    fn image(&mut self) -> io::Result<Box<tokio::fs::File>> {
-        let index = self.applied.map_or(0, |l| l.index);
-        let path = match &self.image {
-            Some((i, p)) if *i == index => p.clone(),
-            _ => {
-                let p = self.data_dir.join(format!("snapshots/tree-{index}.img"));
-                let started = std::time::Instant::now();
-                let bytes = snapshot::build_image(&self.tree_dir, &p)?;
-                tracing::info!(
-                    index,
-                    bytes,
-                    ms = started.elapsed().as_millis() as u64,
-                    "built tree image for a member that is behind"
-                );
-                if let Some((_, old)) = self.image.replace((index, p.clone())) {
+impl StateMachine {
+    /// The image of the tree at the applied index, for a member that is behind. A thread
+    /// writes it while holding the state machine lock (no entry is applied meanwhile, so
+    /// the image is exactly that state); openraft streams it as it grows.
+    fn current_image(&self) -> io::Result<Snapshot<TypeConfig>> {
+        {
+            let g = self.lock();
+            let index = g.applied.map_or(0, |l| l.index);
+            if let Some((i, p, progress, len)) = &g.image {
+                if *i == index && progress.load(Ordering::Acquire) != snapshot::IMAGE_FAILED {
+                    let now = Checkpoint {
+                        applied: g.applied,
+                        membership: g.membership.clone(),
+                    };
+                    return Ok(Snapshot {
+                        meta: meta_of(&now),
+                        snapshot: Box::new(SnapshotFile::growing(
+                            std::fs::File::open(p)?,
+                            progress.clone(),
+                            *len,
+                        )),
+                    });
+                }
+            }
+        }
+        let inner = self.inner.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("tree-image".into())
+            .spawn(move || {
+                let mut g = inner.lock().expect("state machine mutex poisoned");
+                let index = g.applied.map_or(0, |l| l.index);
+                let now = Checkpoint {
+                    applied: g.applied,
+                    membership: g.membership.clone(),
+                };
+                let path = g.data_dir.join(format!("snapshots/tree-{index}.img"));
+                let progress = Arc::new(AtomicU8::new(snapshot::IMAGE_WRITING));
+                let opened = snapshot::image_len(&g.tree_dir).and_then(|len| {
+                    let w = std::fs::File::create(&path)?;
+                    Ok((w, std::fs::File::open(&path)?, len))
+                });
+                let (writer, reader, len) = match opened {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                if let Some((_, old, _, _)) = g.image.replace((index, path, progress.clone(), len))
+                {
                     let _ = std::fs::remove_file(old);
                 }
-                p
-            }
-        };
-        Ok(Box::new(tokio::fs::File::from_std(std::fs::File::open(
-            path,
-        )?)))
+                let _ = tx.send(Ok((now, reader, progress.clone(), len)));
+                let started = std::time::Instant::now();
+                match snapshot::write_image(&g.tree_dir, writer) {
+                    Ok(bytes) if bytes != len => {
+                        progress.store(snapshot::IMAGE_FAILED, Ordering::Release);
+                        tracing::error!(
+                            index,
+                            bytes,
+                            expected = len,
+                            "tree image size differs from its precomputed length"
+                        );
+                    }
+                    Ok(bytes) => {
+                        progress.store(snapshot::IMAGE_DONE, Ordering::Release);
+                        tracing::info!(
+                            index,
+                            bytes,
+                            ms = started.elapsed().as_millis() as u64,
+                            "built tree image for a member that is behind"
+                        );
+                    }
+                    Err(e) => {
+                        progress.store(snapshot::IMAGE_FAILED, Ordering::Release);
+                        tracing::error!(index, error = %e, "building a tree image failed");
+                    }
+                }
+            })?;
+        let (now, reader, progress, len) = rx
+            .recv()
+            .map_err(|_| io::Error::other("tree image thread died"))??;
+        Ok(Snapshot {
+            meta: meta_of(&now),
+            snapshot: Box::new(SnapshotFile::growing(reader, progress, len)),
+        })
     }
 }
 
@@ -286,7 +351,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<tokio::fs::File>> {
+    async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<SnapshotFile>> {
         let g = self.lock();
         let p = g.data_dir.join("snapshots/incoming.img");
         let f = std::fs::OpenOptions::new()
@@ -296,13 +361,13 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .truncate(true)
             .open(p)
             .map_err(sm_err)?;
-        Ok(Box::new(tokio::fs::File::from_std(f)))
+        Ok(Box::new(SnapshotFile::complete(f)))
     }
 
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<u64, openraft::BasicNode>,
-        snapshot: Box<tokio::fs::File>,
+        snapshot: Box<SnapshotFile>,
     ) -> StorageResult<()> {
         // openraft wrote the chunks through this handle; make them durable before reading
         // the image back by path.
@@ -332,26 +397,21 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        let mut g = self.lock();
-        let Some(c) = g.snapshot.clone() else {
-            return Ok(None);
-        };
-        if !g.startup_probe_answered {
+        {
+            let mut g = self.lock();
+            let first_call = !g.startup_probe_answered;
             g.startup_probe_answered = true;
-            return Ok(Some(Snapshot {
-                meta: meta_of(&c),
-                snapshot: g.no_image().map_err(sm_err)?,
-            }));
+            let Some(c) = g.snapshot.clone() else {
+                return Ok(None);
+            };
+            if first_call {
+                return Ok(Some(Snapshot {
+                    meta: meta_of(&c),
+                    snapshot: g.no_image().map_err(sm_err)?,
+                }));
+            }
         }
-        // A member needs the tree: image the current state (applies wait meanwhile).
-        let now = Checkpoint {
-            applied: g.applied,
-            membership: g.membership.clone(),
-        };
-        let data = g.image().map_err(sm_err)?;
-        Ok(Some(Snapshot {
-            meta: meta_of(&now),
-            snapshot: data,
-        }))
+        // A member needs the tree.
+        self.current_image().map(Some).map_err(sm_err)
     }
 }

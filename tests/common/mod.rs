@@ -1,2 +1,4 @@
+pub mod cluster;
 pub mod mount;
+pub mod proxy;
 pub mod vere;
