@@ -45,6 +45,16 @@ impl TestDir {
 
 impl Drop for TestDir {
     fn drop(&mut self) {
+        // Dead mounts left by kill -9 (see `Daemon::kill9`) go first.
+        let prefix = format!("{}/", self.0.display());
+        for m in fs::read_to_string("/proc/self/mountinfo")
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4))
+            .filter(|m| m.starts_with(&prefix))
+        {
+            force_unmount(Path::new(m));
+        }
         let _ = fs::remove_dir_all(&self.0);
     }
 }
@@ -84,6 +94,12 @@ impl Daemon {
     /// Start a daemon and wait until its mount is up. Panics with the daemon's log if it
     /// exits or does not mount in time.
     pub fn start(data_dir: &Path, mountpoint: &Path, extra: &[&str]) -> Daemon {
+        // A mount left dead by a previous kill -9 is detached only now, when whoever used
+        // it has been stopped: detaching it earlier would let a straggler write into the
+        // directory underneath.
+        if is_mounted(mountpoint) {
+            force_unmount(mountpoint);
+        }
         fs::create_dir_all(mountpoint).unwrap();
         let log = unique(data_dir.with_extension("daemon"));
         let out = fs::File::create(&log).unwrap();
@@ -161,13 +177,13 @@ impl Daemon {
         text
     }
 
-    /// SIGKILL (a crash): the kernel aborts the FUSE connection; the dead mount is
-    /// detached so the mountpoint can be reused.
+    /// SIGKILL (a crash): the kernel aborts the FUSE connection. The dead mount stays
+    /// (every access fails with ENOTCONN, so no straggler can write underneath it) until
+    /// the next `Daemon::start` on this mountpoint or the `TestDir` is dropped.
     pub fn kill9(mut self) {
         let mut child = self.child.take().expect("running");
         signal(child.id(), libc::SIGKILL);
         let _ = child.wait();
-        force_unmount(&self.mountpoint);
     }
 }
 
