@@ -69,6 +69,33 @@ fn is_mount_point(path: &Path) -> std::io::Result<bool> {
     }))
 }
 
+/// Unmount `path`: umount(2) as root, `fusermount3 -u` otherwise (as fuser mounted it).
+fn unmount_path(path: &Path) -> std::io::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a valid NUL-terminated path.
+        if unsafe { libc::umount(c.as_ptr()) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        return Ok(());
+    }
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg(path)
+        .output()?;
+    if out.status.success() {
+        Ok(())
+    } else if String::from_utf8_lossy(&out.stderr).contains("busy") {
+        Err(std::io::Error::from_raw_os_error(libc::EBUSY))
+    } else {
+        Err(std::io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        ))
+    }
+}
+
 fn on_path(bin: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
@@ -203,14 +230,12 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
         fs: fs.clone(),
         write_bytes_max: cfg.limits.fuse_write_bytes_max,
     };
-    let mut session =
-        fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
-            MountError::Mount {
-                path: cfg.mountpoint.display().to_string(),
-                source,
-            }
-        })?;
-    let mut unmounter = session.unmount_callable();
+    let session = fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
+        MountError::Mount {
+            path: cfg.mountpoint.display().to_string(),
+            source,
+        }
+    })?;
     fs.set_notifier(session.notifier())?;
     tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %data_dir.root.display(), "mounted");
 
@@ -235,8 +260,23 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
     })?;
     if signalled {
         tracing::info!("signal received: unmounting");
-        if let Err(e) = unmounter.unmount() {
-            tracing::warn!(error = %e, "unmount failed; the kernel will drop the mount when we exit");
+        // A file still open on the mount (an LMDB env being closed, a shell in it) makes
+        // umount answer EBUSY; retry for a while rather than leave the mount behind.
+        let deadline = std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);
+        loop {
+            match unmount_path(&cfg.mountpoint) {
+                Ok(()) => break,
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "could not unmount; unmount {} once its users are gone", cfg.mountpoint.display());
+                    break;
+                }
+            }
         }
     }
     match fuse_thread.join() {

@@ -12,8 +12,14 @@ use common::vere;
 
 const IMAGE_BYTES: u64 = 8 << 20;
 
+/// The tests of this file run one at a time: a child process spawned by one (the reader)
+/// would otherwise inherit LMDB's descriptors of the other's mount (LMDB does not open them
+/// close-on-exec) and keep that mount busy.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn vere_workload_survives_remount_and_tree_is_plain_lmdb() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t = TestDir::new("workload");
     let data = t.join("data");
     let log = t.join("pier/.urb/log");
@@ -86,6 +92,7 @@ fn reader_child() {
 
 #[test]
 fn reader_process_sees_commits_while_writer_commits() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t = TestDir::new("reader");
     let data = t.join("data");
     let log = t.join("log");
