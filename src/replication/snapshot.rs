@@ -74,54 +74,13 @@ fn bad(why: impl Into<String>) -> io::Error {
     )
 }
 
-/// The exact size `write_image` will produce for `root` as it is now (a metadata walk
-/// in the same order). openraft's chunked sender asks for the snapshot's length before
-/// reading it, and the image is still being written then.
-pub fn image_len(root: &Path) -> io::Result<u64> {
-    let mut len = 8 + 4 + 1 + 32; // magic, root mode, end tag, digest
-    let mut stack = vec![String::new()];
-    while let Some(dir) = stack.pop() {
-        let abs = if dir.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&dir)
-        };
-        for e in fs::read_dir(&abs)? {
-            let e = e?;
-            let name = e
-                .file_name()
-                .into_string()
-                .map_err(|n| bad(format!("non-UTF-8 name {n:?}")))?;
-            let rel = if dir.is_empty() {
-                name
-            } else {
-                format!("{dir}/{name}")
-            };
-            let m = fs::symlink_metadata(root.join(&rel))?;
-            let path_bytes = 4 + rel.len() as u64;
-            if m.is_dir() {
-                len += 1 + path_bytes + 4 + 12;
-                stack.push(rel);
-            } else if m.file_type().is_symlink() {
-                len +=
-                    1 + path_bytes + 4 + fs::read_link(root.join(&rel))?.as_os_str().len() as u64;
-            } else if m.is_file() {
-                len += 1 + path_bytes + 4 + 12 + 8 + m.len();
-            }
-        }
-    }
-    Ok(len)
-}
-
-/// Walk `root` in sorted order and write its image into `f` (synced); returns its size.
-pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
-    let mut w = HashWriter {
-        inner: BufWriter::with_capacity(BUF_BYTES, f),
-        hash: blake3::Hasher::new(),
-    };
-    w.write_all(MAGIC)?;
-    w.write_all(&(fs::metadata(root)?.mode() & 0o7777).to_le_bytes())?;
-    let mut buf = vec![0u8; BUF_BYTES];
+/// Visit every entry under `root` in image order (depth first, names sorted), with its
+/// relative path and metadata. Both the length precomputation and the writer use it, so
+/// they cannot disagree about what the image holds.
+fn walk(
+    root: &Path,
+    mut visit: impl FnMut(&str, &fs::Metadata) -> io::Result<()>,
+) -> io::Result<()> {
     let mut stack = vec![String::new()];
     while let Some(dir) = stack.pop() {
         let abs = if dir.is_empty() {
@@ -142,41 +101,78 @@ pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
             } else {
                 format!("{dir}/{name}")
             };
-            let p = root.join(&rel);
-            let m = fs::symlink_metadata(&p)?;
-            let mtime = |w: &mut HashWriter<_>| -> io::Result<()> {
-                w.write_all(&m.mtime().to_le_bytes())?;
-                w.write_all(&(m.mtime_nsec() as u32).to_le_bytes())
-            };
+            let m = fs::symlink_metadata(root.join(&rel))?;
+            visit(&rel, &m)?;
             if m.is_dir() {
-                w.write_all(&[1])?;
-                put_str(&mut w, rel.as_bytes())?;
-                w.write_all(&(m.mode() & 0o7777).to_le_bytes())?;
-                mtime(&mut w)?;
                 stack.push(rel);
-            } else if m.file_type().is_symlink() {
-                w.write_all(&[3])?;
-                put_str(&mut w, rel.as_bytes())?;
-                let target = fs::read_link(&p)?;
-                put_str(&mut w, target.as_os_str().as_encoded_bytes())?;
-            } else if m.is_file() {
-                w.write_all(&[2])?;
-                put_str(&mut w, rel.as_bytes())?;
-                w.write_all(&(m.mode() & 0o7777).to_le_bytes())?;
-                mtime(&mut w)?;
-                let mut src = File::open(&p)?;
-                let size = m.len();
-                w.write_all(&size.to_le_bytes())?;
-                let mut left = size;
-                while left > 0 {
-                    let n = (left as usize).min(buf.len());
-                    src.read_exact(&mut buf[..n])?;
-                    w.write_all(&buf[..n])?;
-                    left -= n as u64;
-                }
             }
         }
     }
+    Ok(())
+}
+
+/// The exact size `write_image` will produce for `root` as it is now. openraft's chunked
+/// sender asks for the snapshot's length before reading it, and the image is still being
+/// written then.
+pub fn image_len(root: &Path) -> io::Result<u64> {
+    let mut len = 8 + 4 + 1 + 32; // magic, root mode, end tag, digest
+    walk(root, |rel, m| {
+        let path_bytes = 4 + rel.len() as u64;
+        if m.is_dir() {
+            len += 1 + path_bytes + 4 + 12;
+        } else if m.file_type().is_symlink() {
+            len += 1 + path_bytes + 4 + fs::read_link(root.join(rel))?.as_os_str().len() as u64;
+        } else if m.is_file() {
+            len += 1 + path_bytes + 4 + 12 + 8 + m.len();
+        }
+        Ok(())
+    })?;
+    Ok(len)
+}
+
+/// Write the image of `root` into `f` (synced); returns its size.
+pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
+    let mut w = HashWriter {
+        inner: BufWriter::with_capacity(BUF_BYTES, f),
+        hash: blake3::Hasher::new(),
+    };
+    w.write_all(MAGIC)?;
+    w.write_all(&(fs::metadata(root)?.mode() & 0o7777).to_le_bytes())?;
+    let mut buf = vec![0u8; BUF_BYTES];
+    walk(root, |rel, m| {
+        let p = root.join(rel);
+        let mtime = |w: &mut HashWriter<_>| -> io::Result<()> {
+            w.write_all(&m.mtime().to_le_bytes())?;
+            w.write_all(&(m.mtime_nsec() as u32).to_le_bytes())
+        };
+        if m.is_dir() {
+            w.write_all(&[1])?;
+            put_str(&mut w, rel.as_bytes())?;
+            w.write_all(&(m.mode() & 0o7777).to_le_bytes())?;
+            mtime(&mut w)?;
+        } else if m.file_type().is_symlink() {
+            w.write_all(&[3])?;
+            put_str(&mut w, rel.as_bytes())?;
+            let target = fs::read_link(&p)?;
+            put_str(&mut w, target.as_os_str().as_encoded_bytes())?;
+        } else if m.is_file() {
+            w.write_all(&[2])?;
+            put_str(&mut w, rel.as_bytes())?;
+            w.write_all(&(m.mode() & 0o7777).to_le_bytes())?;
+            mtime(&mut w)?;
+            let mut src = File::open(&p)?;
+            let size = m.len();
+            w.write_all(&size.to_le_bytes())?;
+            let mut left = size;
+            while left > 0 {
+                let n = (left as usize).min(buf.len());
+                src.read_exact(&mut buf[..n])?;
+                w.write_all(&buf[..n])?;
+                left -= n as u64;
+            }
+        }
+        Ok(())
+    })?;
     w.write_all(&[0])?;
     let digest = *w.hash.finalize().as_bytes();
     let mut inner = w.inner.into_inner().map_err(|e| e.into_error())?;
