@@ -103,13 +103,10 @@ impl PeerClient {
     /// the link; the next call reconnects.
     async fn call(&mut self, req: Request, ttl: Duration) -> Result<Response, NetworkError> {
         let bytes = wire::encode_request(&req);
-        self.link()
-            .await
-            .map_err(|e| NetworkError::new(&NetErr(e.to_string())))?;
         // The link is out of `self` while a request is in flight: openraft may drop this
         // future at its timeout between send and receive, and a link left behind would then
         // hand the late response to the next request. Put back only after a whole answer.
-        let mut link = self.link.take().expect("connected above");
+        let mut link = self.link.take().expect("`rpc` connects before calling");
         let result = async {
             link.send(&bytes).await?;
             link.recv(ttl.as_millis() as u64).await
@@ -131,8 +128,22 @@ impl PeerClient {
     }
 }
 
-fn remote<E: std::error::Error>(msg: String) -> RPCError<u64, BasicNode, E> {
-    RPCError::Network(NetworkError::new(&NetErr(msg)))
+impl PeerClient {
+    /// Connect if needed, send `req`, convert the response. A failure to connect is
+    /// Unreachable (openraft backs off); a failed call is a network error (retried).
+    async fn rpc<T, E: std::error::Error>(
+        &mut self,
+        req: Request,
+        option: RPCOption,
+        convert: fn(Response) -> Result<T, String>,
+    ) -> Result<T, RPCError<u64, BasicNode, E>> {
+        self.link().await.map_err(RPCError::Unreachable)?;
+        let resp = self
+            .call(req, option.hard_ttl())
+            .await
+            .map_err(RPCError::Network)?;
+        convert(resp).map_err(|msg| RPCError::Network(NetworkError::new(&NetErr(msg))))
+    }
 }
 
 impl RaftNetwork<TypeConfig> for PeerClient {
@@ -141,15 +152,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, CallError> {
-        if self.link.is_none() {
-            // Distinguish "cannot connect" (openraft backs off) from a failed call.
-            self.link().await.map_err(RPCError::Unreachable)?;
-        }
-        let resp = self
-            .call(wire::append_request(&rpc), option.hard_ttl())
+        self.rpc(wire::append_request(&rpc), option, wire::to_append_response)
             .await
-            .map_err(RPCError::Network)?;
-        wire::to_append_response(resp).map_err(remote)
     }
 
     async fn install_snapshot(
@@ -160,14 +164,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        if self.link.is_none() {
-            self.link().await.map_err(RPCError::Unreachable)?;
-        }
-        let resp = self
-            .call(wire::snapshot_request(&rpc), option.hard_ttl())
-            .await
-            .map_err(RPCError::Network)?;
-        wire::to_snapshot_response(resp).map_err(remote)
+        self.rpc(
+            wire::snapshot_request(&rpc),
+            option,
+            wire::to_snapshot_response,
+        )
+        .await
     }
 
     async fn vote(
@@ -175,14 +177,8 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, CallError> {
-        if self.link.is_none() {
-            self.link().await.map_err(RPCError::Unreachable)?;
-        }
-        let resp = self
-            .call(wire::vote_request(&rpc), option.hard_ttl())
+        self.rpc(wire::vote_request(&rpc), option, wire::to_vote_response)
             .await
-            .map_err(RPCError::Network)?;
-        wire::to_vote_response(resp).map_err(remote)
     }
 }
 
