@@ -1,7 +1,10 @@
-//! The local admin socket (`DATA_DIR/admin.sock`) and the `status` command that reads it.
+//! The local admin socket (`DATA_DIR/admin.sock`) and the commands that use it: `status`,
+//! `members add|remove`, `learner add`, `transfer-leader`, `verify`.
 //!
-//! Protocol: the client writes one command line (`status`), the daemon answers one line
-//! of JSON and closes. The socket is created mode 0600 inside the (root-owned) data dir.
+//! Protocol: the client writes one command line (`status`, `members-add 4 10.0.0.4:7100`,
+//! …), the daemon answers one line of JSON and closes: `{"error":"…"}` on failure,
+//! `{"ok":true,"message":"…"}` from the cluster operations (`replication/control.rs`). The
+//! socket is created mode 0600 inside the (root-owned) data dir.
 
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Write};
@@ -14,12 +17,14 @@ use openraft::{Raft, ServerState};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
+use crate::replication::control::{json_str, Control};
 use crate::replication::role::Role;
 use crate::replication::TypeConfig;
 
 /// A request line longer than this is refused.
 const REQUEST_BYTES_MAX: usize = 256;
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the daemon waits for a client's request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.sock")
@@ -114,13 +119,57 @@ async fn collect(raft: &Raft<TypeConfig>, role: &Role, acks: u64) -> Status {
     }
 }
 
+/// Run one admin command line against the running node; the JSON answer line.
+async fn dispatch(control: &Control, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let id = |w: &str| {
+        w.parse::<u64>()
+            .ok()
+            .filter(|i| *i > 0)
+            .ok_or_else(|| format!("{w:?} is not a node id (a number from 1)"))
+    };
+    let done = |r: Result<String, String>| match r {
+        Ok(msg) => format!("{{\"ok\":true,\"message\":{}}}", json_str(&msg)),
+        Err(e) => format!("{{\"error\":{}}}", json_str(&e)),
+    };
+    match words.as_slice() {
+        ["status"] => collect(&control.raft, &control.role, control.acks)
+            .await
+            .to_json(),
+        ["members-add", i, addr] => match id(i) {
+            Ok(i) => done(control.add_member(i, addr).await),
+            Err(e) => done(Err(e)),
+        },
+        ["members-remove", i] => match id(i) {
+            Ok(i) => done(control.remove_member(i).await),
+            Err(e) => done(Err(e)),
+        },
+        ["learner-add", i, addr, rest @ ..] if rest.len() <= 1 => {
+            let until = rest
+                .first()
+                .map(|u| u.parse::<u64>().map_err(|_| format!("{u:?} is not an index")))
+                .transpose();
+            match (id(i), until) {
+                (Ok(i), Ok(until)) => done(control.add_learner(i, addr, until).await),
+                (Err(e), _) | (_, Err(e)) => done(Err(e)),
+            }
+        }
+        ["transfer-leader", rest @ ..] if rest.len() <= 1 => {
+            match rest.first().map(|t| id(t)).transpose() {
+                Ok(to) => done(control.transfer_leader(to).await),
+                Err(e) => done(Err(e)),
+            }
+        }
+        ["verify"] => match control.verify().await {
+            Ok(v) => v.to_json(),
+            Err(e) => done(Err(e)),
+        },
+        _ => done(Err(format!("unknown command {line:?}"))),
+    }
+}
+
 /// Serve the admin socket until the runtime stops.
-pub fn serve(
-    data_dir: &Path,
-    raft: Raft<TypeConfig>,
-    role: Arc<Role>,
-    acks: u64,
-) -> io::Result<()> {
+pub fn serve(data_dir: &Path, control: Arc<Control>) -> io::Result<()> {
     let path = socket_path(data_dir);
     // A socket left by a crashed daemon: the data dir lock proves nobody else owns it.
     let _ = std::fs::remove_file(&path);
@@ -131,17 +180,16 @@ pub fn serve(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (raft, role) = (raft.clone(), role.clone());
+            let control = control.clone();
             tokio::spawn(async move {
                 let (rd, mut wr) = stream.into_split();
                 let mut line = String::new();
                 let mut rd = tokio::io::BufReader::new(rd.take(REQUEST_BYTES_MAX as u64));
-                let read = tokio::time::timeout(CLIENT_TIMEOUT, rd.read_line(&mut line)).await;
-                let reply = match (read, line.trim()) {
-                    (Ok(Ok(_)), "status") => collect(&raft, &role, acks).await.to_json(),
-                    (Ok(Ok(_)), other) => format!("{{\"error\":\"unknown command {other:?}\"}}"),
-                    _ => return,
-                };
+                let read = tokio::time::timeout(REQUEST_TIMEOUT, rd.read_line(&mut line)).await;
+                if !matches!(read, Ok(Ok(_))) {
+                    return;
+                }
+                let reply = dispatch(&control, line.trim()).await;
                 let _ = wr.write_all(format!("{reply}\n").as_bytes()).await;
             });
         }
@@ -149,8 +197,9 @@ pub fn serve(
     Ok(())
 }
 
-/// `seguro-fs status DATA_DIR`: ask the running daemon.
-pub fn status(data_dir: &Path, json: bool) -> Result<String, String> {
+/// Send `command` to the daemon of `data_dir` and return its answer line; an
+/// `{"error":…}` answer becomes the error.
+pub fn request(data_dir: &Path, command: &str, timeout: Duration) -> Result<String, String> {
     let path = socket_path(data_dir);
     let mut s = UnixStream::connect(&path).map_err(|e| {
         format!(
@@ -158,18 +207,107 @@ pub fn status(data_dir: &Path, json: bool) -> Result<String, String> {
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(CLIENT_TIMEOUT))
+    s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.write_all(b"status\n").map_err(|e| e.to_string())?;
+    s.write_all(format!("{command}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| format!("reading the daemon's answer: {e}"))?;
+    BufReader::new(s).read_line(&mut line).map_err(|e| {
+        format!(
+            "no answer from the daemon within {} s: {e}",
+            timeout.as_secs()
+        )
+    })?;
     let line = line.trim().to_string();
+    if let Some(msg) = json_field(&line, "error") {
+        return Err(msg);
+    }
+    Ok(line)
+}
+
+/// The string value of `key` in a one-line JSON object written by this module.
+pub fn json_field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let mut out = String::new();
+    let mut chars = line[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'u' => {
+                    let code: String = chars.by_ref().take(4).collect();
+                    out.push(char::from_u32(u32::from_str_radix(&code, 16).ok()?)?);
+                }
+                c => out.push(c),
+            },
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// `seguro-fs status DATA_DIR`: ask the running daemon.
+pub fn status(data_dir: &Path, json: bool) -> Result<String, String> {
+    let line = request(data_dir, "status", STATUS_TIMEOUT)?;
     if json {
         return Ok(line);
     }
     Ok(table_from_json(&line))
+}
+
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Run a cluster operation through the daemon; its message (or the JSON line).
+pub fn operate(
+    data_dir: &Path,
+    command: &str,
+    timeout_ms: u64,
+    json: bool,
+) -> Result<String, String> {
+    let line = request(data_dir, command, Duration::from_millis(timeout_ms))?;
+    if json {
+        return Ok(line);
+    }
+    Ok(json_field(&line, "message").unwrap_or(line))
+}
+
+/// `seguro-fs verify DATA_DIR`: every member's digest at one index, as a table. Fails
+/// (after printing it) unless they all agree.
+pub fn verify(data_dir: &Path, timeout_ms: u64, json: bool) -> Result<String, String> {
+    let line = request(data_dir, "verify", Duration::from_millis(timeout_ms))?;
+    let agree = line.contains("\"agree\":true");
+    let out = if json {
+        line.clone()
+    } else {
+        let mut t = String::new();
+        let index = line
+            .split("\"index\":")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .unwrap_or("?");
+        let _ = writeln!(t, "digests at index {index}:");
+        for m in line.split("{\"id\":").skip(1) {
+            let id = m.split(',').next().unwrap_or("?");
+            let digest = json_field(m, "digest").unwrap_or_else(|| "-".into());
+            let note = json_field(m, "note").unwrap_or_default();
+            let _ = writeln!(t, "  node {id:<4} {digest:<64}  {note}");
+        }
+        let _ = write!(
+            t,
+            "{}",
+            if agree {
+                "all members hold identical trees"
+            } else {
+                "MISMATCH or unverified members: the trees are not known to be identical"
+            }
+        );
+        t
+    };
+    if agree {
+        Ok(out)
+    } else {
+        Err(out)
+    }
 }
 
 /// Render the daemon's JSON as `key value` lines (the daemon owns the field list).

@@ -48,6 +48,10 @@ pub struct Limits {
     /// [election_timeout_min_ms, 1.25×].
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
+    /// `members add`: how long a new member may take to catch up before it is promoted.
+    pub member_catchup_timeout_ms: u64,
+    /// `transfer-leader`: each of its waits (target catching up, target taking over).
+    pub transfer_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -72,6 +76,8 @@ impl Default for Limits {
             peer_connections_max: 64,
             heartbeat_ms: 150,
             election_timeout_min_ms: 500,
+            member_catchup_timeout_ms: 600_000,
+            transfer_timeout_ms: 10_000,
         }
     }
 }
@@ -173,6 +179,13 @@ impl Limits {
             self.heartbeat_ms * 3,
             60_000,
         )?;
+        check(
+            "member_catchup_timeout_ms",
+            self.member_catchup_timeout_ms,
+            1_000,
+            86_400_000,
+        )?;
+        check("transfer_timeout_ms", self.transfer_timeout_ms, 1_000, 600_000)?;
         Ok(())
     }
 }

@@ -14,6 +14,7 @@ use crate::fs::overlay::Overlay;
 use crate::fs::pending::Pending;
 use crate::fs::{Fs, FsParts};
 use crate::fuse::FuseAdapter;
+use crate::replication::control::Control;
 use crate::replication::role::{self, Role};
 use crate::replication::state_machine::ObserverSlot;
 use crate::replication::{self, proposer::Proposer, StartError};
@@ -158,7 +159,15 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
         observer.clone(),
     ))?;
     let role = Arc::new(Role::default());
-    rt.block_on(async { admin::serve(&data_dir.root, node.raft.clone(), role.clone(), cfg.acks) })
+    let control = Arc::new(Control {
+        raft: node.raft.clone(),
+        role: role.clone(),
+        state_machine: node.state_machine.clone(),
+        net: node.net.clone(),
+        acks: cfg.acks,
+        limits: cfg.limits.clone(),
+    });
+    rt.block_on(async { admin::serve(&data_dir.root, control) })
         .map_err(|e| MountError::Io(std::io::Error::other(format!("admin socket: {e}"))))?;
 
     let pending = Arc::new(Mutex::new(Pending::new(origin, cfg.limits.entry_bytes_max)));

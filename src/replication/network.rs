@@ -18,6 +18,7 @@ use openraft::{BasicNode, Raft};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::control::{ControlServer, OpenImage};
 use super::transport::{ClusterKey, Link, LinkError, LinkLimits};
 use super::wire::{self, RaftRequest, Request, Response};
 use super::TypeConfig;
@@ -182,8 +183,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     }
 }
 
-async fn handle(raft: &Raft<TypeConfig>, req: RaftRequest) -> Response {
+async fn handle(
+    raft: &Raft<TypeConfig>,
+    control: &ControlServer,
+    image: &mut Option<OpenImage>,
+    req: RaftRequest,
+) -> Response {
     match req {
+        RaftRequest::Control(c) => control.handle(c, image).await,
         RaftRequest::Append(r) => match raft.append_entries(r).await {
             Ok(resp) => wire::append_response(&resp),
             Err(e) => Response::Error {
@@ -212,6 +219,7 @@ async fn serve_link(
     peer: SocketAddr,
     raft: Raft<TypeConfig>,
     cfg: NetConfig,
+    control: ControlServer,
 ) {
     let Some(key) = cfg.key.as_ref() else {
         return;
@@ -223,6 +231,8 @@ async fn serve_link(
             return;
         }
     };
+    // A `restore` reading an image through this link.
+    let mut image = None;
     loop {
         let bytes = match link.recv(cfg.idle_ms).await {
             Ok(b) => b,
@@ -239,7 +249,7 @@ async fn serve_link(
                 return;
             }
         };
-        let resp = handle(&raft, req).await;
+        let resp = handle(&raft, &control, &mut image, req).await;
         if link.send(&wire::encode_response(&resp)).await.is_err() {
             return;
         }
@@ -247,7 +257,12 @@ async fn serve_link(
 }
 
 /// Accept peer connections until the runtime shuts down.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, cfg: NetConfig) {
+pub async fn serve(
+    listener: TcpListener,
+    raft: Raft<TypeConfig>,
+    cfg: NetConfig,
+    control: ControlServer,
+) {
     let slots = Arc::new(Semaphore::new(cfg.connections_max));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -262,9 +277,9 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, cfg: NetConfig
             tracing::warn!(%peer, "too many peer connections; refusing");
             continue;
         };
-        let (raft, cfg) = (raft.clone(), cfg.clone());
+        let (raft, cfg, control) = (raft.clone(), cfg.clone(), control.clone());
         tokio::spawn(async move {
-            serve_link(stream, peer, raft, cfg).await;
+            serve_link(stream, peer, raft, cfg, control).await;
             drop(permit);
         });
     }
