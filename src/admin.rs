@@ -13,13 +13,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::{Raft, ServerState};
+use openraft::ServerState;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
 use crate::replication::control::{json_str, Control};
-use crate::replication::role::Role;
-use crate::replication::TypeConfig;
 
 /// A request line longer than this is refused.
 const REQUEST_BYTES_MAX: usize = 256;
@@ -43,6 +41,10 @@ pub struct Status {
     pub acks: u64,
     pub writable: bool,
     pub members: Vec<u64>,
+    /// Non-voting members.
+    pub learners: Vec<u64>,
+    /// Set on an export learner: the index its tree stops at.
+    pub export_until: Option<u64>,
     /// Per other member: the last log index it is known to hold (leader only).
     pub matched: Vec<(u64, Option<u64>)>,
 }
@@ -51,6 +53,7 @@ impl Status {
     pub fn to_json(&self) -> String {
         let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
         let members: Vec<String> = self.members.iter().map(u64::to_string).collect();
+        let learners: Vec<String> = self.learners.iter().map(u64::to_string).collect();
         let mut matched = String::new();
         for (i, (id, m)) in self.matched.iter().enumerate() {
             if i > 0 {
@@ -61,7 +64,7 @@ impl Status {
         format!(
             "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
              \"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
-             \"members\":[{}],\"matched\":{{{}}}}}",
+             \"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}}}}",
             self.node_id,
             self.role,
             self.term,
@@ -72,6 +75,8 @@ impl Status {
             self.acks,
             self.writable,
             members.join(","),
+            learners.join(","),
+            opt(self.export_until),
             matched
         )
     }
@@ -87,13 +92,15 @@ fn role_name(s: ServerState) -> &'static str {
     }
 }
 
-async fn collect(raft: &Raft<TypeConfig>, role: &Role, acks: u64) -> Status {
+async fn collect(control: &Control) -> Status {
+    let (raft, role, acks) = (&control.raft, &control.role, control.acks);
     let m = raft.metrics().borrow().clone();
     let committed = raft
         .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
         .await
         .unwrap_or(0);
     let members: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+    let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
     let matched = m
         .replication
         .as_ref()
@@ -115,6 +122,8 @@ async fn collect(raft: &Raft<TypeConfig>, role: &Role, acks: u64) -> Status {
         acks,
         writable: role.writable(),
         members,
+        learners,
+        export_until: control.state_machine.export_until(),
         matched,
     }
 }
@@ -133,9 +142,7 @@ async fn dispatch(control: &Control, line: &str) -> String {
         Err(e) => format!("{{\"error\":{}}}", json_str(&e)),
     };
     match words.as_slice() {
-        ["status"] => collect(&control.raft, &control.role, control.acks)
-            .await
-            .to_json(),
+        ["status"] => collect(control).await.to_json(),
         ["members-add", i, addr] => match id(i) {
             Ok(i) => done(control.add_member(i, addr).await),
             Err(e) => done(Err(e)),
@@ -147,7 +154,10 @@ async fn dispatch(control: &Control, line: &str) -> String {
         ["learner-add", i, addr, rest @ ..] if rest.len() <= 1 => {
             let until = rest
                 .first()
-                .map(|u| u.parse::<u64>().map_err(|_| format!("{u:?} is not an index")))
+                .map(|u| {
+                    u.parse::<u64>()
+                        .map_err(|_| format!("{u:?} is not an index"))
+                })
                 .transpose();
             match (id(i), until) {
                 (Ok(i), Ok(until)) => done(control.add_learner(i, addr, until).await),
@@ -357,6 +367,8 @@ mod tests {
             acks: 1,
             writable: true,
             members: vec![1, 2, 3],
+            learners: vec![4],
+            export_until: None,
             matched: vec![(1, Some(40)), (3, None)],
         };
         let j = s.to_json();
@@ -364,7 +376,8 @@ mod tests {
             j,
             "{\"node_id\":2,\"role\":\"leader\",\"term\":7,\"leader_id\":2,\"last_index\":40,\
              \"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
-             \"members\":[1,2,3],\"matched\":{\"1\":40,\"3\":null}}"
+             \"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
+             \"matched\":{\"1\":40,\"3\":null}}"
         );
         let t = table_from_json(&j);
         assert!(t.contains("role            leader"), "{t}");

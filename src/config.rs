@@ -185,7 +185,12 @@ impl Limits {
             1_000,
             86_400_000,
         )?;
-        check("transfer_timeout_ms", self.transfer_timeout_ms, 1_000, 600_000)?;
+        check(
+            "transfer_timeout_ms",
+            self.transfer_timeout_ms,
+            1_000,
+            600_000,
+        )?;
         Ok(())
     }
 }

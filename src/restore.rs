@@ -25,7 +25,9 @@ const TOOL_NODE_ID: u64 = 0;
 const PROGRESS_LINES: u64 = 10;
 
 fn image_path(dest: &Path) -> PathBuf {
-    let name = dest.file_name().map_or("restore".into(), |n| n.to_string_lossy());
+    let name = dest
+        .file_name()
+        .map_or("restore".into(), |n| n.to_string_lossy());
     dest.with_file_name(format!(".{name}.seguro-restore.img"))
 }
 
@@ -40,8 +42,9 @@ fn prepare(dest: &Path) -> Result<(), String> {
             }
             Ok(())
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dest)
-            .map_err(|e| format!("creating {}: {e}", dest.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dest).map_err(|e| format!("creating {}: {e}", dest.display()))
+        }
         Err(e) => Err(format!("{}: {e}", dest.display())),
     }
 }
@@ -123,7 +126,9 @@ async fn download(
         let data = match link.call(req, ttl).await? {
             ControlResponse::ImageData { data } if !data.is_empty() => data,
             ControlResponse::ImageData { .. } => {
-                return Err(format!("{from}: the image ended at {offset} of {len} bytes"))
+                return Err(format!(
+                    "{from}: the image ended at {offset} of {len} bytes"
+                ))
             }
             other => return Err(format!("{from}: unexpected answer {other:?}")),
         };

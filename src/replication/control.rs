@@ -165,22 +165,20 @@ impl ControlServer {
                 let wait = Duration::from_millis(wait_ms.min(CONTROL_DELAY_MS_MAX));
                 let _ = tokio::time::timeout(wait, applied.wait_for(|a| *a >= index)).await;
                 let now = *applied.borrow();
-                Ok(match self.state_machine.digest_at(index) {
-                    DigestAnswer::Recorded(d) => ControlResponse::Digest {
-                        applied: now,
-                        digest: Some(d),
-                        note: String::new(),
-                    },
-                    DigestAnswer::Pending => ControlResponse::Digest {
-                        applied: now,
-                        digest: None,
-                        note: format!("has not applied index {index} yet (applied {now})"),
-                    },
-                    DigestAnswer::Unknown(why) => ControlResponse::Digest {
-                        applied: now,
-                        digest: None,
-                        note: why,
-                    },
+                let export = self.state_machine.export_until().is_some();
+                let (digest, note) = match self.state_machine.digest_at(index) {
+                    DigestAnswer::Recorded(d) => (Some(d), String::new()),
+                    DigestAnswer::Pending => (
+                        None,
+                        format!("has not applied index {index} yet (applied {now})"),
+                    ),
+                    DigestAnswer::Unknown(why) => (None, why),
+                };
+                Ok(ControlResponse::Digest {
+                    applied: now,
+                    digest,
+                    export,
+                    note,
                 })
             }
             ControlRequest::HoldElections { ms } => {
@@ -203,7 +201,9 @@ impl ControlServer {
             }
             ControlRequest::Campaign { after_ms } => {
                 if self.state_machine.export_until().is_some() {
-                    return Err("this member is an export (its tree is frozen); it cannot lead".into());
+                    return Err(
+                        "this member is an export (its tree is frozen); it cannot lead".into(),
+                    );
                 }
                 let raft = self.raft.clone();
                 tokio::spawn(async move {
@@ -217,7 +217,11 @@ impl ControlServer {
             }
             ControlRequest::ExportUntil { index } => {
                 let m = self.raft.metrics().borrow().clone();
-                if m.membership_config.membership().voter_ids().any(|v| v == m.id) {
+                if m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == m.id)
+                {
                     return Err(format!(
                         "node {} is a voter; only a new, empty member can become an export",
                         m.id
@@ -281,6 +285,8 @@ pub struct Control {
 pub struct MemberDigest {
     pub id: u64,
     pub digest: Option<[u8; 32]>,
+    /// An export learner (frozen tree): shown, not compared.
+    pub export: bool,
     pub note: String,
 }
 
@@ -290,10 +296,11 @@ pub struct Verification {
 }
 
 impl Verification {
-    /// Every member recorded a digest and they are all the same.
+    /// Every member but the exports recorded a digest and they are all the same.
     pub fn agrees(&self) -> bool {
-        let first = self.members.first().and_then(|m| m.digest);
-        first.is_some() && self.members.iter().all(|m| m.digest == first)
+        let mut compared = self.members.iter().filter(|m| !m.export);
+        let first = compared.next().and_then(|m| m.digest);
+        first.is_some() && compared.all(|m| m.digest == first)
     }
 
     pub fn to_json(&self) -> String {
@@ -302,9 +309,10 @@ impl Verification {
             .iter()
             .map(|m| {
                 format!(
-                    "{{\"id\":{},\"digest\":{},\"note\":{}}}",
+                    "{{\"id\":{},\"digest\":{},\"export\":{},\"note\":{}}}",
                     m.id,
                     m.digest.map_or("null".into(), |d| json_str(&hex(&d))),
+                    m.export,
                     json_str(&m.note)
                 )
             })
@@ -336,9 +344,15 @@ impl Control {
                     .membership()
                     .get_node(&l)
                     .map_or(String::new(), |n| format!(" at {}", n.addr));
-                format!("this node ({}) is not the leader; run the command on node {l}{addr}", m.id)
+                format!(
+                    "this node ({}) is not the leader; run the command on node {l}{addr}",
+                    m.id
+                )
             }
-            None => format!("this node ({}) is not the leader and no leader is known", m.id),
+            None => format!(
+                "this node ({}) is not the leader and no leader is known",
+                m.id
+            ),
         })
     }
 
@@ -375,7 +389,11 @@ impl Control {
         Ok(format!(
             "{{\"added\":{id},\"index\":{},\"voters\":{}}}",
             r.log_id.index,
-            id_list(&r.membership.map(|m| m.voter_ids().collect()).unwrap_or_default())
+            id_list(
+                &r.membership
+                    .map(|m| m.voter_ids().collect())
+                    .unwrap_or_default()
+            )
         ))
     }
 
@@ -383,7 +401,11 @@ impl Control {
     pub async fn remove_member(&self, id: u64) -> Result<String, String> {
         let m = self.ensure_leader()?;
         let voters = Self::voters(&m);
-        let is_learner = m.membership_config.membership().learner_ids().any(|l| l == id);
+        let is_learner = m
+            .membership_config
+            .membership()
+            .learner_ids()
+            .any(|l| l == id);
         let change = if voters.contains(&id) {
             let left = voters.len() as u64 - 1;
             if left == 0 {
@@ -572,10 +594,11 @@ impl Control {
         let mut members = Vec::new();
         for (id, addr) in nodes {
             let answer = if id == m.id {
+                // The leader answers client_write after applying, so the barrier is here.
                 match self.state_machine.digest_at(index) {
-                    DigestAnswer::Recorded(d) => Ok((Some(d), String::new())),
-                    DigestAnswer::Pending => Ok((None, "not applied yet".into())),
-                    DigestAnswer::Unknown(why) => Ok((None, why)),
+                    DigestAnswer::Recorded(d) => Ok((Some(d), false, String::new())),
+                    DigestAnswer::Pending => Ok((None, false, "not applied yet".into())),
+                    DigestAnswer::Unknown(why) => Ok((None, false, why)),
                 }
             } else {
                 let req = ControlRequest::Digest {
@@ -583,13 +606,24 @@ impl Control {
                     wait_ms: self.limits.ack_timeout_ms,
                 };
                 match call(&self.net, &addr, req, self.limits.ack_timeout_ms * 2).await {
-                    Ok(ControlResponse::Digest { digest, note, .. }) => Ok((digest, note)),
+                    Ok(ControlResponse::Digest {
+                        digest,
+                        export,
+                        note,
+                        ..
+                    }) => Ok((digest, export, note)),
                     Ok(other) => Err(format!("unexpected answer {other:?}")),
                     Err(e) => Err(e),
                 }
             };
-            let (digest, note) = answer.unwrap_or_else(|e| (None, format!("unreachable: {e}")));
-            members.push(MemberDigest { id, digest, note });
+            let (digest, export, note) =
+                answer.unwrap_or_else(|e| (None, false, format!("unreachable: {e}")));
+            members.push(MemberDigest {
+                id,
+                digest,
+                export,
+                note,
+            });
         }
         Ok(Verification { index, members })
     }
@@ -620,16 +654,28 @@ mod tests {
         let md = |id, d: Option<u8>| MemberDigest {
             id,
             digest: d.map(|b| [b; 32]),
+            export: false,
             note: String::new(),
         };
         let v = |members| Verification { index: 9, members };
         assert!(v(vec![md(1, Some(1)), md(2, Some(1))]).agrees());
+        let frozen = MemberDigest {
+            export: true,
+            ..md(3, None)
+        };
+        assert!(v(vec![md(1, Some(1)), frozen, md(2, Some(1))]).agrees());
         assert!(!v(vec![md(1, Some(1)), md(2, Some(2))]).agrees());
         assert!(!v(vec![md(1, Some(1)), md(2, None)]).agrees());
         assert!(!v(vec![]).agrees());
         let j = v(vec![md(1, Some(0xab)), md(2, None)]).to_json();
-        assert!(j.starts_with("{\"index\":9,\"agree\":false,\"members\":[{\"id\":1,\"digest\":\"abab"), "{j}");
-        assert!(j.ends_with("{\"id\":2,\"digest\":null,\"note\":\"\"}]}"), "{j}");
+        assert!(
+            j.starts_with("{\"index\":9,\"agree\":false,\"members\":[{\"id\":1,\"digest\":\"abab"),
+            "{j}"
+        );
+        assert!(
+            j.ends_with("{\"id\":2,\"digest\":null,\"export\":false,\"note\":\"\"}]}"),
+            "{j}"
+        );
         assert_eq!(json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
     }
 }

@@ -667,7 +667,11 @@ mod tests {
         let b = t.path().join("b");
         fs::create_dir(&b).unwrap();
         unpack_image(&img, &b).unwrap();
-        assert_eq!(tree_digest(&b).unwrap(), d0, "an unpacked image has the same digest");
+        assert_eq!(
+            tree_digest(&b).unwrap(),
+            d0,
+            "an unpacked image has the same digest"
+        );
         // One flipped byte, a mode, a name: each changes it.
         let mut bytes = fs::read(b.join("0i0/data.mdb")).unwrap();
         bytes[BUF_BYTES + 1] ^= 0x40;

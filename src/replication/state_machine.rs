@@ -293,7 +293,10 @@ impl StateMachine {
         std::fs::rename(&tmp, &path)?;
         crate::sync::fsync_dir(&g.data_dir)?;
         g.export_until = Some(index);
-        tracing::info!(index, "this member is an export: its tree stops at this index");
+        tracing::info!(
+            index,
+            "this member is an export: its tree stops at this index"
+        );
         Ok(())
     }
 }

@@ -86,6 +86,8 @@ pub enum ControlResponse {
     Digest {
         applied: u64,
         digest: Option<[u8; 32]>,
+        /// An export learner: its tree is frozen, so it is not compared.
+        export: bool,
         note: String,
     },
     Image {
@@ -262,7 +264,9 @@ pub fn to_control_response(r: Response) -> Result<ControlResponse, String> {
     match r {
         Response::Control(c) => Ok(c),
         Response::Error { message } => Err(message),
-        other => Err(format!("unexpected response to a control request: {other:?}")),
+        other => Err(format!(
+            "unexpected response to a control request: {other:?}"
+        )),
     }
 }
 
@@ -428,6 +432,7 @@ mod tests {
         let r = ControlResponse::Digest {
             applied: 4,
             digest: Some([7; 32]),
+            export: false,
             note: String::new(),
         };
         let bytes = encode_response(&Response::Control(r.clone()));
