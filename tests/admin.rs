@@ -298,6 +298,19 @@ fn learner_until_index_is_an_export_frozen_there() {
     assert_eq!(fs::read(tree4.join("a")).unwrap(), b"version one");
     let o = seguro(&["transfer-leader", &data(&c, leader), "--to", "4"]);
     assert!(!o.ok, "an export learner is not a voter: {}", o.stdout);
+    let o = seguro(&["members", "add", &data(&c, leader), "4", &c.peer_addr(4)]);
+    assert!(
+        !o.ok && o.stderr.contains("export learner frozen"),
+        "an export must not be promoted: {}",
+        o.stderr
+    );
+
+    phase("remove the export learner");
+    let o = seguro(&["members", "remove", &data(&c, leader), "4"]);
+    assert!(o.ok, "removing the learner: {}", o.stderr);
+    c.wait_for("node 4 gone", ELECTION, || {
+        learners(&status(&c, leader)).is_empty().then_some(())
+    });
 
     phase("a voter cannot be turned into an export");
     let f = (1..=3).find(|&i| i != leader).unwrap();

@@ -235,6 +235,9 @@ impl ControlServer {
                 self.raft.runtime_config().elect(false);
                 Ok(ControlResponse::Done)
             }
+            ControlRequest::Describe => Ok(ControlResponse::Described {
+                export_until: self.state_machine.export_until(),
+            }),
             ControlRequest::ImageOpen => {
                 let sm = self.state_machine.clone();
                 let snap = tokio::task::spawn_blocking(move || sm.current_image())
@@ -366,6 +369,26 @@ impl Control {
         check_addr(addr)?;
         if Self::voters(&m).contains(&id) {
             return Err(format!("node {id} is already a voter"));
+        }
+        if m.membership_config.membership().get_node(&id).is_some() {
+            // Promoting a learner: an export's tree is frozen, it must never vote or lead.
+            let desc = call(
+                &self.net,
+                addr,
+                ControlRequest::Describe,
+                self.limits.peer_io_timeout_ms,
+            )
+            .await
+            .map_err(|e| format!("asking learner {id} what it is: {e}"))?;
+            if let ControlResponse::Described {
+                export_until: Some(until),
+            } = desc
+            {
+                return Err(format!(
+                    "node {id} is an export learner frozen at index {until}; it cannot \
+                     become a voter (remove it, wipe its data dir, and add it again)"
+                ));
+            }
         }
         let timeout = Duration::from_millis(self.limits.member_catchup_timeout_ms);
         let node = BasicNode::new(addr);

@@ -72,6 +72,8 @@ pub enum ControlRequest {
     Campaign { after_ms: u64 },
     /// Freeze this member's tree at `index` (it is about to be added as an export learner).
     ExportUntil { index: u64 },
+    /// What kind of member this is (before promoting a learner).
+    Describe,
     /// Build (or reuse) an image of the tree at the applied index, for `restore`.
     ImageOpen,
     /// `len` bytes of the open image from `offset` (fewer only at its end).
@@ -81,6 +83,10 @@ pub enum ControlRequest {
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum ControlResponse {
     Done,
+    Described {
+        /// Set on an export learner.
+        export_until: Option<u64>,
+    },
     /// `digest` is None when this member cannot tell (it skipped the barrier: installed a
     /// later snapshot, or is an export frozen below it); `note` says why.
     Digest {
