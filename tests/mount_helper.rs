@@ -114,14 +114,9 @@ impl Drop for Background {
     }
 }
 
-/// Write through the mount, fsync, unmount with umount(8), and check that the daemon
-/// exits and the data is in DATA_DIR/tree.
-fn write_unmount_and_check(mount: &Background) {
+/// umount(8) the mount and wait (bounded) for its daemon to exit.
+fn unmount_and_wait(mount: &Background) {
     let pid = mount.pid().expect("the daemon is running");
-    let mut f = fs::File::create(mount.mountpoint.join("event.log")).unwrap();
-    f.write_all(b"event 1\n").unwrap();
-    f.sync_all().unwrap();
-    drop(f);
     let out = run(Command::new("umount").arg(&mount.mountpoint));
     assert!(out.status.success(), "umount: {}", stderr(&out));
     let deadline = Instant::now() + EXIT_TIMEOUT;
@@ -132,6 +127,16 @@ fn write_unmount_and_check(mount: &Background) {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Write through the mount, fsync, unmount with umount(8), and check that the daemon
+/// exits and the data is in DATA_DIR/tree.
+fn write_unmount_and_check(mount: &Background) {
+    let mut f = fs::File::create(mount.mountpoint.join("event.log")).unwrap();
+    f.write_all(b"event 1\n").unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+    unmount_and_wait(mount);
     assert_eq!(
         fs::read(mount.data_dir.join("tree/event.log")).unwrap(),
         b"event 1\n"
@@ -402,4 +407,67 @@ fn foreground_mount_notifies_systemd() {
     guard.0 = None;
     assert!(status.success());
     assert!(!is_mounted(&mp));
+}
+
+/// `seguro-fs status DATA_DIR --json`.
+fn status(data: &Path) -> String {
+    let out = run(Command::new(bin()).arg("status").arg(data).arg("--json"));
+    assert!(out.status.success(), "{}", stderr(&out));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn join_keeps_a_pristine_lowest_id_from_initialising() {
+    let t = TestDir::new("join");
+    let mp = t.join("mp");
+    fs::create_dir_all(&mp).unwrap();
+    let key = t.join("k");
+    fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let opts = format!(
+        "peers=1=127.0.0.1:{port},cluster_key_file={},heartbeat_ms=50,election_timeout_min_ms=200",
+        key.display()
+    );
+    let mount_with = |data: &Path, extra: &str| {
+        let out = run(Command::new(bin())
+            .args(["mount", "--background"])
+            .arg(data)
+            .arg(&mp)
+            .arg("-o")
+            .arg(format!("{opts}{extra}")));
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(is_mounted(&mp));
+        Background::new(data, &mp)
+    };
+
+    // With join, node 1 (the lowest id) mounts as a pristine member and waits; many
+    // election timeouts later it is still not part of any cluster.
+    let joined = t.join("joined");
+    let mount = mount_with(&joined, ",join");
+    std::thread::sleep(Duration::from_millis(2_000));
+    let s = status(&joined);
+    assert!(
+        s.contains("\"members\":[]") && s.contains("\"writable\":false"),
+        "{s}"
+    );
+    assert!(
+        fs::write(mp.join("f"), b"x").is_err(),
+        "not writable while waiting"
+    );
+    // Gone before the next daemon binds the same port.
+    unmount_and_wait(&mount);
+
+    // Without it, the same node initialises the cluster and leads.
+    let fresh = t.join("fresh");
+    let mount = mount_with(&fresh, "");
+    let deadline = Instant::now() + COMMAND_TIMEOUT;
+    while !status(&fresh).contains("\"writable\":true") {
+        assert!(Instant::now() < deadline, "{}", status(&fresh));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    write_unmount_and_check(&mount);
 }
