@@ -27,6 +27,9 @@ pub enum Command {
     Mount(MountArgs),
     /// Show the running node's role, term, leader and log indexes.
     Status(StatusArgs),
+    /// Write man pages and shell completions (used by packaging/build).
+    #[command(hide = true)]
+    GenerateAssets(crate::assets::GenerateAssetsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -274,7 +277,7 @@ mod tests {
         all.extend_from_slice(args);
         match parse(&all).unwrap().command {
             Command::Mount(m) => m.into_config(),
-            Command::Status(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 

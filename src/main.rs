@@ -1,6 +1,7 @@
 //! seguro-fs: parse the command line, run the command, map the outcome to an exit code.
 
 mod admin;
+mod assets;
 mod cli;
 mod config;
 mod daemon;
@@ -31,6 +32,7 @@ fn main() {
         cli::Command::Status(args) => admin::status(&args.data_dir, args.json).map(|out| {
             println!("{}", out.trim_end());
         }),
+        cli::Command::GenerateAssets(args) => assets::generate(&args.out).map(|_| ()),
     };
     if let Err(msg) = result {
         eprintln!("seguro-fs: error: {msg}");

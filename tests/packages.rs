@@ -1,0 +1,396 @@
+//! Package tests: the .deb and .rpm that `packaging/build` writes to TARGET_DIR/packages.
+//! The .deb is installed with dpkg, a pier is mounted from an fstab line through the
+//! packaged mount.seguro-fs helper, a vere-shaped LMDB workload runs on it, and the package
+//! is purged again; the .rpm's file list is read with `rpm -qlp`.
+//!
+//! Ignored by default (a plain `cargo test` needs no packages); scripts/test runs them with
+//! `--ignored` after `packaging/build`. They fail, not skip, when a package is missing.
+//! They need root (dpkg, mount) and change the machine's package database, so the .deb test
+//! refuses to run over an existing seguro-fs installation rather than purge it.
+
+mod common;
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::mount::{copy_tree, force_unmount, is_mounted, TestDir};
+use common::vere;
+
+/// Events and image size of the workload: two rolls and a chop, a few seconds.
+const WORKLOAD_EVENTS: u64 = 1500;
+const IMAGE_BYTES: u64 = 4 << 20;
+/// mount(8) returns once the daemon has mounted (it waits for the node to be writable).
+const MOUNT_TIMEOUT: Duration = Duration::from_secs(90);
+/// After umount the daemon drains, checkpoints and exits.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// dpkg and rpm on a local file.
+const TOOL_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// What the .deb must install (paths as dpkg records them) and remove again on purge.
+const DEB_FILES: &[&str] = &[
+    "/usr/bin/seguro-fs",
+    "/sbin/mount.seguro-fs",
+    "/lib/systemd/system/seguro-fs@.service",
+    "/usr/share/man/man1/seguro-fs.1.gz",
+    "/usr/share/man/man1/seguro-fs-mount.1.gz",
+    "/usr/share/man/man1/seguro-fs-status.1.gz",
+    "/usr/share/man/man8/mount.seguro-fs.8.gz",
+    "/usr/share/bash-completion/completions/seguro-fs",
+    "/usr/share/zsh/vendor-completions/_seguro-fs",
+    "/usr/share/fish/vendor_completions.d/seguro-fs.fish",
+    "/usr/share/doc/seguro-fs/README.md",
+    "/usr/share/doc/seguro-fs/OPERATIONS.md",
+    "/usr/share/doc/seguro-fs/examples/fstab",
+    "/usr/share/doc/seguro-fs/examples/zod.toml",
+    "/usr/share/doc/seguro-fs/examples/urbit@.service",
+    "/usr/share/doc/seguro-fs/examples/srv-zod-.urb-log.mount",
+];
+
+/// What the .rpm must list (Fedora's directories).
+const RPM_FILES: &[&str] = &[
+    "/usr/bin/seguro-fs",
+    "/usr/sbin/mount.seguro-fs",
+    "/usr/lib/systemd/system/seguro-fs@.service",
+    "/usr/share/man/man1/seguro-fs.1",
+    "/usr/share/man/man1/seguro-fs-mount.1",
+    "/usr/share/man/man1/seguro-fs-status.1",
+    "/usr/share/man/man8/mount.seguro-fs.8",
+    "/usr/share/bash-completion/completions/seguro-fs",
+    "/usr/share/zsh/site-functions/_seguro-fs",
+    "/usr/share/fish/vendor_completions.d/seguro-fs.fish",
+    "/usr/share/doc/seguro-fs/README.md",
+    "/usr/share/doc/seguro-fs/OPERATIONS.md",
+    "/usr/share/doc/seguro-fs/examples/fstab",
+    "/usr/share/doc/seguro-fs/examples/zod.toml",
+    "/usr/share/doc/seguro-fs/examples/urbit@.service",
+    "/usr/share/doc/seguro-fs/examples/srv-zod-.urb-log.mount",
+    "/etc/seguro-fs",
+];
+
+/// TARGET_DIR/packages: this test binary is TARGET_DIR/PROFILE/deps/packages-HASH.
+fn packages_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.ancestors()
+        .nth(3)
+        .expect("test binary lives in TARGET_DIR/PROFILE/deps")
+        .join("packages")
+}
+
+/// The one package file with this extension; panics (the test fails) when there is none.
+fn package(ext: &str) -> PathBuf {
+    let dir = packages_dir();
+    let found: Vec<PathBuf> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}: run packaging/build first", dir.display()))
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == ext))
+        .collect();
+    match found.as_slice() {
+        [one] => one.clone(),
+        [] => panic!("no .{ext} in {}: run packaging/build first", dir.display()),
+        many => panic!("more than one .{ext} in {}: {many:?}", dir.display()),
+    }
+}
+
+/// Run a command to completion within `timeout`, killing it past that.
+fn run(cmd: &mut Command, timeout: Duration) -> Output {
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let deadline = Instant::now() + timeout;
+    // Bounded by the deadline; the pipes are drained by wait_with_output below (the tools
+    // used here print little, well under a pipe's buffer).
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "{what} did not finish within {timeout:?}:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// Run and require success; returns stdout.
+fn run_ok(cmd: &mut Command) -> String {
+    let what = format!("{cmd:?}");
+    let out = run(cmd, TOOL_TIMEOUT);
+    assert!(
+        out.status.success(),
+        "{what} failed with {}:\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn deb_installed() -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${Status}", "seguro-fs"])
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains("installed")
+        })
+}
+
+/// Purges the package on drop (also when the test fails half-way).
+struct Installed;
+
+impl Drop for Installed {
+    fn drop(&mut self) {
+        if deb_installed() {
+            let _ = Command::new("dpkg")
+                .args(["--purge", "seguro-fs"])
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// The fstab-mounted pier: on drop, detaches the mount and SIGKILLs the daemon if the test
+/// did not get to unmount it cleanly.
+struct Mounted {
+    mountpoint: PathBuf,
+    pid: Option<u32>,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(pid) = self.pid.take() {
+            common::mount::signal(pid, libc::SIGKILL);
+            let _ = wait_exit(pid, EXIT_TIMEOUT);
+        }
+        if is_mounted(&self.mountpoint) {
+            force_unmount(&self.mountpoint);
+        }
+    }
+}
+
+/// PIDs of processes (other than this one) whose command line contains `needle`.
+fn pgrep(needle: &Path) -> Vec<u32> {
+    let out = Command::new("pgrep")
+        .arg("-f")
+        .arg(needle)
+        .output()
+        .expect("pgrep (procps)");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|p| p.parse().ok())
+        .filter(|&p| p != std::process::id())
+        .collect()
+}
+
+/// Wait (bounded) for `pid` to exit. This process is the daemon's subreaper (see
+/// [`become_subreaper`]), so the exit is reaped here and its status returned.
+fn wait_exit(pid: u32, timeout: Duration) -> Option<i32> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let mut status = 0;
+        // SAFETY: WNOHANG wait for one specific pid; `status` is a valid out pointer.
+        let r = unsafe { libc::waitpid(pid as i32, &mut status, libc::WNOHANG) };
+        if r == pid as i32 {
+            return Some(status);
+        }
+        if r < 0 && !Path::new(&format!("/proc/{pid}")).exists() {
+            // Not our descendant after all, and gone.
+            return Some(-1);
+        }
+        if Instant::now() > deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Make this process the reaper of orphaned descendants, so the daemon that
+/// mount.seguro-fs leaves running in the background is reparented to this test: its exit
+/// status becomes visible, and it cannot linger as a zombie of a PID 1 that does not reap.
+fn become_subreaper() {
+    // SAFETY: prctl with an integer argument; affects only this process.
+    let r = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    assert_eq!(r, 0, "prctl(PR_SET_CHILD_SUBREAPER)");
+}
+
+/// The file system type of the mount at `mountpoint` from /proc/self/mountinfo.
+fn fs_type(mountpoint: &Path) -> Option<String> {
+    let canon = mountpoint.canonicalize().ok()?;
+    fs::read_to_string("/proc/self/mountinfo")
+        .ok()?
+        .lines()
+        .find(|l| l.split(' ').nth(4).map(Path::new) == Some(canon.as_path()))
+        .and_then(|l| l.split(" - ").nth(1))
+        .and_then(|rest| rest.split(' ').next())
+        .map(str::to_string)
+}
+
+#[test]
+#[ignore = "needs the packages from packaging/build and root; scripts/test runs it"]
+fn deb_installs_mounts_from_fstab_runs_vere_and_purges() {
+    let deb = package("deb");
+    assert!(
+        !deb_installed(),
+        "seguro-fs is already installed on this machine; this test installs and purges it, \
+         so remove it first: dpkg --purge seguro-fs"
+    );
+    become_subreaper();
+    let t = TestDir::new("deb");
+    let data = t.join("data");
+    let log = t.join("pier/.urb/log");
+    fs::create_dir_all(&log).unwrap();
+    for p in [&data, &log] {
+        assert!(
+            !p.to_str().unwrap().contains(char::is_whitespace),
+            "fstab fields cannot hold whitespace: {}",
+            p.display()
+        );
+    }
+
+    let _installed = Installed;
+    run_ok(Command::new("dpkg").arg("-i").arg(&deb));
+    for f in DEB_FILES {
+        assert!(
+            Path::new(f).is_file(),
+            "{f} not installed by {}",
+            deb.display()
+        );
+    }
+    assert!(
+        Path::new("/etc/seguro-fs").is_dir(),
+        "/etc/seguro-fs not created"
+    );
+    let listed = run_ok(Command::new("dpkg").args(["-L", "seguro-fs"]));
+    for f in DEB_FILES {
+        assert!(
+            listed.lines().any(|l| l == *f),
+            "dpkg -L lacks {f}:\n{listed}"
+        );
+    }
+    let version = run_ok(Command::new("/usr/bin/seguro-fs").arg("--version"));
+    assert_eq!(
+        version.trim(),
+        format!("seguro-fs {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    // One fstab line, type seguro-fs: mount(8) runs the packaged /sbin/mount.seguro-fs.
+    let fstab = t.join("fstab");
+    fs::write(
+        &fstab,
+        format!(
+            "# seguro-fs package test\n{} {} seguro-fs _netdev,nofail,node_id=1,ack_timeout_ms=10000 0 0\n",
+            data.display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    let mut mounted = Mounted {
+        mountpoint: log.clone(),
+        pid: None,
+    };
+    let out = run(
+        Command::new("mount").arg("--fstab").arg(&fstab).arg(&log),
+        MOUNT_TIMEOUT,
+    );
+    // A daemon left running by a mount that failed half-way is stopped by the guard.
+    mounted.pid = pgrep(&data).first().copied();
+    assert!(
+        out.status.success(),
+        "mount --fstab failed with {}:\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        fs_type(&log).as_deref(),
+        Some("fuse.seguro-fs"),
+        "{} is not a seguro-fs FUSE mount when mount returns",
+        log.display()
+    );
+    let pids = pgrep(&data);
+    assert_eq!(
+        pids.len(),
+        1,
+        "expected one daemon serving {}: {pids:?}",
+        data.display()
+    );
+    let pid = pids[0];
+    mounted.pid = Some(pid);
+    assert_eq!(
+        fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+        Path::new("/usr/bin/seguro-fs"),
+        "the daemon is not the packaged binary"
+    );
+
+    let image = t.join("image.src");
+    let summary = vere::run_workload(&log, 0x9ac, WORKLOAD_EVENTS, &image, IMAGE_BYTES)
+        .expect("vere workload on the fstab mount");
+    assert!(summary.epochs.len() >= 2, "{summary:?}");
+    vere::verify_workload(&log, &summary, IMAGE_BYTES).expect("verify through the mount");
+
+    // umount(8) ends the FUSE session; the daemon drains, checkpoints and exits by itself.
+    run_ok(Command::new("umount").arg(&log));
+    assert!(!is_mounted(&log), "still mounted after umount");
+    let status = wait_exit(pid, EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("daemon {pid} still running {EXIT_TIMEOUT:?} after umount"));
+    mounted.pid = None;
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "daemon {pid} exited with wait status {status:#x}, expected a clean exit 0"
+    );
+    assert!(
+        pgrep(&data).is_empty(),
+        "a daemon still serves {}",
+        data.display()
+    );
+
+    // The replicated tree is itself the pier's log: LMDB opens it and every event is there
+    // (a copy, so LMDB's lock files do not land in the data dir).
+    let copy = t.join("tree-copy");
+    copy_tree(&data.join("tree"), &copy);
+    vere::verify_workload(&copy, &summary, IMAGE_BYTES).expect("verify DATA_DIR/tree");
+
+    run_ok(Command::new("dpkg").args(["--purge", "seguro-fs"]));
+    assert!(!deb_installed(), "still installed after dpkg --purge");
+    for f in DEB_FILES {
+        assert!(!Path::new(f).exists(), "{f} left behind by dpkg --purge");
+    }
+    assert!(
+        !Path::new("/etc/seguro-fs").exists(),
+        "/etc/seguro-fs left behind by purge"
+    );
+}
+
+#[test]
+#[ignore = "needs the packages from packaging/build; scripts/test runs it"]
+fn rpm_lists_the_fedora_paths_and_requires_fuse3() {
+    let rpm = package("rpm");
+    let listed = run_ok(Command::new("rpm").arg("-qlp").arg(&rpm));
+    for f in RPM_FILES {
+        assert!(
+            listed.lines().any(|l| l == *f),
+            "rpm -qlp lacks {f}:\n{listed}"
+        );
+    }
+    let requires = run_ok(Command::new("rpm").args(["-qp", "--requires"]).arg(&rpm));
+    assert!(
+        requires
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some("fuse3")),
+        "the rpm does not require fuse3:\n{requires}"
+    );
+    let info = run_ok(
+        Command::new("rpm")
+            .args(["-qp", "--queryformat", "%{NAME} %{VERSION}"])
+            .arg(&rpm),
+    );
+    assert_eq!(info, format!("seguro-fs {}", env!("CARGO_PKG_VERSION")));
+}
