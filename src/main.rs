@@ -2,18 +2,23 @@
 
 mod admin;
 mod assets;
+mod background;
 mod cli;
 mod config;
+mod config_file;
 mod daemon;
 mod datadir;
 mod fs;
 mod fuse;
+mod mount_options;
 mod op;
+mod ready;
 mod replication;
+mod settings;
 mod sync;
 mod tree;
 
-use clap::Parser;
+use clap::{ArgMatches, CommandFactory, FromArgMatches};
 
 fn main() {
     tracing_subscriber::fmt()
@@ -23,12 +28,16 @@ fn main() {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = cli::Cli::parse();
+    let args = cli::mount_fuse3_form(std::env::args_os().collect());
+    let matches = cli::Cli::command().get_matches_from(args);
+    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
-        cli::Command::Mount(args) => match args.into_config() {
-            Ok(cfg) => daemon::run(cfg).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        },
+        cli::Command::Mount(args) => mount(
+            args,
+            matches
+                .subcommand_matches("mount")
+                .expect("the mount subcommand's matches"),
+        ),
         cli::Command::Status(args) => admin::status(&args.data_dir, args.json).map(|out| {
             println!("{}", out.trim_end());
         }),
@@ -37,5 +46,26 @@ fn main() {
     if let Err(msg) = result {
         eprintln!("seguro-fs: error: {msg}");
         std::process::exit(1);
+    }
+}
+
+/// `seguro-fs mount`: validate, then serve in the foreground, or fork a daemon and return
+/// once it has mounted (`--background`).
+fn mount(args: cli::MountArgs, matches: &ArgMatches) -> Result<(), String> {
+    let (background, check) = (args.background, args.check);
+    let cfg = args.into_config(matches).map_err(|e| e.to_string())?;
+    if check {
+        return Ok(());
+    }
+    if !background {
+        return daemon::run(cfg, &mut ready::Ready::new(None)).map_err(|e| e.to_string());
+    }
+    match background::detach(cfg)? {
+        background::Detached::Parent => Ok(()),
+        background::Detached::Child(cfg, mut ready) => daemon::run(cfg, &mut ready).map_err(|e| {
+            let msg = e.to_string();
+            ready.failed(&msg);
+            msg
+        }),
     }
 }
