@@ -42,6 +42,7 @@ const DEB_FILES: &[&str] = &[
     "/usr/share/fish/vendor_completions.d/seguro-fs.fish",
     "/usr/share/doc/seguro-fs/README.md",
     "/usr/share/doc/seguro-fs/OPERATIONS.md",
+    "/usr/share/doc/seguro-fs/CONFIGURATION.md",
     "/usr/share/doc/seguro-fs/examples/fstab",
     "/usr/share/doc/seguro-fs/examples/zod.toml",
     "/usr/share/doc/seguro-fs/examples/urbit@.service",
@@ -62,11 +63,11 @@ const RPM_FILES: &[&str] = &[
     "/usr/share/fish/vendor_completions.d/seguro-fs.fish",
     "/usr/share/doc/seguro-fs/README.md",
     "/usr/share/doc/seguro-fs/OPERATIONS.md",
+    "/usr/share/doc/seguro-fs/CONFIGURATION.md",
     "/usr/share/doc/seguro-fs/examples/fstab",
     "/usr/share/doc/seguro-fs/examples/zod.toml",
     "/usr/share/doc/seguro-fs/examples/urbit@.service",
     "/usr/share/doc/seguro-fs/examples/srv-zod-.urb-log.mount",
-    "/etc/seguro-fs",
 ];
 
 /// TARGET_DIR/packages: this test binary is TARGET_DIR/PROFILE/deps/packages-HASH.
@@ -221,16 +222,15 @@ fn become_subreaper() {
     assert_eq!(r, 0, "prctl(PR_SET_CHILD_SUBREAPER)");
 }
 
-/// The file system type of the mount at `mountpoint` from /proc/self/mountinfo.
-fn fs_type(mountpoint: &Path) -> Option<String> {
+/// (file system type, source) of the mount at `mountpoint`, from /proc/self/mountinfo.
+fn mount_entry(mountpoint: &Path) -> Option<(String, String)> {
     let canon = mountpoint.canonicalize().ok()?;
-    fs::read_to_string("/proc/self/mountinfo")
-        .ok()?
+    let info = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let line = info
         .lines()
-        .find(|l| l.split(' ').nth(4).map(Path::new) == Some(canon.as_path()))
-        .and_then(|l| l.split(" - ").nth(1))
-        .and_then(|rest| rest.split(' ').next())
-        .map(str::to_string)
+        .find(|l| l.split(' ').nth(4).map(Path::new) == Some(canon.as_path()))?;
+    let mut after = line.split(" - ").nth(1)?.split(' ');
+    Some((after.next()?.to_string(), after.next()?.to_string()))
 }
 
 #[test]
@@ -309,12 +309,16 @@ fn deb_installs_mounts_from_fstab_runs_vere_and_purges() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(
-        fs_type(&log).as_deref(),
-        Some("fuse.seguro-fs"),
-        "{} is not a seguro-fs FUSE mount when mount returns",
+    // The daemon mounts with mount(2) as root (type "fuse", or "fuse.seguro-fs" through
+    // fusermount3) and names itself in the source field.
+    let (fstype, source) = mount_entry(&log)
+        .unwrap_or_else(|| panic!("{} is not mounted when mount returns", log.display()));
+    assert!(
+        fstype == "fuse" || fstype == "fuse.seguro-fs",
+        "{} is a {fstype} mount, not FUSE",
         log.display()
     );
+    assert_eq!(source, format!("seguro-fs:{}", data.display()));
     let pids = pgrep(&data);
     assert_eq!(
         pids.len(),
@@ -386,6 +390,12 @@ fn rpm_lists_the_fedora_paths_and_requires_fuse3() {
             .lines()
             .any(|l| l.split_whitespace().next() == Some("fuse3")),
         "the rpm does not require fuse3:\n{requires}"
+    );
+    // /etc/seguro-fs is made by %post (cargo-generate-rpm cannot package an empty dir).
+    let scripts = run_ok(Command::new("rpm").args(["-qp", "--scripts"]).arg(&rpm));
+    assert!(
+        scripts.contains("install -d -m 0755 /etc/seguro-fs"),
+        "the rpm's %post does not create /etc/seguro-fs:\n{scripts}"
     );
     let info = run_ok(
         Command::new("rpm")
