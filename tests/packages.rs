@@ -233,6 +233,70 @@ fn mount_entry(mountpoint: &Path) -> Option<(String, String)> {
     Some((after.next()?.to_string(), after.next()?.to_string()))
 }
 
+/// Write `line` as the only entry of the fstab file `fstab`, run `mount --fstab FSTAB LOG`
+/// and check that LOG is a seguro-fs FUSE mount of `data` when mount returns, served by
+/// one daemon running the packaged binary (its PID goes into `mounted`).
+fn mount_from_fstab(fstab: &Path, line: &str, data: &Path, log: &Path, mounted: &mut Mounted) {
+    fs::write(fstab, format!("# seguro-fs package test\n{line}\n")).unwrap();
+    let out = run(
+        Command::new("mount").arg("--fstab").arg(fstab).arg(log),
+        MOUNT_TIMEOUT,
+    );
+    // A daemon left running by a mount that failed half-way is stopped by the guard.
+    mounted.pid = pgrep(data).first().copied();
+    assert!(
+        out.status.success(),
+        "mount --fstab with {line:?} failed with {}:\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The daemon mounts with mount(2) as root (type "fuse", or "fuse.seguro-fs" through
+    // fusermount3) and names itself in the source field.
+    let (fstype, source) = mount_entry(log)
+        .unwrap_or_else(|| panic!("{} is not mounted when mount returns", log.display()));
+    assert!(
+        fstype == "fuse" || fstype == "fuse.seguro-fs",
+        "{} is a {fstype} mount, not FUSE",
+        log.display()
+    );
+    assert_eq!(source, format!("seguro-fs:{}", data.display()));
+    let pids = pgrep(data);
+    assert_eq!(
+        pids.len(),
+        1,
+        "expected one daemon serving {}: {pids:?}",
+        data.display()
+    );
+    let pid = pids[0];
+    mounted.pid = Some(pid);
+    assert_eq!(
+        fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
+        Path::new("/usr/bin/seguro-fs"),
+        "the daemon is not the packaged binary"
+    );
+}
+
+/// `umount LOG`: the FUSE session ends and the daemon drains, checkpoints and exits 0 by
+/// itself (bounded wait).
+fn unmount_and_wait(data: &Path, log: &Path, mounted: &mut Mounted) {
+    let pid = mounted.pid.expect("a daemon is serving the mount");
+    run_ok(Command::new("umount").arg(log));
+    assert!(!is_mounted(log), "still mounted after umount");
+    let status = wait_exit(pid, EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("daemon {pid} still running {EXIT_TIMEOUT:?} after umount"));
+    mounted.pid = None;
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "daemon {pid} exited with wait status {status:#x}, expected a clean exit 0"
+    );
+    assert!(
+        pgrep(data).is_empty(),
+        "a daemon still serves {}",
+        data.display()
+    );
+}
+
 #[test]
 #[ignore = "needs the packages from packaging/build and root; scripts/test runs it"]
 fn deb_installs_mounts_from_fstab_runs_vere_and_purges() {
@@ -281,80 +345,48 @@ fn deb_installs_mounts_from_fstab_runs_vere_and_purges() {
         format!("seguro-fs {}", env!("CARGO_PKG_VERSION"))
     );
 
-    // One fstab line, type seguro-fs: mount(8) runs the packaged /sbin/mount.seguro-fs.
-    let fstab = t.join("fstab");
-    fs::write(
-        &fstab,
-        format!(
-            "# seguro-fs package test\n{} {} seguro-fs _netdev,nofail,node_id=1,ack_timeout_ms=10000 0 0\n",
-            data.display(),
-            log.display()
-        ),
-    )
-    .unwrap();
+    // Round 1: type seguro-fs, settings inline; mount(8) runs the packaged
+    // /sbin/mount.seguro-fs. The daemon it leaves running is reparented to this test.
     let mut mounted = Mounted {
         mountpoint: log.clone(),
         pid: None,
     };
-    let out = run(
-        Command::new("mount").arg("--fstab").arg(&fstab).arg(&log),
-        MOUNT_TIMEOUT,
-    );
-    // A daemon left running by a mount that failed half-way is stopped by the guard.
-    mounted.pid = pgrep(&data).first().copied();
-    assert!(
-        out.status.success(),
-        "mount --fstab failed with {}:\n{}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    // The daemon mounts with mount(2) as root (type "fuse", or "fuse.seguro-fs" through
-    // fusermount3) and names itself in the source field.
-    let (fstype, source) = mount_entry(&log)
-        .unwrap_or_else(|| panic!("{} is not mounted when mount returns", log.display()));
-    assert!(
-        fstype == "fuse" || fstype == "fuse.seguro-fs",
-        "{} is a {fstype} mount, not FUSE",
+    let fstab = t.join("fstab");
+    let line = format!(
+        "{} {} seguro-fs _netdev,nofail,node_id=1,ack_timeout_ms=10000 0 0",
+        data.display(),
         log.display()
     );
-    assert_eq!(source, format!("seguro-fs:{}", data.display()));
-    let pids = pgrep(&data);
-    assert_eq!(
-        pids.len(),
-        1,
-        "expected one daemon serving {}: {pids:?}",
-        data.display()
-    );
-    let pid = pids[0];
-    mounted.pid = Some(pid);
-    assert_eq!(
-        fs::read_link(format!("/proc/{pid}/exe")).unwrap(),
-        Path::new("/usr/bin/seguro-fs"),
-        "the daemon is not the packaged binary"
-    );
-
+    mount_from_fstab(&fstab, &line, &data, &log, &mut mounted);
     let image = t.join("image.src");
     let summary = vere::run_workload(&log, 0x9ac, WORKLOAD_EVENTS, &image, IMAGE_BYTES)
         .expect("vere workload on the fstab mount");
     assert!(summary.epochs.len() >= 2, "{summary:?}");
     vere::verify_workload(&log, &summary, IMAGE_BYTES).expect("verify through the mount");
+    unmount_and_wait(&data, &log, &mut mounted);
 
-    // umount(8) ends the FUSE session; the daemon drains, checkpoints and exits by itself.
-    run_ok(Command::new("umount").arg(&log));
-    assert!(!is_mounted(&log), "still mounted after umount");
-    let status = wait_exit(pid, EXIT_TIMEOUT)
-        .unwrap_or_else(|| panic!("daemon {pid} still running {EXIT_TIMEOUT:?} after umount"));
-    mounted.pid = None;
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "daemon {pid} exited with wait status {status:#x}, expected a clean exit 0"
+    // Round 2: type fuse.seguro-fs (mount(8) runs fuse3's mount.fuse3, which runs
+    // `seguro-fs SPEC DIR -o OPTIONS`) with the settings in a config file, as in the
+    // packaged examples. The log written in round 1 is all there.
+    let config = t.join("pier.toml");
+    fs::write(
+        &config,
+        format!(
+            "data_dir = \"{}\"\nmountpoint = \"{}\"\nnode_id = 1\n",
+            data.display(),
+            log.display()
+        ),
+    )
+    .unwrap();
+    let line = format!(
+        "{} {} fuse.seguro-fs _netdev,nofail,config={} 0 0",
+        data.display(),
+        log.display(),
+        config.display()
     );
-    assert!(
-        pgrep(&data).is_empty(),
-        "a daemon still serves {}",
-        data.display()
-    );
+    mount_from_fstab(&fstab, &line, &data, &log, &mut mounted);
+    vere::verify_workload(&log, &summary, IMAGE_BYTES).expect("verify after the remount");
+    unmount_and_wait(&data, &log, &mut mounted);
 
     // The replicated tree is itself the pier's log: LMDB opens it and every event is there
     // (a copy, so LMDB's lock files do not land in the data dir).
