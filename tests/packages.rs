@@ -1,7 +1,10 @@
 //! Package tests: the .deb and .rpm that `packaging/build` writes to TARGET_DIR/packages.
-//! The .deb is installed with dpkg, a pier is mounted from an fstab line through the
-//! packaged mount.seguro-fs helper, a vere-shaped LMDB workload runs on it, and the package
-//! is purged again; the .rpm's file list is read with `rpm -qlp`.
+//! The .deb is installed with dpkg; a pier is mounted from an fstab line of type seguro-fs
+//! (the packaged mount.seguro-fs helper), a vere-shaped LMDB workload runs on it and is
+//! verified through the mount and in DATA_DIR/tree after umount; it is mounted again
+//! through fuse.seguro-fs with a config file, and served by the packaged unit's
+//! ExecStart= (READY=1 on NOTIFY_SOCKET, SIGTERM to stop); then the package is purged. The
+//! .rpm's file list, requirements and scripts are read with `rpm -qp`.
 //!
 //! Ignored by default (a plain `cargo test` needs no packages); scripts/test runs them with
 //! `--ignored` after `packaging/build`. They fail, not skip, when a package is missing.
@@ -142,6 +145,28 @@ fn deb_installed() -> bool {
         .is_ok_and(|o| {
             o.status.success() && String::from_utf8_lossy(&o.stdout).contains("installed")
         })
+}
+
+/// The instance name round 3 of the .deb test runs the unit template as.
+const UNIT_INSTANCE: &str = "seguro-pkgtest";
+
+/// `/etc/seguro-fs/UNIT_INSTANCE.toml`, removed on drop (before the package is purged, so
+/// the purge can remove the then empty directory).
+struct EtcConfig(PathBuf);
+
+impl EtcConfig {
+    fn write(text: &str) -> EtcConfig {
+        let path = Path::new("/etc/seguro-fs").join(format!("{UNIT_INSTANCE}.toml"));
+        assert!(!path.exists(), "{} exists already", path.display());
+        fs::write(&path, text).unwrap();
+        EtcConfig(path)
+    }
+}
+
+impl Drop for EtcConfig {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.0);
+    }
 }
 
 /// Purges the package on drop (also when the test fails half-way).
@@ -387,6 +412,59 @@ fn deb_installs_mounts_from_fstab_runs_vere_and_purges() {
     mount_from_fstab(&fstab, &line, &data, &log, &mut mounted);
     vere::verify_workload(&log, &summary, IMAGE_BYTES).expect("verify after the remount");
     unmount_and_wait(&data, &log, &mut mounted);
+
+    // Round 3: the packaged unit's ExecStart= for an instance, run as systemd would (no
+    // systemd runs here): the config in /etc/seguro-fs/INSTANCE.toml, READY=1 on
+    // NOTIFY_SOCKET once mounted (Type=notify), and SIGTERM (systemctl stop) unmounts and
+    // exits 0.
+    let unit = fs::read_to_string("/lib/systemd/system/seguro-fs@.service").unwrap();
+    assert!(unit.lines().any(|l| l == "Type=notify"), "{unit}");
+    let exec = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("ExecStart="))
+        .expect("the unit has an ExecStart=")
+        .replace("%i", UNIT_INSTANCE);
+    let etc_config = EtcConfig::write(&format!(
+        "data_dir = \"{}\"\nmountpoint = \"{}\"\nnode_id = 1\n",
+        data.display(),
+        log.display()
+    ));
+    let notify_path = t.join("notify.sock");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(MOUNT_TIMEOUT)).unwrap();
+    let argv: Vec<&str> = exec.split_whitespace().collect();
+    let daemon_log = fs::File::create(t.join("unit.log")).unwrap();
+    let child = Command::new(argv[0])
+        .args(&argv[1..])
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(daemon_log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("{exec}: {e}"));
+    mounted.pid = Some(child.id());
+    let mut buf = [0u8; 512];
+    let n = notify.recv(&mut buf).unwrap_or_else(|e| {
+        panic!(
+            "no sd_notify message within {MOUNT_TIMEOUT:?} ({e}):\n{}",
+            fs::read_to_string(t.join("unit.log")).unwrap_or_default()
+        )
+    });
+    let message = String::from_utf8_lossy(&buf[..n]);
+    assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
+    assert!(is_mounted(&log), "READY=1 before the log was mounted");
+    vere::verify_workload(&log, &summary, IMAGE_BYTES).expect("verify under the unit");
+    common::mount::signal(child.id(), libc::SIGTERM);
+    let status = wait_exit(child.id(), EXIT_TIMEOUT)
+        .unwrap_or_else(|| panic!("the unit's daemon ignored SIGTERM for {EXIT_TIMEOUT:?}"));
+    mounted.pid = None;
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the unit's daemon exited with wait status {status:#x} after SIGTERM:\n{}",
+        fs::read_to_string(t.join("unit.log")).unwrap_or_default()
+    );
+    assert!(!is_mounted(&log), "still mounted after SIGTERM");
+    drop(etc_config);
 
     // The replicated tree is itself the pier's log: LMDB opens it and every event is there
     // (a copy, so LMDB's lock files do not land in the data dir).
