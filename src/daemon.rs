@@ -234,6 +234,16 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         fs: fs.clone(),
         write_bytes_max: cfg.limits.fuse_write_bytes_max,
     };
+    // From before the mount appears: a SIGTERM as soon as it is visible (or READY=1 is
+    // sent) must unmount cleanly, not kill the process with the signal's default action.
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
     let session = fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
         MountError::Mount {
             path: cfg.mountpoint.display().to_string(),
@@ -254,9 +264,6 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         })?;
 
     let signalled = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         tokio::select! {
             _ = term.recv() => Ok::<bool, std::io::Error>(true),
             _ = int.recv() => Ok(true),

@@ -21,16 +21,19 @@ mod tree;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 
 fn main() {
+    let args = cli::mount_fuse3_form(std::env::args_os().collect());
+    let matches = cli::Cli::command().get_matches_from(args);
+    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // A background daemon's stderr becomes its log file, which gets no colour codes.
+    let background = matches!(&cli.command, cli::Command::Mount(m) if m.background);
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("SEGURO_LOG")
                 .unwrap_or_else(|_| "info,openraft=warn".into()),
         )
         .with_writer(std::io::stderr)
+        .with_ansi(!background && std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let args = cli::mount_fuse3_form(std::env::args_os().collect());
-    let matches = cli::Cli::command().get_matches_from(args);
-    let cli = cli::Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     let result = match cli.command {
         cli::Command::Mount(args) => mount(
             args,
