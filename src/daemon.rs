@@ -35,6 +35,11 @@ pub enum MountError {
     #[error("mountpoint {0} is already a mount point; unmount it first (umount {0})")]
     AlreadyMounted(String),
     #[error(
+        "mountpoint {path} is a dead FUSE mount (\"Transport endpoint is not connected\": \
+         its daemon was killed) and {why}; unmount it once nothing uses it (umount -l {path})"
+    )]
+    DeadMount { path: String, why: String },
+    #[error(
         "/dev/fuse is missing: load the fuse module (modprobe fuse), or in a container \
          pass the device (--device /dev/fuse)"
     )]
@@ -98,6 +103,79 @@ fn unmount_path(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// A daemon killed with SIGKILL leaves its mount behind, dead: every access fails with
+/// ENOTCONN, which also keeps a straggler from writing into the directory underneath. If
+/// the dead mount is this data dir's own (its source names the data dir) and no daemon
+/// holds the data dir, detach it, so that a restart (systemd's `Restart=on-failure`)
+/// needs no operator. Any other dead mount is reported, not touched.
+fn clear_dead_mount(cfg: &MountConfig) -> Result<(), MountError> {
+    let mp = &cfg.mountpoint;
+    match std::fs::metadata(mp) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+        _ => return Ok(()),
+    }
+    let shown = mp.display().to_string();
+    let dead = |why: &str| MountError::DeadMount {
+        path: shown.clone(),
+        why: why.to_string(),
+    };
+    // The mount point itself cannot be resolved any more; its parent can.
+    let target = match (mp.parent(), mp.file_name()) {
+        (Some(parent), Some(name)) => {
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            parent.canonicalize()?.join(name)
+        }
+        _ => return Err(dead("it has no parent directory")),
+    };
+    let want = cfg
+        .data_dir
+        .canonicalize()
+        .map(|d| format!("seguro-fs:{}", d.display()))
+        .map_err(|_| dead("its data dir does not exist"))?;
+    let info = std::fs::read_to_string("/proc/self/mountinfo")?;
+    // Fields: id parent dev root MOUNTPOINT options… - FSTYPE SOURCE superoptions.
+    let ours = info.lines().any(|l| {
+        let mut halves = l.splitn(2, " - ");
+        let (pre, post) = (halves.next().unwrap_or(""), halves.next().unwrap_or(""));
+        let point = pre.split(' ').nth(4).map(|m| m.replace("\\040", " "));
+        let mut post = post.split(' ');
+        let (fstype, source) = (post.next(), post.next().map(|s| s.replace("\\040", " ")));
+        point.is_some_and(|m| Path::new(&m) == target)
+            // A root mount has no subtype ("fuse"); one through fusermount3 has.
+            && matches!(fstype, Some("fuse" | "fuse.seguro-fs"))
+            && source.as_deref() == Some(want.as_str())
+    });
+    if !ours {
+        return Err(dead("it is not this data dir's mount"));
+    }
+    if crate::datadir::in_use(&cfg.data_dir) {
+        return Err(dead("the data dir is still in use by a seguro-fs process"));
+    }
+    // SAFETY: geteuid has no preconditions.
+    let detached = if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+            .map_err(|_| dead("its path holds a NUL byte"))?;
+        // SAFETY: a valid NUL-terminated path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) == 0 }
+    } else {
+        std::process::Command::new("fusermount3")
+            .arg("-u")
+            .arg("-z")
+            .arg(&target)
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !detached {
+        return Err(dead("detaching it failed"));
+    }
+    tracing::warn!(mountpoint = %shown, "detached the dead mount a killed daemon left behind");
+    Ok(())
+}
+
 fn on_path(bin: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
@@ -108,6 +186,7 @@ fn on_path(bin: &str) -> bool {
 pub fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
     let mp = &cfg.mountpoint;
     let shown = mp.display().to_string();
+    clear_dead_mount(cfg)?;
     let meta = std::fs::metadata(mp).map_err(|_| MountError::NoMountpoint(shown.clone()))?;
     if !meta.is_dir() {
         return Err(MountError::NotADirectory(shown));

@@ -69,6 +69,16 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DataDirError + '_ {
     }
 }
 
+/// Whether a live process holds `root`'s lock (a data dir that does not exist is not in
+/// use). Probes with a non-blocking flock that is released at once.
+pub fn in_use(root: &Path) -> bool {
+    let Ok(f) = File::open(root.join("lock")) else {
+        return false;
+    };
+    // SAFETY: flock on an fd we own; closing it (drop) releases the probe.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
+
 impl DataDir {
     /// Open (creating if needed) and lock `root` for node `node_id` of `cluster` (a label
     /// that identifies the cluster without revealing its key).

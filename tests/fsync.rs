@@ -118,3 +118,85 @@ fn acknowledged_writes_survive_sigkill() {
     // And the tree holds it too once the daemon has checkpointed on stop.
     assert_eq!(std::fs::read(data.join("tree/f")).unwrap(), expect);
 }
+
+/// After a crash the next start cleans up: a killed daemon's dead mount ("Transport endpoint
+/// is not connected") is detached by the daemon that restarts on the same data dir, so
+/// systemd's Restart=on-failure recovers without an operator. Another data dir's daemon
+/// refuses to touch it.
+#[test]
+fn restart_detaches_its_own_dead_mount() {
+    let t = TestDir::new("dead-mount");
+    let data = t.join("data");
+    let mnt = t.join("mnt");
+    let d = Daemon::start(&data, &mnt, &[]);
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(mnt.join("acked"))
+        .unwrap();
+    f.write_all(b"before the crash").unwrap();
+    f.sync_data().unwrap();
+    drop(f);
+    d.kill9();
+    let e = std::fs::metadata(&mnt).unwrap_err();
+    assert_eq!(
+        errno(&e),
+        libc::ENOTCONN,
+        "the killed daemon's mount is dead: {e}"
+    );
+
+    let run = |data: &std::path::Path| {
+        std::process::Command::new(common::mount::bin())
+            .arg("mount")
+            .arg(data)
+            .arg(&mnt)
+            .arg("--background")
+            .output()
+            .expect("run seguro-fs")
+    };
+    std::fs::create_dir_all(t.join("other-data")).unwrap();
+    let other = run(&t.join("other-data"));
+    let msg = String::from_utf8_lossy(&other.stderr);
+    assert!(
+        !other.status.success(),
+        "another data dir must not take over"
+    );
+    assert!(
+        msg.contains("dead FUSE mount") && msg.contains("not this data dir's mount"),
+        "{msg}"
+    );
+    assert_eq!(errno(&std::fs::metadata(&mnt).unwrap_err()), libc::ENOTCONN);
+
+    let again = run(&data);
+    assert!(
+        again.status.success(),
+        "restart over its own dead mount: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    assert_eq!(
+        std::fs::read(mnt.join("acked")).unwrap(),
+        b"before the crash"
+    );
+    // --background runs the preflight checks before it forks: the parent says it.
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(said.contains("detached the dead mount"), "{said}");
+    // umount ends the background daemon; the TestDir detaches anything left on failure.
+    let st = std::process::Command::new("umount")
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while common::mount::data_dir_in_use(&data) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon did not exit after umount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::read(data.join("tree/acked")).unwrap(),
+        b"before the crash"
+    );
+}

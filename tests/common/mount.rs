@@ -290,3 +290,13 @@ pub fn copy_tree(from: &Path, to: &Path) {
         .unwrap();
     assert!(st.success(), "cp -a {} {}", from.display(), to.display());
 }
+
+/// Whether a daemon holds `data_dir` (its `lock` file is flock'd), probed without blocking.
+pub fn data_dir_in_use(data_dir: &Path) -> bool {
+    use std::os::fd::AsRawFd;
+    let Ok(f) = fs::File::open(data_dir.join("lock")) else {
+        return false;
+    };
+    // SAFETY: flock on an fd we own; dropping it releases the probe.
+    unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+}
