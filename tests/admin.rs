@@ -5,15 +5,14 @@
 mod common;
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::Read;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::cluster::{dir_digest, Cluster, Status};
-use common::mount::bin;
+use common::mount::{bin, write_fsync};
 use common::vere;
 
 const ELECTION: Duration = Duration::from_secs(20);
@@ -90,14 +89,9 @@ fn status(c: &Cluster, i: usize) -> Status {
         .unwrap_or_else(|| c.fail(&format!("node {i} does not answer status")))
 }
 
-fn write_fsync(path: &Path, bytes: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)?;
-    f.write_all(bytes)?;
-    f.sync_data()
+/// `seguro-fs members remove` of node `id`, asked of node `via`.
+fn remove(c: &Cluster, via: usize, id: usize) -> Out {
+    seguro(&["members", "remove", &data(c, via), &id.to_string()])
 }
 
 fn learners(st: &Status) -> Vec<u64> {
@@ -182,19 +176,14 @@ fn members_add_remove_and_transfer_leader() {
     );
 
     phase("remove node 4, then refuse a removal that would starve --acks 1");
-    let o = seguro(&["members", "remove", &data(&c, target), "4"]);
+    let o = remove(&c, target, 4);
     assert!(o.ok, "members remove failed: {}", o.stderr);
     c.wait_for("node 4 gone from the membership", ELECTION, || {
         (status(&c, target).members == vec![1, 2, 3]).then_some(())
     });
     c.stop(4);
     let others: Vec<usize> = (1..=3).filter(|&i| i != target).collect();
-    let o = seguro(&[
-        "members",
-        "remove",
-        &data(&c, target),
-        &others[0].to_string(),
-    ]);
+    let o = remove(&c, target, others[0]);
     assert!(
         o.ok,
         "removing a second voter (3 -> 2) failed: {}",
@@ -204,12 +193,7 @@ fn members_add_remove_and_transfer_leader() {
         (status(&c, target).members.len() == 2).then_some(())
     });
     c.stop(others[0]);
-    let o = seguro(&[
-        "members",
-        "remove",
-        &data(&c, target),
-        &others[1].to_string(),
-    ]);
+    let o = remove(&c, target, others[1]);
     assert!(
         !o.ok,
         "removing down to one voter with --acks 1 must be refused"
@@ -306,7 +290,7 @@ fn learner_until_index_is_an_export_frozen_there() {
     );
 
     phase("remove the export learner");
-    let o = seguro(&["members", "remove", &data(&c, leader), "4"]);
+    let o = remove(&c, leader, 4);
     assert!(o.ok, "removing the learner: {}", o.stderr);
     c.wait_for("node 4 gone", ELECTION, || {
         learners(&status(&c, leader)).is_empty().then_some(())

@@ -26,7 +26,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::cluster::{hex, pick_port, pid_alive, vm_hwm_kib, write_key_file, Cluster, Status};
-use common::mount::{copy_tree, ChildTest};
+use common::mount::{copy_tree, write_fsync, ChildTest};
 use common::proxy::{advertised_ip, real_ip, Links, Proxy};
 use common::vere;
 
@@ -54,18 +54,6 @@ fn errno(e: &io::Error) -> i32 {
 
 fn sleep_ms(ms: u64) {
     std::thread::sleep(Duration::from_millis(ms));
-}
-
-/// Create (or truncate) `path`, write `data`, fdatasync. The namespace op and the fsync
-/// both have to succeed.
-fn write_fsync(path: &Path, data: &[u8]) -> io::Result<()> {
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)?;
-    f.write_all(data)?;
-    f.sync_data()
 }
 
 fn followers(c: &Cluster, leader: usize) -> Vec<usize> {

@@ -300,3 +300,16 @@ pub fn data_dir_in_use(data_dir: &Path) -> bool {
     // SAFETY: flock on an fd we own; dropping it releases the probe.
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
 }
+
+/// Create (or truncate) `path`, write `data`, fdatasync. The namespace op and the fsync
+/// both have to succeed.
+pub fn write_fsync(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_data()
+}
