@@ -101,6 +101,9 @@ pub struct MountArgs {
     /// Shortest election timeout (the longest is 1.25 times this).
     #[arg(long, default_value_t = Limits::default().election_timeout_min_ms)]
     pub election_timeout_min_ms: u64,
+    /// Serve Prometheus metrics on http://IP:PORT/metrics (docs/METRICS.md).
+    #[arg(long)]
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Test hook: while this file exists the log's fdatasync fails with EIO.
     #[arg(long, hide = true)]
     pub fault_log_sync_file: Option<PathBuf>,
@@ -257,6 +260,7 @@ impl MountArgs {
             fault_log_sync_file: self.fault_log_sync_file,
             cluster,
             acks,
+            metrics_addr: self.metrics_addr,
         })
     }
 }

@@ -48,6 +48,14 @@ pub struct Limits {
     /// [election_timeout_min_ms, 1.25×].
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
+    /// Largest HTTP request head (request line and headers) the metrics server reads.
+    pub metrics_request_head_bytes_max: usize,
+    /// Concurrent connections to the metrics server; more are answered 503 and closed.
+    pub metrics_connections_max: usize,
+    /// Reading a metrics request head, and writing its answer.
+    pub metrics_io_timeout_ms: u64,
+    /// The most recent fsync ack latencies kept for `status`'s p50 and p99.
+    pub fsync_recent_samples_max: usize,
 }
 
 impl Default for Limits {
@@ -72,6 +80,10 @@ impl Default for Limits {
             peer_connections_max: 64,
             heartbeat_ms: 150,
             election_timeout_min_ms: 500,
+            metrics_request_head_bytes_max: 8 << 10,
+            metrics_connections_max: 16,
+            metrics_io_timeout_ms: 5_000,
+            fsync_recent_samples_max: 1_024,
         }
     }
 }
@@ -173,6 +185,30 @@ impl Limits {
             self.heartbeat_ms * 3,
             60_000,
         )?;
+        check(
+            "metrics_request_head_bytes_max",
+            self.metrics_request_head_bytes_max as u64,
+            1 << 10,
+            64 << 10,
+        )?;
+        check(
+            "metrics_connections_max",
+            self.metrics_connections_max as u64,
+            1,
+            1024,
+        )?;
+        check(
+            "metrics_io_timeout_ms",
+            self.metrics_io_timeout_ms,
+            100,
+            600_000,
+        )?;
+        check(
+            "fsync_recent_samples_max",
+            self.fsync_recent_samples_max as u64,
+            16,
+            1 << 20,
+        )?;
         Ok(())
     }
 }
@@ -215,6 +251,8 @@ pub struct MountConfig {
     pub cluster: Option<ClusterConfig>,
     /// Other replicas that must hold an entry durably before fsync returns (K).
     pub acks: u64,
+    /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 impl MountConfig {

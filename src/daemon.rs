@@ -14,6 +14,7 @@ use crate::fs::overlay::Overlay;
 use crate::fs::pending::Pending;
 use crate::fs::{Fs, FsParts};
 use crate::fuse::FuseAdapter;
+use crate::metrics::{self, Registry};
 use crate::replication::role::{self, Role};
 use crate::replication::state_machine::ObserverSlot;
 use crate::replication::{self, proposer::Proposer, StartError};
@@ -150,16 +151,40 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
     };
     let overlay = Arc::new(Mutex::new(Overlay::default()));
     let observer: ObserverSlot = Arc::default();
+    let others = cfg.cluster.iter().flat_map(|c| c.peers.keys().copied());
+    let registry = Arc::new(Registry::new(
+        &cfg.limits,
+        others.filter(|id| *id != cfg.node_id),
+    ));
     let node = rt.block_on(replication::start(
         &cfg,
         &data_dir,
         origin,
         overlay.clone(),
         observer.clone(),
+        registry.clone(),
     ))?;
     let role = Arc::new(Role::default());
-    rt.block_on(async { admin::serve(&data_dir.root, node.raft.clone(), role.clone(), cfg.acks) })
-        .map_err(|e| MountError::Io(std::io::Error::other(format!("admin socket: {e}"))))?;
+    rt.block_on(async {
+        admin::serve(
+            &data_dir.root,
+            node.raft.clone(),
+            role.clone(),
+            cfg.acks,
+            registry.clone(),
+        )
+    })
+    .map_err(|e| MountError::Io(std::io::Error::other(format!("admin socket: {e}"))))?;
+    if let Some(addr) = cfg.metrics_addr {
+        let sources = metrics::Sources {
+            raft: node.raft.clone(),
+            role: role.clone(),
+            acks: cfg.acks,
+            registry: registry.clone(),
+        };
+        rt.block_on(metrics::serve(addr, &cfg.limits, sources))
+            .map_err(|e| MountError::Io(std::io::Error::other(e.to_string())))?;
+    }
 
     let pending = Arc::new(Mutex::new(Pending::new(origin, cfg.limits.entry_bytes_max)));
     let wake = Arc::new(Notify::new());
@@ -179,6 +204,7 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
         metrics: node.raft.metrics(),
         my_id: cfg.node_id,
         acks: cfg.acks,
+        registry,
     })?);
     let _ = observer.set(fs.clone());
     rt.spawn(role::watch(

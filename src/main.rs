@@ -7,6 +7,7 @@ mod daemon;
 mod datadir;
 mod fs;
 mod fuse;
+mod metrics;
 mod op;
 mod replication;
 mod sync;
