@@ -77,7 +77,7 @@ impl Status {
             "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
              \"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
              \"members\":[{}],\"matched\":{{{}}},\"lag\":{{{}}},\"fsync_acks\":{},\
-             \"fsync_failures\":{},\"fsync_recent_samples\":{},\"fsync_p50_us\":{},\
+             \"fsync_failures\":{},\"fsync_samples\":{},\"fsync_p50_us\":{},\
              \"fsync_p99_us\":{}}}",
             self.node_id,
             self.role,
@@ -244,7 +244,8 @@ fn table_from_json(line: &str) -> String {
 
 fn push_field(out: &mut String, field: &str) {
     if let Some((k, v)) = field.split_once(':') {
-        let _ = writeln!(out, "{:<16}{}", k.trim_matches('"'), v.trim_matches('"'));
+        // Keys longer than the column still get a separating space.
+        let _ = writeln!(out, "{:<15} {}", k.trim_matches('"'), v.trim_matches('"'));
     }
 }
 
@@ -281,7 +282,7 @@ mod tests {
             "{\"node_id\":2,\"role\":\"leader\",\"term\":7,\"leader_id\":2,\"last_index\":40,\
              \"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
              \"members\":[1,2,3],\"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
-             \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_recent_samples\":12,\
+             \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_samples\":12,\
              \"fsync_p50_us\":850,\"fsync_p99_us\":2100}"
         );
         assert!(!j.contains('\n'), "one line");
@@ -290,12 +291,13 @@ mod tests {
         assert!(t.contains("members         [1,2,3]"), "{t}");
         assert!(t.contains("lag             {\"1\":2,\"3\":41}"), "{t}");
         assert!(t.contains("fsync_p99_us    2100"), "{t}");
+        assert!(t.contains("committed_index 39"), "{t}");
         let none = Status {
             fsync_recent: None,
             ..s
         };
         assert!(none
             .to_json()
-            .ends_with("\"fsync_recent_samples\":0,\"fsync_p50_us\":null,\"fsync_p99_us\":null}"));
+            .ends_with("\"fsync_samples\":0,\"fsync_p50_us\":null,\"fsync_p99_us\":null}"));
     }
 }

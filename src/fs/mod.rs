@@ -398,8 +398,12 @@ impl Fs {
             // Nothing was accepted here since leadership was lost (the pending queue was
             // dropped then); an fsync that covers nothing unflushed succeeds, anything else
             // was never acknowledged and fails.
-            return if target <= self.flush_rx.borrow().flushed_seq {
+            let flushed = self.flush_rx.borrow();
+            return if target <= flushed.flushed_seq {
                 FsyncOutcome::Ok
+            } else if flushed.failed {
+                // A failed log fdatasync is what cost the leadership.
+                FsyncOutcome::LogFailed
             } else {
                 FsyncOutcome::NotLeader
             };

@@ -266,6 +266,17 @@ impl Cluster {
     /// Start `n` nodes with the same `--peers`; `acks` is passed as `--acks` if given, and
     /// `extra` is appended to every node's arguments.
     pub fn start(n: usize, acks: Option<u64>, extra: &[&str]) -> Cluster {
+        Cluster::start_with(n, acks, extra, &|_| Vec::new())
+    }
+
+    /// [`Cluster::start`], with `per_node(i)` appended to node `i`'s arguments (for options
+    /// that differ between nodes, such as an address of their own).
+    pub fn start_with(
+        n: usize,
+        acks: Option<u64>,
+        extra: &[&str],
+        per_node: &dyn Fn(usize) -> Vec<String>,
+    ) -> Cluster {
         assert!((1..=9).contains(&n), "1..=9 nodes");
         let dir = TestDir::new("cluster");
         let key_file = dir.join("cluster.key");
@@ -305,6 +316,7 @@ impl Cluster {
                     a.push(k.to_string());
                 }
                 a.extend(extra.iter().map(|s| s.to_string()));
+                a.extend(per_node(i));
                 a
             })
             .collect();
