@@ -1,7 +1,10 @@
-//! The local admin socket (`DATA_DIR/admin.sock`) and the `status` command that reads it.
+//! The local admin socket (`DATA_DIR/admin.sock`) and the commands that use it: `status`,
+//! `members add|remove`, `learner add`, `transfer-leader`, `verify`.
 //!
-//! Protocol: the client writes one command line (`status`), the daemon answers one line
-//! of JSON and closes. The socket is created mode 0600 inside the (root-owned) data dir.
+//! Protocol: the client writes one command line (`status`, `members-add 4 10.0.0.4:7100`,
+//! …), the daemon answers one line of JSON and closes: `{"error":"…"}` on failure,
+//! `{"ok":true,"message":"…"}` from the cluster operations (`replication/control.rs`). The
+//! socket is created mode 0600 inside the (root-owned) data dir.
 
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Write};
@@ -10,17 +13,17 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use openraft::{Raft, ServerState};
+use openraft::ServerState;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
-use crate::metrics::{RecentLatency, Registry};
-use crate::replication::role::Role;
-use crate::replication::TypeConfig;
+use crate::metrics::{FsyncOutcome, RecentLatency};
+use crate::replication::control::{json_str, Control};
 
 /// A request line longer than this is refused.
 const REQUEST_BYTES_MAX: usize = 256;
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the daemon waits for a client's request line.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("admin.sock")
@@ -39,6 +42,10 @@ pub struct Status {
     pub acks: u64,
     pub writable: bool,
     pub members: Vec<u64>,
+    /// Non-voting members.
+    pub learners: Vec<u64>,
+    /// Set on an export learner: the index its tree stops at.
+    pub export_until: Option<u64>,
     /// Per other member: the last log index it is known to hold (leader only).
     pub matched: Vec<(u64, Option<u64>)>,
     /// Per other member: entries of this log it is not known to hold (leader only).
@@ -60,6 +67,7 @@ impl Status {
     pub fn to_json(&self) -> String {
         let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
         let members: Vec<String> = self.members.iter().map(u64::to_string).collect();
+        let learners: Vec<String> = self.learners.iter().map(u64::to_string).collect();
         let object = |pairs: &mut dyn Iterator<Item = (u64, String)>| {
             let mut out = String::new();
             for (i, (id, v)) in pairs.enumerate() {
@@ -76,9 +84,9 @@ impl Status {
         format!(
             "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
              \"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
-             \"members\":[{}],\"matched\":{{{}}},\"lag\":{{{}}},\"fsync_acks\":{},\
-             \"fsync_failures\":{},\"fsync_samples\":{},\"fsync_p50_us\":{},\
-             \"fsync_p99_us\":{}}}",
+             \"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}},\
+             \"lag\":{{{}}},\"fsync_acks\":{},\"fsync_failures\":{},\"fsync_samples\":{},\
+             \"fsync_p50_us\":{},\"fsync_p99_us\":{}}}",
             self.node_id,
             self.role,
             self.term,
@@ -89,6 +97,8 @@ impl Status {
             self.acks,
             self.writable,
             members.join(","),
+            learners.join(","),
+            opt(self.export_until),
             matched,
             lag,
             self.fsync_acks,
@@ -113,18 +123,17 @@ fn role_name(s: ServerState) -> &'static str {
     }
 }
 
-pub async fn collect(
-    raft: &Raft<TypeConfig>,
-    role: &Role,
-    acks: u64,
-    registry: &Registry,
-) -> Status {
+pub async fn collect(control: &Control) -> Status {
+    let (raft, role, acks) = (&control.raft, &control.role, control.acks);
+    // The network's counters hold the node's fsync figures too (`metrics.rs`).
+    let fsync = &control.net.registry.fsync;
     let m = raft.metrics().borrow().clone();
     let committed = raft
         .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
         .await
         .unwrap_or(0);
     let members: Vec<u64> = m.membership_config.membership().voter_ids().collect();
+    let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
     let matched: Vec<(u64, Option<u64>)> = m
         .replication
         .as_ref()
@@ -151,22 +160,68 @@ pub async fn collect(
         acks,
         writable: role.writable(),
         members,
+        learners,
+        export_until: control.state_machine.export_until(),
         matched,
         lag,
-        fsync_acks: registry.fsync.count(crate::metrics::FsyncOutcome::Ok),
-        fsync_failures: registry.fsync.failures(),
-        fsync_recent: registry.fsync.recent(),
+        fsync_acks: fsync.count(FsyncOutcome::Ok),
+        fsync_failures: fsync.failures(),
+        fsync_recent: fsync.recent(),
+    }
+}
+
+/// Run one admin command line against the running node; the JSON answer line.
+async fn dispatch(control: &Control, line: &str) -> String {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let id = |w: &str| {
+        w.parse::<u64>()
+            .ok()
+            .filter(|i| *i > 0)
+            .ok_or_else(|| format!("{w:?} is not a node id (a number from 1)"))
+    };
+    let done = |r: Result<String, String>| match r {
+        Ok(msg) => format!("{{\"ok\":true,\"message\":{}}}", json_str(&msg)),
+        Err(e) => format!("{{\"error\":{}}}", json_str(&e)),
+    };
+    match words.as_slice() {
+        ["status"] => collect(control).await.to_json(),
+        ["members-add", i, addr] => match id(i) {
+            Ok(i) => done(control.add_member(i, addr).await),
+            Err(e) => done(Err(e)),
+        },
+        ["members-remove", i] => match id(i) {
+            Ok(i) => done(control.remove_member(i).await),
+            Err(e) => done(Err(e)),
+        },
+        ["learner-add", i, addr, rest @ ..] if rest.len() <= 1 => {
+            let until = rest
+                .first()
+                .map(|u| {
+                    u.parse::<u64>()
+                        .map_err(|_| format!("{u:?} is not an index"))
+                })
+                .transpose();
+            match (id(i), until) {
+                (Ok(i), Ok(until)) => done(control.add_learner(i, addr, until).await),
+                (Err(e), _) | (_, Err(e)) => done(Err(e)),
+            }
+        }
+        ["transfer-leader", rest @ ..] if rest.len() <= 1 => {
+            match rest.first().map(|t| id(t)).transpose() {
+                Ok(to) => done(control.transfer_leader(to).await),
+                Err(e) => done(Err(e)),
+            }
+        }
+        ["verify"] => match control.verify().await {
+            Ok(v) => v.to_json(),
+            Err(e) => done(Err(e)),
+        },
+        _ => done(Err(format!("unknown command {line:?}"))),
     }
 }
 
 /// Serve the admin socket until the runtime stops.
-pub fn serve(
-    data_dir: &Path,
-    raft: Raft<TypeConfig>,
-    role: Arc<Role>,
-    acks: u64,
-    registry: Arc<Registry>,
-) -> io::Result<()> {
+pub fn serve(data_dir: &Path, control: Arc<Control>) -> io::Result<()> {
     let path = socket_path(data_dir);
     // A socket left by a crashed daemon: the data dir lock proves nobody else owns it.
     let _ = std::fs::remove_file(&path);
@@ -177,17 +232,16 @@ pub fn serve(
             let Ok((stream, _)) = listener.accept().await else {
                 continue;
             };
-            let (raft, role, registry) = (raft.clone(), role.clone(), registry.clone());
+            let control = control.clone();
             tokio::spawn(async move {
                 let (rd, mut wr) = stream.into_split();
                 let mut line = String::new();
                 let mut rd = tokio::io::BufReader::new(rd.take(REQUEST_BYTES_MAX as u64));
-                let read = tokio::time::timeout(CLIENT_TIMEOUT, rd.read_line(&mut line)).await;
-                let reply = match (read, line.trim()) {
-                    (Ok(Ok(_)), "status") => collect(&raft, &role, acks, &registry).await.to_json(),
-                    (Ok(Ok(_)), other) => format!("{{\"error\":\"unknown command {other:?}\"}}"),
-                    _ => return,
-                };
+                let read = tokio::time::timeout(REQUEST_TIMEOUT, rd.read_line(&mut line)).await;
+                if !matches!(read, Ok(Ok(_))) {
+                    return;
+                }
+                let reply = dispatch(&control, line.trim()).await;
                 let _ = wr.write_all(format!("{reply}\n").as_bytes()).await;
             });
         }
@@ -195,8 +249,9 @@ pub fn serve(
     Ok(())
 }
 
-/// `seguro-fs status DATA_DIR`: ask the running daemon.
-pub fn status(data_dir: &Path, json: bool) -> Result<String, String> {
+/// Send `command` to the daemon of `data_dir` and return its answer line; an
+/// `{"error":…}` answer becomes the error.
+pub fn request(data_dir: &Path, command: &str, timeout: Duration) -> Result<String, String> {
     let path = socket_path(data_dir);
     let mut s = UnixStream::connect(&path).map_err(|e| {
         format!(
@@ -204,18 +259,107 @@ pub fn status(data_dir: &Path, json: bool) -> Result<String, String> {
             path.display()
         )
     })?;
-    s.set_read_timeout(Some(CLIENT_TIMEOUT))
+    s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.write_all(b"status\n").map_err(|e| e.to_string())?;
+    s.write_all(format!("{command}\n").as_bytes())
+        .map_err(|e| e.to_string())?;
     let mut line = String::new();
-    BufReader::new(s)
-        .read_line(&mut line)
-        .map_err(|e| format!("reading the daemon's answer: {e}"))?;
+    BufReader::new(s).read_line(&mut line).map_err(|e| {
+        format!(
+            "no answer from the daemon within {} s: {e}",
+            timeout.as_secs()
+        )
+    })?;
     let line = line.trim().to_string();
+    if let Some(msg) = json_field(&line, "error") {
+        return Err(msg);
+    }
+    Ok(line)
+}
+
+/// The string value of `key` in a one-line JSON object written by this module.
+pub fn json_field(line: &str, key: &str) -> Option<String> {
+    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
+    let mut out = String::new();
+    let mut chars = line[start..].chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => return Some(out),
+            '\\' => match chars.next()? {
+                'u' => {
+                    let code: String = chars.by_ref().take(4).collect();
+                    out.push(char::from_u32(u32::from_str_radix(&code, 16).ok()?)?);
+                }
+                c => out.push(c),
+            },
+            c => out.push(c),
+        }
+    }
+    None
+}
+
+/// `seguro-fs status DATA_DIR`: ask the running daemon.
+pub fn status(data_dir: &Path, json: bool) -> Result<String, String> {
+    let line = request(data_dir, "status", STATUS_TIMEOUT)?;
     if json {
         return Ok(line);
     }
     Ok(table_from_json(&line))
+}
+
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Run a cluster operation through the daemon; its message (or the JSON line).
+pub fn operate(
+    data_dir: &Path,
+    command: &str,
+    timeout_ms: u64,
+    json: bool,
+) -> Result<String, String> {
+    let line = request(data_dir, command, Duration::from_millis(timeout_ms))?;
+    if json {
+        return Ok(line);
+    }
+    Ok(json_field(&line, "message").unwrap_or(line))
+}
+
+/// `seguro-fs verify DATA_DIR`: every member's digest at one index, as a table. Fails
+/// (after printing it) unless they all agree.
+pub fn verify(data_dir: &Path, timeout_ms: u64, json: bool) -> Result<String, String> {
+    let line = request(data_dir, "verify", Duration::from_millis(timeout_ms))?;
+    let agree = line.contains("\"agree\":true");
+    let out = if json {
+        line.clone()
+    } else {
+        let mut t = String::new();
+        let index = line
+            .split("\"index\":")
+            .nth(1)
+            .and_then(|r| r.split(',').next())
+            .unwrap_or("?");
+        let _ = writeln!(t, "digests at index {index}:");
+        for m in line.split("{\"id\":").skip(1) {
+            let id = m.split(',').next().unwrap_or("?");
+            let digest = json_field(m, "digest").unwrap_or_else(|| "-".into());
+            let note = json_field(m, "note").unwrap_or_default();
+            let _ = writeln!(t, "  node {id:<4} {digest:<64}  {note}");
+        }
+        let _ = write!(
+            t,
+            "{}",
+            if agree {
+                "all members hold identical trees"
+            } else {
+                "MISMATCH or unverified members: the trees are not known to be identical"
+            }
+        );
+        t
+    };
+    if agree {
+        Ok(out)
+    } else {
+        Err(out)
+    }
 }
 
 /// Render the daemon's JSON as `key value` lines (the daemon owns the field list).
@@ -266,6 +410,8 @@ mod tests {
             acks: 1,
             writable: true,
             members: vec![1, 2, 3],
+            learners: vec![4],
+            export_until: None,
             matched: vec![(1, Some(38)), (3, None)],
             lag: vec![(1, lag_entries(40, Some(38))), (3, lag_entries(40, None))],
             fsync_acks: 12,
@@ -281,7 +427,8 @@ mod tests {
             j,
             "{\"node_id\":2,\"role\":\"leader\",\"term\":7,\"leader_id\":2,\"last_index\":40,\
              \"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
-             \"members\":[1,2,3],\"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
+             \"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
+             \"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
              \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_samples\":12,\
              \"fsync_p50_us\":850,\"fsync_p99_us\":2100}"
         );
@@ -289,9 +436,9 @@ mod tests {
         let t = table_from_json(&j);
         assert!(t.contains("role            leader"), "{t}");
         assert!(t.contains("members         [1,2,3]"), "{t}");
+        assert!(t.contains("committed_index 39"), "{t}");
         assert!(t.contains("lag             {\"1\":2,\"3\":41}"), "{t}");
         assert!(t.contains("fsync_p99_us    2100"), "{t}");
-        assert!(t.contains("committed_index 39"), "{t}");
         let none = Status {
             fsync_recent: None,
             ..s

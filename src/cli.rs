@@ -27,6 +27,103 @@ pub enum Command {
     Mount(MountArgs),
     /// Show the running node's role, term, leader and log indexes.
     Status(StatusArgs),
+    /// Change the cluster's voters (run on the leader's machine).
+    #[command(subcommand)]
+    Members(MembersCommand),
+    /// Add a non-voting member, optionally an export that stops at an index.
+    #[command(subcommand)]
+    Learner(LearnerCommand),
+    /// Hand leadership to another voter (stop urbit on this machine first: the mount
+    /// turns read-only).
+    TransferLeader(TransferArgs),
+    /// Compare every member's tree digest at one log index.
+    Verify(VerifyArgs),
+    /// Copy the committed tree of a running member into a new directory (a usable
+    /// .urb/log), verified with blake3.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MembersCommand {
+    /// Add node ID (started with --join) as a learner, wait until it has caught up, then
+    /// make it a voter.
+    Add(MemberAddArgs),
+    /// Remove node ID (voter or learner) from the cluster.
+    Remove(MemberRemoveArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LearnerCommand {
+    /// Add node ID (started with --join) as a learner.
+    Add(LearnerAddArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MemberAddArgs {
+    /// The data dir of the leader's running `seguro-fs mount`.
+    pub data_dir: PathBuf,
+    pub id: u64,
+    /// The new member's peer address, HOST:PORT.
+    pub addr: String,
+    /// Print the daemon's JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MemberRemoveArgs {
+    /// The data dir of the leader's running `seguro-fs mount`.
+    pub data_dir: PathBuf,
+    pub id: u64,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct LearnerAddArgs {
+    /// The data dir of the leader's running `seguro-fs mount`.
+    pub data_dir: PathBuf,
+    pub id: u64,
+    /// The learner's peer address, HOST:PORT.
+    pub addr: String,
+    /// Make it an export: its tree stops at this log index (for offline analysis or a
+    /// hand-over) and it never leads.
+    #[arg(long)]
+    pub until_index: Option<u64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct TransferArgs {
+    /// The data dir of the leader's running `seguro-fs mount`.
+    pub data_dir: PathBuf,
+    /// The voter to hand over to (default: the most caught-up one).
+    #[arg(long)]
+    pub to: Option<u64>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    /// The data dir of the leader's running `seguro-fs mount`.
+    pub data_dir: PathBuf,
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// A running member's peer address, HOST:PORT (prefer a follower: building the
+    /// image pauses applies on the member for the tree walk).
+    #[arg(long)]
+    pub from: String,
+    /// The cluster's key file.
+    #[arg(long)]
+    pub cluster_key_file: PathBuf,
+    /// A directory that does not exist yet or is empty.
+    pub dest: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -160,7 +257,7 @@ fn parse_peers(raw: &[String]) -> Result<std::collections::BTreeMap<u64, String>
     Ok(peers)
 }
 
-fn read_key(
+pub fn read_key(
     path: &std::path::Path,
 ) -> Result<crate::replication::transport::ClusterKey, ConfigError> {
     let err = |why: String| ConfigError::Key {
@@ -278,7 +375,7 @@ mod tests {
         all.extend_from_slice(args);
         match parse(&all).unwrap().command {
             Command::Mount(m) => m.into_config(),
-            Command::Status(_) => unreachable!(),
+            _ => unreachable!(),
         }
     }
 

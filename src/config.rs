@@ -56,6 +56,10 @@ pub struct Limits {
     pub metrics_io_timeout_ms: u64,
     /// The most recent fsync ack latencies kept for `status`'s p50 and p99.
     pub fsync_recent_samples_max: usize,
+    /// `members add`: how long a new member may take to catch up before it is promoted.
+    pub member_catchup_timeout_ms: u64,
+    /// `transfer-leader`: each of its waits (target catching up, target taking over).
+    pub transfer_timeout_ms: u64,
 }
 
 impl Default for Limits {
@@ -84,6 +88,8 @@ impl Default for Limits {
             metrics_connections_max: 16,
             metrics_io_timeout_ms: 5_000,
             fsync_recent_samples_max: 1_024,
+            member_catchup_timeout_ms: 600_000,
+            transfer_timeout_ms: 10_000,
         }
     }
 }
@@ -208,6 +214,18 @@ impl Limits {
             self.fsync_recent_samples_max as u64,
             16,
             1 << 20,
+        )?;
+        check(
+            "member_catchup_timeout_ms",
+            self.member_catchup_timeout_ms,
+            1_000,
+            86_400_000,
+        )?;
+        check(
+            "transfer_timeout_ms",
+            self.transfer_timeout_ms,
+            1_000,
+            600_000,
         )?;
         Ok(())
     }

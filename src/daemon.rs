@@ -15,6 +15,7 @@ use crate::fs::pending::Pending;
 use crate::fs::{Fs, FsParts};
 use crate::fuse::FuseAdapter;
 use crate::metrics::{self, Registry};
+use crate::replication::control::Control;
 use crate::replication::role::{self, Role};
 use crate::replication::state_machine::ObserverSlot;
 use crate::replication::{self, proposer::Proposer, StartError};
@@ -165,24 +166,18 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
         registry.clone(),
     ))?;
     let role = Arc::new(Role::default());
-    rt.block_on(async {
-        admin::serve(
-            &data_dir.root,
-            node.raft.clone(),
-            role.clone(),
-            cfg.acks,
-            registry.clone(),
-        )
-    })
-    .map_err(|e| MountError::Io(std::io::Error::other(format!("admin socket: {e}"))))?;
+    let control = Arc::new(Control {
+        raft: node.raft.clone(),
+        role: role.clone(),
+        state_machine: node.state_machine.clone(),
+        net: node.net.clone(),
+        acks: cfg.acks,
+        limits: cfg.limits.clone(),
+    });
+    rt.block_on(async { admin::serve(&data_dir.root, control.clone()) })
+        .map_err(|e| MountError::Io(std::io::Error::other(format!("admin socket: {e}"))))?;
     if let Some(addr) = cfg.metrics_addr {
-        let sources = metrics::Sources {
-            raft: node.raft.clone(),
-            role: role.clone(),
-            acks: cfg.acks,
-            registry: registry.clone(),
-        };
-        rt.block_on(metrics::serve(addr, &cfg.limits, sources))
+        rt.block_on(metrics::serve(addr, &cfg.limits, control))
             .map_err(|e| MountError::Io(std::io::Error::other(e.to_string())))?;
     }
 

@@ -15,15 +15,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::Raft;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use crate::admin::{self, Status};
 use crate::config::Limits;
-use crate::replication::role::Role;
-use crate::replication::TypeConfig;
+use crate::replication::control::Control;
 
 /// Upper bounds of the fsync ack latency histogram's buckets, in nanoseconds: 100 µs (a
 /// local NVMe fdatasync) to 10 s (the default `ack_timeout_ms`).
@@ -479,15 +477,6 @@ pub struct BindError {
     pub source: std::io::Error,
 }
 
-/// What the metrics server reads the node's state from.
-#[derive(Clone)]
-pub struct Sources {
-    pub raft: Raft<TypeConfig>,
-    pub role: Arc<Role>,
-    pub acks: u64,
-    pub registry: Arc<Registry>,
-}
-
 /// What a request asks for.
 #[derive(Debug, PartialEq, Eq)]
 enum Route {
@@ -569,7 +558,7 @@ fn plain(status: &str, extra_headers: &str, body: &str) -> Vec<u8> {
     )
 }
 
-async fn answer(mut stream: TcpStream, src: Sources, head_max: usize, io_timeout: Duration) {
+async fn answer(mut stream: TcpStream, node: &Control, head_max: usize, io_timeout: Duration) {
     let head = match tokio::time::timeout(io_timeout, read_head(&mut stream, head_max)).await {
         Ok(Ok(Some(h))) => Some(h),
         Ok(Ok(None)) => None,
@@ -589,12 +578,12 @@ async fn answer(mut stream: TcpStream, src: Sources, head_max: usize, io_timeout
         }
         Some(Route::NotFound) => plain("404 Not Found", "", "metrics are at /metrics"),
         Some(Route::Metrics) => {
-            let st = admin::collect(&src.raft, &src.role, src.acks, &src.registry).await;
+            let st = admin::collect(node).await;
             response(
                 "200 OK",
                 "",
                 "text/plain; version=0.0.4; charset=utf-8",
-                &render(&st, &src.registry),
+                &render(&st, &node.net.registry),
             )
         }
     };
@@ -605,9 +594,9 @@ async fn answer(mut stream: TcpStream, src: Sources, head_max: usize, io_timeout
     .await;
 }
 
-/// Listen on `addr` and serve `/metrics` until the runtime stops. Must run inside the
-/// runtime; fails at once if the address cannot be bound.
-pub async fn serve(addr: SocketAddr, limits: &Limits, src: Sources) -> Result<(), BindError> {
+/// Listen on `addr` and serve `/metrics` for `node` until the runtime stops. Must run
+/// inside the runtime; fails at once if the address cannot be bound.
+pub async fn serve(addr: SocketAddr, limits: &Limits, node: Arc<Control>) -> Result<(), BindError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| BindError { addr, source })?;
@@ -635,9 +624,9 @@ pub async fn serve(addr: SocketAddr, limits: &Limits, src: Sources) -> Result<()
                 tracing::debug!(%peer, "too many metrics connections; refusing");
                 continue;
             };
-            let src = src.clone();
+            let node = node.clone();
             tokio::spawn(async move {
-                answer(stream, src, head_max, io_timeout).await;
+                answer(stream, &node, head_max, io_timeout).await;
                 drop(permit);
             });
         }
@@ -720,6 +709,8 @@ mod tests {
             acks: 1,
             writable: true,
             members: vec![1, 2, 3],
+            learners: vec![],
+            export_until: None,
             matched: vec![(1, Some(40)), (3, None)],
             lag: vec![(1, 0), (3, 41)],
             fsync_acks: 4,

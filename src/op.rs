@@ -71,6 +71,9 @@ pub enum Op {
         target: String,
         path: String,
     },
+    /// No change to the tree: a barrier at which every replica records the digest of its
+    /// tree (`seguro-fs verify` compares them at one index). Travels alone in its batch.
+    Digest,
 }
 
 impl Op {
@@ -103,6 +106,7 @@ impl Op {
             | Op::Rmdir { path } => path.len(),
             Op::Rename { from, to, .. } | Op::Link { from, to } => from.len() + to.len(),
             Op::Symlink { target, path } => target.len() + path.len(),
+            Op::Digest => 0,
         };
         payload + OP_OVERHEAD_BYTES
     }
@@ -124,6 +128,7 @@ impl std::fmt::Debug for Op {
             Op::Rename { from, to, flags } => write!(f, "Rename({from} -> {to}, {flags:#x})"),
             Op::Link { from, to } => write!(f, "Link({from} -> {to})"),
             Op::Symlink { target, path } => write!(f, "Symlink({path} -> {target})"),
+            Op::Digest => write!(f, "Digest"),
         }
     }
 }

@@ -212,6 +212,8 @@ impl TreeApplier {
             }
             Op::Link { from, to } => std::fs::hard_link(self.abs(from), self.abs(to)),
             Op::Symlink { target, path } => std::os::unix::fs::symlink(target, self.abs(path)),
+            // The state machine records the digest; the tree itself does not change.
+            Op::Digest => Ok(()),
         }
     }
 

@@ -880,6 +880,7 @@ fn cluster_metrics_follow_replication_and_snapshot_catch_up() {
     // only catch up by snapshot.
     let mut c = Cluster::start_with(
         3,
+        3,
         None,
         &["--checkpoint-entries", "16", "--log-keep-entries", "0"],
         &|i| vec!["--metrics-addr".into(), maddr(i).to_string()],

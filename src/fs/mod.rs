@@ -1260,6 +1260,7 @@ impl ApplyObserver for Fs {
                     inodes.detach(Area::Tree, to);
                     inodes.rename(Area::Tree, from, to);
                 }
+                Op::Digest => {}
             }
         }
         self.send(inv);

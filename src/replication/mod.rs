@@ -3,6 +3,7 @@
 //! and wait for durability.
 
 pub mod checkpoint;
+pub mod control;
 pub mod log_store;
 pub mod network;
 pub mod proposer;
@@ -69,6 +70,8 @@ pub enum StartError {
 pub struct Node {
     pub raft: Raft<TypeConfig>,
     pub state_machine: StateMachine,
+    /// How this node reaches its peers (admin commands reuse it).
+    pub net: NetConfig,
     pub flush_rx: watch::Receiver<FlushState>,
     pub applied_rx: watch::Receiver<u64>,
 }
@@ -157,8 +160,9 @@ pub async fn start(
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
+    let control = control::ControlServer::new(raft.clone(), state_machine.clone(), l);
     if let Some(listener) = listener {
-        tokio::spawn(network::serve(listener, raft.clone(), net));
+        tokio::spawn(network::serve(listener, raft.clone(), net.clone(), control));
     }
 
     let initialized = raft
@@ -188,6 +192,7 @@ pub async fn start(
     Ok(Node {
         raft,
         state_machine,
+        net,
         flush_rx,
         applied_rx,
     })

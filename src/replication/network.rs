@@ -20,6 +20,7 @@ use openraft::{BasicNode, Raft};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
+use super::control::{ControlServer, OpenImage};
 use super::transport::{ClusterKey, Link, LinkError, LinkLimits};
 use super::wire::{self, RaftRequest, Request, Response};
 use super::TypeConfig;
@@ -210,8 +211,14 @@ fn entry_bytes(req: &Request) -> (u64, u64) {
     }
 }
 
-async fn handle(raft: &Raft<TypeConfig>, req: RaftRequest) -> Response {
+async fn handle(
+    raft: &Raft<TypeConfig>,
+    control: &ControlServer,
+    image: &mut Option<OpenImage>,
+    req: RaftRequest,
+) -> Response {
     match req {
+        RaftRequest::Control(c) => control.handle(c, image).await,
         RaftRequest::Append(r) => match raft.append_entries(r).await {
             Ok(resp) => wire::append_response(&resp),
             Err(e) => Response::Error {
@@ -235,6 +242,8 @@ async fn handle(raft: &Raft<TypeConfig>, req: RaftRequest) -> Response {
 
 /// What an inbound request adds to the peer's counters.
 enum Counted {
+    /// Votes and control requests (which tools send too: they get no counters).
+    Nothing,
     Entries((u64, u64)),
     /// A snapshot chunk's bytes and whether it is the last.
     Chunk(u64, bool),
@@ -247,6 +256,7 @@ async fn serve_link(
     peer: SocketAddr,
     raft: Raft<TypeConfig>,
     cfg: NetConfig,
+    control: ControlServer,
 ) {
     let Some(key) = cfg.key.as_ref() else {
         return;
@@ -258,7 +268,10 @@ async fn serve_link(
             return;
         }
     };
-    let counters = cfg.registry.peer(link.peer_id);
+    // Fetched on the first Raft traffic, so a tool's link adds no member to the metrics.
+    let mut counters = None;
+    // A `restore` reading an image through this link.
+    let mut image = None;
     loop {
         let bytes = match link.recv(cfg.idle_ms).await {
             Ok(b) => b,
@@ -271,7 +284,8 @@ async fn serve_link(
         let decoded = wire::decode_request(&bytes).and_then(|r| {
             let counted = match &r {
                 Request::Snapshot { data, done, .. } => Counted::Chunk(data.len() as u64, *done),
-                other => Counted::Entries(entry_bytes(other)),
+                Request::Append { .. } => Counted::Entries(entry_bytes(&r)),
+                _ => Counted::Nothing,
             };
             Ok((wire::to_raft_request(r)?, counted))
         });
@@ -282,14 +296,22 @@ async fn serve_link(
                 return;
             }
         };
-        let resp = handle(&raft, req).await;
+        let resp = handle(&raft, &control, &mut image, req).await;
+        let mut peer_counters = || {
+            counters
+                .get_or_insert_with(|| cfg.registry.peer(link.peer_id))
+                .clone()
+        };
         match counted {
-            Counted::Entries((entries, bytes)) => counters.received_entries(entries, bytes),
+            Counted::Nothing => {}
+            Counted::Entries((entries, bytes)) => {
+                peer_counters().received_entries(entries, bytes);
+            }
             // Raft handles a chunk only if it belongs to a snapshot it wants; the last
             // one's answer comes after the install.
             Counted::Chunk(bytes, done) => {
                 if matches!(resp, Response::Snapshot { .. }) {
-                    counters.received_snapshot_chunk(bytes, done);
+                    peer_counters().received_snapshot_chunk(bytes, done);
                 }
             }
         }
@@ -300,7 +322,12 @@ async fn serve_link(
 }
 
 /// Accept peer connections until the runtime shuts down.
-pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, cfg: NetConfig) {
+pub async fn serve(
+    listener: TcpListener,
+    raft: Raft<TypeConfig>,
+    cfg: NetConfig,
+    control: ControlServer,
+) {
     let slots = Arc::new(Semaphore::new(cfg.connections_max));
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -315,9 +342,9 @@ pub async fn serve(listener: TcpListener, raft: Raft<TypeConfig>, cfg: NetConfig
             tracing::warn!(%peer, "too many peer connections; refusing");
             continue;
         };
-        let (raft, cfg) = (raft.clone(), cfg.clone());
+        let (raft, cfg, control) = (raft.clone(), cfg.clone(), control.clone());
         tokio::spawn(async move {
-            serve_link(stream, peer, raft, cfg).await;
+            serve_link(stream, peer, raft, cfg, control).await;
             drop(permit);
         });
     }

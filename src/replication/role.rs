@@ -18,13 +18,28 @@ use super::TypeConfig;
 #[derive(Debug, Default)]
 pub struct Role {
     writable: AtomicBool,
+    /// A leadership transfer is under way: the leader accepts no new writes meanwhile.
+    transferring: AtomicBool,
     term: AtomicU64,
     generation: AtomicU64,
 }
 
 impl Role {
     pub fn writable(&self) -> bool {
-        self.writable.load(Ordering::Acquire)
+        self.writable.load(Ordering::Acquire) && !self.transferring.load(Ordering::Acquire)
+    }
+
+    /// Stop accepting writes for a leadership transfer; fsyncs in flight fail (their
+    /// generation is gone), as they would once leadership moves.
+    pub fn begin_transfer(&self) {
+        self.transferring.store(true, Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The transfer is over (done or abandoned): if this node still leads, it is
+    /// writable again.
+    pub fn end_transfer(&self) {
+        self.transferring.store(false, Ordering::Release);
     }
     pub fn term(&self) -> u64 {
         self.term.load(Ordering::Acquire)
@@ -59,7 +74,8 @@ pub async fn watch(
                 m.current_term,
             )
         };
-        let writable = role.writable();
+        // The raw flag: a paused (transferring) leader still has leadership to lose.
+        let writable = role.writable.load(Ordering::Acquire);
         if writable && (!leads || term != role.term()) {
             role.writable.store(false, Ordering::Release);
             role.generation.fetch_add(1, Ordering::AcqRel);
@@ -69,7 +85,7 @@ pub async fn watch(
             );
             hooks.lost();
         }
-        if !role.writable() && leads {
+        if !writable && leads {
             // Writable only once everything of earlier terms is applied here.
             let ready =
                 tokio::time::timeout(Duration::from_secs(30), raft.ensure_linearizable()).await;
@@ -89,7 +105,7 @@ pub async fn watch(
             continue;
         }
         if metrics.changed().await.is_err() {
-            if role.writable() {
+            if role.writable.load(Ordering::Acquire) {
                 role.writable.store(false, Ordering::Release);
                 role.generation.fetch_add(1, Ordering::AcqRel);
                 hooks.lost();

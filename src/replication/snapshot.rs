@@ -181,6 +181,45 @@ pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
     Ok(inner.metadata()?.len())
 }
 
+/// The content digest of a tree: every name, its type, permission bits, size and bytes
+/// (symlinks: their target), in the image walk's order. Times are left out on purpose:
+/// each replica's apply sets its own mtimes, while the bytes vere reads must be identical.
+/// `verify` compares this across members and `restore` checks its copy with it.
+pub fn tree_digest(root: &Path) -> io::Result<[u8; 32]> {
+    let mut h = blake3::Hasher::new();
+    h.update(b"seguro-fs tree digest v1\0");
+    h.update(&(fs::metadata(root)?.mode() & 0o7777).to_le_bytes());
+    let mut buf = vec![0u8; BUF_BYTES];
+    walk(root, |rel, m| {
+        h.update(&(rel.len() as u32).to_le_bytes());
+        h.update(rel.as_bytes());
+        h.update(&(m.mode() & 0o7777).to_le_bytes());
+        if m.is_dir() {
+            h.update(b"d");
+        } else if m.file_type().is_symlink() {
+            let target = fs::read_link(root.join(rel))?;
+            h.update(b"l");
+            h.update(&(target.as_os_str().len() as u32).to_le_bytes());
+            h.update(target.as_os_str().as_encoded_bytes());
+        } else if m.is_file() {
+            h.update(b"f");
+            h.update(&m.len().to_le_bytes());
+            let mut f = File::open(root.join(rel))?;
+            let mut left = m.len();
+            while left > 0 {
+                let n = (left as usize).min(buf.len());
+                f.read_exact(&mut buf[..n])?;
+                h.update(&buf[..n]);
+                left -= n as u64;
+            }
+        } else {
+            h.update(b"o");
+        }
+        Ok(())
+    })?;
+    Ok(*h.finalize().as_bytes())
+}
+
 fn read_u32(r: &mut impl Read) -> io::Result<u32> {
     let mut b = [0u8; 4];
     r.read_exact(&mut b)?;
@@ -611,6 +650,40 @@ mod tests {
         let dst3 = t.path().join("dst3");
         fs::create_dir(&dst3).unwrap();
         assert!(unpack_image(&img, &dst3).is_err());
+    }
+
+    #[test]
+    fn tree_digest_sees_content_names_and_modes_not_times() {
+        let t = TempDir::new("digest");
+        let a = t.path().join("a");
+        fs::create_dir_all(a.join("0i0")).unwrap();
+        fs::write(a.join("0i0/data.mdb"), vec![1u8; BUF_BYTES + 3]).unwrap();
+        std::os::unix::fs::symlink("0i0", a.join("cur")).unwrap();
+        let d0 = tree_digest(&a).unwrap();
+        set_mtime(&a.join("0i0/data.mdb"), 5, 6).unwrap();
+        assert_eq!(tree_digest(&a).unwrap(), d0, "mtimes are not part of it");
+        let img = t.path().join("img");
+        write_image(&a, File::create(&img).unwrap()).unwrap();
+        let b = t.path().join("b");
+        fs::create_dir(&b).unwrap();
+        unpack_image(&img, &b).unwrap();
+        assert_eq!(
+            tree_digest(&b).unwrap(),
+            d0,
+            "an unpacked image has the same digest"
+        );
+        // One flipped byte, a mode, a name: each changes it.
+        let mut bytes = fs::read(b.join("0i0/data.mdb")).unwrap();
+        bytes[BUF_BYTES + 1] ^= 0x40;
+        fs::write(b.join("0i0/data.mdb"), &bytes).unwrap();
+        assert_ne!(tree_digest(&b).unwrap(), d0);
+        bytes[BUF_BYTES + 1] ^= 0x40;
+        fs::write(b.join("0i0/data.mdb"), &bytes).unwrap();
+        assert_eq!(tree_digest(&b).unwrap(), d0);
+        fs::set_permissions(b.join("0i0"), fs::Permissions::from_mode(0o700)).unwrap();
+        assert_ne!(tree_digest(&b).unwrap(), d0);
+        fs::rename(a.join("cur"), a.join("cur2")).unwrap();
+        assert_ne!(tree_digest(&a).unwrap(), d0);
     }
 
     #[test]

@@ -16,6 +16,7 @@
 //! the state at the applied index. openraft also asks once at startup, only to learn the
 //! snapshot's id; that first answer carries no image.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -77,6 +78,45 @@ struct Inner {
     snapshot: Option<Checkpoint>,
     overlay: Option<OverlayLink>,
     applied_tx: watch::Sender<u64>,
+    /// Tree digests recorded at digest barriers, newest last (at most `DIGESTS_KEPT`).
+    digests: VecDeque<(u64, [u8; 32])>,
+    /// An export learner's frozen index: entries past it are acknowledged to Raft but
+    /// leave the tree alone, so the tree stays exactly the state at this index.
+    export_until: Option<u64>,
+}
+
+/// Digest barriers remembered for `verify` (it asks right after proposing one).
+const DIGESTS_KEPT: usize = 16;
+
+/// Where an export learner's frozen index is kept (absent: not an export).
+fn export_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("export-until")
+}
+
+fn read_export(data_dir: &std::path::Path) -> io::Result<Option<u64>> {
+    match std::fs::read_to_string(export_path(data_dir)) {
+        Ok(s) => s.trim().parse().map(Some).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!(
+                    "{} does not hold an index: {s:?}",
+                    export_path(data_dir).display()
+                ),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// What a member can say about the digest barrier at an index.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DigestAnswer {
+    /// Not applied yet.
+    Pending,
+    Recorded([u8; 32]),
+    /// Applied, but no digest was taken here at that index; the text says why.
+    Unknown(String),
 }
 
 impl Inner {
@@ -98,6 +138,10 @@ impl Inner {
             EntryPayload::Membership(m) => {
                 self.membership = StoredMembership::new(Some(entry.log_id), m);
             }
+            EntryPayload::Normal(_)
+                if self
+                    .export_until
+                    .is_some_and(|until| entry.log_id.index > until) => {}
             EntryPayload::Normal(batch) => {
                 if batch.ops.iter().any(|op| op.is_namespace()) {
                     self.checkpoint()?;
@@ -109,6 +153,15 @@ impl Inner {
                     .as_ref()
                     .map(|l| l.overlay.lock().expect("overlay mutex poisoned"));
                 for op in &batch.ops {
+                    if matches!(op, Op::Digest) {
+                        let d = snapshot::tree_digest(&self.tree_dir)?;
+                        if self.digests.len() == DIGESTS_KEPT {
+                            self.digests.pop_front();
+                        }
+                        self.digests.push_back((entry.log_id.index, d));
+                        result.errnos.push(0);
+                        continue;
+                    }
                     result.errnos.push(self.tree.apply(op)?);
                 }
                 if let Some(g) = guard.as_mut() {
@@ -154,6 +207,7 @@ impl StateMachine {
         let (applied_tx, applied_rx) = watch::channel(c.applied.map_or(0, |l| l.index));
         let snapshot = c.applied.map(|_| c.clone());
         let tree_dir = data_dir.join("tree");
+        let export_until = read_export(&data_dir)?;
         Ok((
             StateMachine {
                 inner: Arc::new(Mutex::new(Inner {
@@ -170,6 +224,8 @@ impl StateMachine {
                     snapshot,
                     overlay,
                     applied_tx,
+                    digests: VecDeque::new(),
+                    export_until,
                 })),
             },
             applied_rx,
@@ -189,6 +245,59 @@ impl StateMachine {
     /// Sync the tree and record the applied id (also done on clean shutdown).
     pub fn checkpoint_now(&self) -> io::Result<()> {
         self.lock().checkpoint().map(drop)
+    }
+
+    /// The applied index as it changes.
+    pub fn applied_watch(&self) -> watch::Receiver<u64> {
+        self.lock().applied_tx.subscribe()
+    }
+
+    /// The digest recorded at the barrier at `index`, if this member took one.
+    pub fn digest_at(&self, index: u64) -> DigestAnswer {
+        let g = self.lock();
+        if let Some((_, d)) = g.digests.iter().find(|(i, _)| *i == index) {
+            return DigestAnswer::Recorded(*d);
+        }
+        if g.applied.map_or(0, |l| l.index) < index {
+            return DigestAnswer::Pending;
+        }
+        DigestAnswer::Unknown(match g.export_until {
+            Some(until) if until < index => format!("an export frozen at index {until}"),
+            _ => "no digest taken at that index here (it arrived in a snapshot, or too \
+                  many barriers since)"
+                .into(),
+        })
+    }
+
+    /// The index an export learner's tree is frozen at, if this is one.
+    pub fn export_until(&self) -> Option<u64> {
+        self.lock().export_until
+    }
+
+    /// Make this member an export: its tree stops at `index`. Refused once the tree is
+    /// past it. Durable before it returns, so a restart keeps the tree frozen.
+    pub fn set_export_until(&self, index: u64) -> io::Result<()> {
+        let mut g = self.lock();
+        let applied = g.applied.map_or(0, |l| l.index);
+        if applied > index {
+            return Err(io::Error::other(format!(
+                "this member has already applied index {applied}, past {index}; use a \
+                 fresh data dir for the export"
+            )));
+        }
+        let path = export_path(&g.data_dir);
+        let tmp = path.with_extension("tmp");
+        let f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut &f, format!("{index}\n").as_bytes())?;
+        crate::sync::fdatasync(&f)?;
+        std::fs::rename(&tmp, &path)?;
+        crate::sync::fsync_dir(&g.data_dir)?;
+        g.export_until = Some(index);
+        tracing::info!(
+            index,
+            "this member is an export: its tree stops at this index"
+        );
+        Ok(())
     }
 }
 
@@ -220,7 +329,7 @@ impl StateMachine {
     /// The image of the tree at the applied index, for a member that is behind. A thread
     /// writes it while holding the state machine lock (no entry is applied meanwhile, so
     /// the image is exactly that state); openraft streams it as it grows.
-    fn current_image(&self) -> io::Result<Snapshot<TypeConfig>> {
+    pub fn current_image(&self) -> io::Result<Snapshot<TypeConfig>> {
         {
             let g = self.lock();
             let index = g.applied.map_or(0, |l| l.index);
@@ -374,6 +483,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot.sync_data().await.map_err(sm_err)?;
         drop(snapshot);
         let mut g = self.lock();
+        if let (Some(until), Some(last)) = (g.export_until, meta.last_log_id) {
+            if last.index > until {
+                // Installing would move the export past its index. Refusing stops this
+                // member's Raft: the export cannot be made from this cluster's log.
+                return Err(sm_err(io::Error::other(format!(
+                    "this export stops at index {until}, but the cluster can only send a \
+                     snapshot at index {} (its log below that is compacted); choose a \
+                     later --until-index",
+                    last.index
+                ))));
+            }
+        }
         let c = Checkpoint {
             applied: meta.last_log_id,
             membership: meta.last_membership.clone(),

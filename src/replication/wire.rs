@@ -55,6 +55,54 @@ pub enum Request {
         data: Vec<u8>,
         done: bool,
     },
+    /// Operator work between members (admin commands, `restore`); see `replication/control.rs`.
+    Control(ControlRequest),
+}
+
+/// What an admin command asks of another member (or `restore` of any member).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ControlRequest {
+    /// The tree digest recorded when the digest barrier at `index` was applied; wait up to
+    /// `wait_ms` for this member to apply it.
+    Digest { index: u64, wait_ms: u64 },
+    /// Start no election for `ms` (a leadership transfer to another member is under way).
+    HoldElections { ms: u64 },
+    /// Campaign after `after_ms`, when the old leader's lease has run out (you are the
+    /// target of a leadership transfer).
+    Campaign { after_ms: u64 },
+    /// Freeze this member's tree at `index` (it is about to be added as an export learner).
+    ExportUntil { index: u64 },
+    /// What kind of member this is (before promoting a learner).
+    Describe,
+    /// Build (or reuse) an image of the tree at the applied index, for `restore`.
+    ImageOpen,
+    /// `len` bytes of the open image from `offset` (fewer only at its end).
+    ImageRead { offset: u64, len: u64 },
+}
+
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum ControlResponse {
+    Done,
+    Described {
+        /// Set on an export learner.
+        export_until: Option<u64>,
+    },
+    /// `digest` is None when this member cannot tell (it skipped the barrier: installed a
+    /// later snapshot, or is an export frozen below it); `note` says why.
+    Digest {
+        applied: u64,
+        digest: Option<[u8; 32]>,
+        /// An export learner: its tree is frozen, so it is not compared.
+        export: bool,
+        note: String,
+    },
+    Image {
+        index: u64,
+        len: u64,
+    },
+    ImageData {
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -73,6 +121,7 @@ pub enum Response {
     Snapshot {
         vote: WVote,
     },
+    Control(ControlResponse),
     /// The receiving node could not handle the request (shutting down, snapshot error…).
     Error {
         message: String,
@@ -164,11 +213,12 @@ pub fn snapshot_request(r: &InstallSnapshotRequest<TypeConfig>) -> Request {
     }
 }
 
-/// A request decoded back into openraft's types.
+/// A request decoded back into openraft's types (or a control request as it is).
 pub enum RaftRequest {
     Append(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<u64>),
     Snapshot(InstallSnapshotRequest<TypeConfig>),
+    Control(ControlRequest),
 }
 
 pub fn to_raft_request(r: Request) -> Result<RaftRequest, DecodeError> {
@@ -211,7 +261,19 @@ pub fn to_raft_request(r: Request) -> Result<RaftRequest, DecodeError> {
             data,
             done,
         }),
+        Request::Control(c) => RaftRequest::Control(c),
     })
+}
+
+/// The answer to a control request, or why there is none.
+pub fn to_control_response(r: Response) -> Result<ControlResponse, String> {
+    match r {
+        Response::Control(c) => Ok(c),
+        Response::Error { message } => Err(message),
+        other => Err(format!(
+            "unexpected response to a control request: {other:?}"
+        )),
+    }
 }
 
 pub fn append_response(r: &AppendEntriesResponse<u64>) -> Response {
@@ -351,6 +413,43 @@ mod tests {
             noise.push(x as u8);
         }
         assert!(decode_request(&noise).is_err());
+    }
+
+    #[test]
+    fn control_messages_round_trip() {
+        for c in [
+            ControlRequest::Digest {
+                index: 9,
+                wait_ms: 100,
+            },
+            ControlRequest::ImageRead {
+                offset: 1 << 40,
+                len: 4 << 20,
+            },
+            ControlRequest::ImageOpen,
+        ] {
+            let bytes = encode_request(&Request::Control(c.clone()));
+            let Ok(RaftRequest::Control(back)) = to_raft_request(decode_request(&bytes).unwrap())
+            else {
+                panic!("wrong kind")
+            };
+            assert_eq!(back, c);
+        }
+        let r = ControlResponse::Digest {
+            applied: 4,
+            digest: Some([7; 32]),
+            export: false,
+            note: String::new(),
+        };
+        let bytes = encode_response(&Response::Control(r.clone()));
+        assert_eq!(
+            to_control_response(decode_response(&bytes).unwrap()).unwrap(),
+            r
+        );
+        let err = Response::Error {
+            message: "no".into(),
+        };
+        assert_eq!(to_control_response(err).unwrap_err(), "no");
     }
 
     #[test]

@@ -266,18 +266,32 @@ impl Cluster {
     /// Start `n` nodes with the same `--peers`; `acks` is passed as `--acks` if given, and
     /// `extra` is appended to every node's arguments.
     pub fn start(n: usize, acks: Option<u64>, extra: &[&str]) -> Cluster {
-        Cluster::start_with(n, acks, extra, &|_| Vec::new())
+        Self::start_with_spares(n, n, acks, extra)
     }
 
-    /// [`Cluster::start`], with `per_node(i)` appended to node `i`'s arguments (for options
-    /// that differ between nodes, such as an address of their own).
+    /// Like [`Cluster::start`] with `initial` members started; nodes `initial+1..=n` get a
+    /// proxy and arguments (their `--peers` lists all `n`, so, not having the lowest id,
+    /// they wait to be added) but are started only by [`Cluster::restart`].
+    pub fn start_with_spares(
+        n: usize,
+        initial: usize,
+        acks: Option<u64>,
+        extra: &[&str],
+    ) -> Cluster {
+        Self::start_with(n, initial, acks, extra, &|_| Vec::new())
+    }
+
+    /// [`Cluster::start_with_spares`], with `per_node(i)` appended to node `i`'s arguments
+    /// (for options that differ between nodes, such as an address of their own).
     pub fn start_with(
         n: usize,
+        initial: usize,
         acks: Option<u64>,
         extra: &[&str],
         per_node: &dyn Fn(usize) -> Vec<String>,
     ) -> Cluster {
         assert!((1..=9).contains(&n), "1..=9 nodes");
+        assert!((1..=n).contains(&initial), "1..=n initial members");
         let dir = TestDir::new("cluster");
         let key_file = dir.join("cluster.key");
         write_key_file(&key_file);
@@ -295,17 +309,24 @@ impl Cluster {
                 )
             })
             .collect();
-        let peers = (1..=n)
-            .map(|i| format!("{i}={}:{port}", advertised_ip(i)))
-            .collect::<Vec<_>>()
-            .join(",");
+        let peer_list = |upto: usize| {
+            (1..=upto)
+                .map(|i| format!("{i}={}:{port}", advertised_ip(i)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let peers = peer_list(initial);
         let args: Vec<Vec<String>> = (1..=n)
             .map(|i| {
                 let mut a: Vec<String> = vec![
                     "--node-id".into(),
                     i.to_string(),
                     "--peers".into(),
-                    peers.clone(),
+                    if i <= initial {
+                        peers.clone()
+                    } else {
+                        peer_list(n)
+                    },
                     "--listen".into(),
                     format!("{}:{port}", real_ip(i)),
                     "--cluster-key-file".into(),
@@ -337,10 +358,15 @@ impl Cluster {
             "--- cluster of {n} at {} (port {port}, peers {peers})",
             c.dir.path().display()
         );
-        for i in 1..=n {
+        for i in 1..=initial {
             c.restart(i);
         }
         c
+    }
+
+    /// The address node `i`'s peers know it by (through its proxy).
+    pub fn peer_addr(&self, i: usize) -> String {
+        format!("{}:{}", advertised_ip(i), self.port)
     }
 
     pub fn len(&self) -> usize {

@@ -1,0 +1,704 @@
+//! Operator work that spans members: membership changes, export learners, leadership
+//! transfer, digest verification, and serving tree images to `restore`.
+//!
+//! The leader-side operations run in the daemon that the admin socket (`admin.rs`) talks
+//! to; what they need from other members travels as [`ControlRequest`]s over the same
+//! authenticated peer links as Raft's RPCs (`network.rs` hands them to [`ControlServer`]).
+//!
+//! openraft 0.9 has no leadership transfer, so [`Control::transfer_leader`] builds one from
+//! what it does have: the leader stops writes and heartbeats, the other voters hold their
+//! elections, and the target campaigns once the old leader's lease has run out. Every step
+//! is undone on the way out, whether the transfer worked or not.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::network::NetConfig;
+use super::role::Role;
+use super::snapshot::SnapshotFile;
+use super::state_machine::{DigestAnswer, StateMachine};
+use super::transport::Link;
+use super::wire::{self, ControlRequest, ControlResponse, Request, Response};
+use super::TypeConfig;
+use crate::config::Limits;
+use crate::op::{Batch, Op};
+
+/// The origin of batches proposed by admin commands (daemon runs use odd random ids).
+const ADMIN_ORIGIN: u64 = 0;
+/// Longest hold or campaign delay a member accepts from a peer.
+const CONTROL_DELAY_MS_MAX: u64 = 60_000;
+
+pub fn hex(d: &[u8]) -> String {
+    d.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+/// Quote a string for the admin socket's JSON answers.
+pub fn json_str(s: &str) -> String {
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// An authenticated link to one member for a series of control requests.
+pub struct Session {
+    link: Link,
+    addr: String,
+}
+
+impl Session {
+    pub async fn open(net: &NetConfig, addr: &str) -> Result<Session, String> {
+        let key = net
+            .key
+            .as_ref()
+            .ok_or("this node is standalone: it has no cluster key and no peers")?;
+        let sock = tokio::net::lookup_host(addr)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| format!("cannot resolve {addr}"))?;
+        let link = Link::connect(sock, net.bind_ip, key, net.my_id, net.limits)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        Ok(Session {
+            link,
+            addr: addr.to_string(),
+        })
+    }
+
+    pub async fn call(
+        &mut self,
+        req: ControlRequest,
+        ttl_ms: u64,
+    ) -> Result<ControlResponse, String> {
+        let addr = &self.addr;
+        self.link
+            .send(&wire::encode_request(&Request::Control(req)))
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let bytes = self
+            .link
+            .recv(ttl_ms)
+            .await
+            .map_err(|e| format!("{addr}: {e}"))?;
+        let resp = wire::decode_response(&bytes).map_err(|e| format!("{addr}: {e}"))?;
+        wire::to_control_response(resp).map_err(|e| format!("{addr}: {e}"))
+    }
+}
+
+/// Send one control request to the member at `addr` over a fresh link.
+pub async fn call(
+    net: &NetConfig,
+    addr: &str,
+    req: ControlRequest,
+    ttl_ms: u64,
+) -> Result<ControlResponse, String> {
+    Session::open(net, addr).await?.call(req, ttl_ms).await
+}
+
+/// A tree image opened for `restore` on one link.
+pub struct OpenImage {
+    file: Box<SnapshotFile>,
+    len: u64,
+}
+
+/// Answers control requests from peers and tools.
+#[derive(Clone)]
+pub struct ControlServer {
+    pub raft: Raft<TypeConfig>,
+    pub state_machine: StateMachine,
+    pub chunk_bytes_max: u64,
+    /// Deadline (ms since `epoch`) of the newest election hold.
+    hold_until_ms: Arc<AtomicU64>,
+    epoch: Instant,
+}
+
+impl ControlServer {
+    pub fn new(raft: Raft<TypeConfig>, state_machine: StateMachine, limits: &Limits) -> Self {
+        if state_machine.export_until().is_some() {
+            // An export's tree is frozen: it must never lead.
+            raft.runtime_config().elect(false);
+        }
+        ControlServer {
+            raft,
+            state_machine,
+            chunk_bytes_max: limits.snapshot_chunk_bytes,
+            hold_until_ms: Arc::default(),
+            epoch: Instant::now(),
+        }
+    }
+
+    pub async fn handle(&self, req: ControlRequest, image: &mut Option<OpenImage>) -> Response {
+        match self.answer(req, image).await {
+            Ok(r) => Response::Control(r),
+            Err(message) => Response::Error { message },
+        }
+    }
+
+    async fn answer(
+        &self,
+        req: ControlRequest,
+        image: &mut Option<OpenImage>,
+    ) -> Result<ControlResponse, String> {
+        match req {
+            ControlRequest::Digest { index, wait_ms } => {
+                let mut applied = self.state_machine.applied_watch();
+                let wait = Duration::from_millis(wait_ms.min(CONTROL_DELAY_MS_MAX));
+                let _ = tokio::time::timeout(wait, applied.wait_for(|a| *a >= index)).await;
+                let now = *applied.borrow();
+                let export = self.state_machine.export_until().is_some();
+                let (digest, note) = match self.state_machine.digest_at(index) {
+                    DigestAnswer::Recorded(d) => (Some(d), String::new()),
+                    DigestAnswer::Pending => (
+                        None,
+                        format!("has not applied index {index} yet (applied {now})"),
+                    ),
+                    DigestAnswer::Unknown(why) => (None, why),
+                };
+                Ok(ControlResponse::Digest {
+                    applied: now,
+                    digest,
+                    export,
+                    note,
+                })
+            }
+            ControlRequest::HoldElections { ms } => {
+                let ms = ms.min(CONTROL_DELAY_MS_MAX);
+                let until = self.epoch.elapsed().as_millis() as u64 + ms;
+                self.hold_until_ms.fetch_max(until, Ordering::AcqRel);
+                self.raft.runtime_config().elect(false);
+                let this = self.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    let now = this.epoch.elapsed().as_millis() as u64;
+                    // A later hold extends this one; an export never campaigns.
+                    if now >= this.hold_until_ms.load(Ordering::Acquire)
+                        && this.state_machine.export_until().is_none()
+                    {
+                        this.raft.runtime_config().elect(true);
+                    }
+                });
+                Ok(ControlResponse::Done)
+            }
+            ControlRequest::Campaign { after_ms } => {
+                if self.state_machine.export_until().is_some() {
+                    return Err(
+                        "this member is an export (its tree is frozen); it cannot lead".into(),
+                    );
+                }
+                let raft = self.raft.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(after_ms.min(CONTROL_DELAY_MS_MAX)))
+                        .await;
+                    if let Err(e) = raft.trigger().elect().await {
+                        tracing::warn!(error = %e, "could not start the election asked for");
+                    }
+                });
+                Ok(ControlResponse::Done)
+            }
+            ControlRequest::ExportUntil { index } => {
+                let m = self.raft.metrics().borrow().clone();
+                if m.membership_config
+                    .membership()
+                    .voter_ids()
+                    .any(|v| v == m.id)
+                {
+                    return Err(format!(
+                        "node {} is a voter; only a new, empty member can become an export",
+                        m.id
+                    ));
+                }
+                let sm = self.state_machine.clone();
+                tokio::task::spawn_blocking(move || sm.set_export_until(index))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                self.raft.runtime_config().elect(false);
+                Ok(ControlResponse::Done)
+            }
+            ControlRequest::Describe => Ok(ControlResponse::Described {
+                export_until: self.state_machine.export_until(),
+            }),
+            ControlRequest::ImageOpen => {
+                let sm = self.state_machine.clone();
+                let snap = tokio::task::spawn_blocking(move || sm.current_image())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("building a tree image: {e}"))?;
+                let mut file = snap.snapshot;
+                let len = file
+                    .seek(std::io::SeekFrom::End(0))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let index = snap.meta.last_log_id.map_or(0, |l| l.index);
+                *image = Some(OpenImage { file, len });
+                Ok(ControlResponse::Image { index, len })
+            }
+            ControlRequest::ImageRead { offset, len } => {
+                let img = image.as_mut().ok_or("no image is open on this link")?;
+                if offset > img.len {
+                    return Err(format!("offset {offset} is past the image's end"));
+                }
+                let n = len.min(self.chunk_bytes_max).min(img.len - offset) as usize;
+                let mut data = vec![0u8; n];
+                img.file
+                    .seek(std::io::SeekFrom::Start(offset))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                img.file
+                    .read_exact(&mut data)
+                    .await
+                    .map_err(|e| format!("reading the tree image: {e}"))?;
+                Ok(ControlResponse::ImageData { data })
+            }
+        }
+    }
+}
+
+/// The leader-side admin operations of a running node.
+pub struct Control {
+    pub raft: Raft<TypeConfig>,
+    pub role: Arc<Role>,
+    pub state_machine: StateMachine,
+    pub net: NetConfig,
+    pub acks: u64,
+    pub limits: Limits,
+}
+
+/// One member's answer in a `verify`.
+pub struct MemberDigest {
+    pub id: u64,
+    pub digest: Option<[u8; 32]>,
+    /// An export learner (frozen tree): shown, not compared.
+    pub export: bool,
+    pub note: String,
+}
+
+pub struct Verification {
+    pub index: u64,
+    pub members: Vec<MemberDigest>,
+}
+
+impl Verification {
+    /// Every member but the exports recorded a digest and they are all the same.
+    pub fn agrees(&self) -> bool {
+        let mut compared = self.members.iter().filter(|m| !m.export);
+        let first = compared.next().and_then(|m| m.digest);
+        first.is_some() && compared.all(|m| m.digest == first)
+    }
+
+    pub fn to_json(&self) -> String {
+        let members: Vec<String> = self
+            .members
+            .iter()
+            .map(|m| {
+                format!(
+                    "{{\"id\":{},\"digest\":{},\"export\":{},\"note\":{}}}",
+                    m.id,
+                    m.digest.map_or("null".into(), |d| json_str(&hex(&d))),
+                    m.export,
+                    json_str(&m.note)
+                )
+            })
+            .collect();
+        format!(
+            "{{\"index\":{},\"agree\":{},\"members\":[{}]}}",
+            self.index,
+            self.agrees(),
+            members.join(",")
+        )
+    }
+}
+
+impl Control {
+    fn metrics(&self) -> openraft::RaftMetrics<u64, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+
+    /// Fail unless this node leads, naming the leader to ask instead.
+    fn ensure_leader(&self) -> Result<openraft::RaftMetrics<u64, BasicNode>, String> {
+        let m = self.metrics();
+        if m.state == ServerState::Leader {
+            return Ok(m);
+        }
+        Err(match m.current_leader {
+            Some(l) => {
+                let addr = m
+                    .membership_config
+                    .membership()
+                    .get_node(&l)
+                    .map_or(String::new(), |n| format!(" at {}", n.addr));
+                format!(
+                    "this node ({}) is not the leader; run the command on node {l}{addr}",
+                    m.id
+                )
+            }
+            None => format!(
+                "this node ({}) is not the leader and no leader is known",
+                m.id
+            ),
+        })
+    }
+
+    fn voters(m: &openraft::RaftMetrics<u64, BasicNode>) -> BTreeSet<u64> {
+        m.membership_config.membership().voter_ids().collect()
+    }
+
+    /// Add `id` at `addr` as a learner, wait until it has caught up, then make it a voter.
+    pub async fn add_member(&self, id: u64, addr: &str) -> Result<String, String> {
+        let m = self.ensure_leader()?;
+        check_addr(addr)?;
+        if Self::voters(&m).contains(&id) {
+            return Err(format!("node {id} is already a voter"));
+        }
+        if m.membership_config.membership().get_node(&id).is_some() {
+            // Promoting a learner: an export's tree is frozen, it must never vote or lead.
+            let desc = call(
+                &self.net,
+                addr,
+                ControlRequest::Describe,
+                self.limits.peer_io_timeout_ms,
+            )
+            .await
+            .map_err(|e| format!("asking learner {id} what it is: {e}"))?;
+            if let ControlResponse::Described {
+                export_until: Some(until),
+            } = desc
+            {
+                return Err(format!(
+                    "node {id} is an export learner frozen at index {until}; it cannot \
+                     become a voter (remove it, wipe its data dir, and add it again)"
+                ));
+            }
+        }
+        let timeout = Duration::from_millis(self.limits.member_catchup_timeout_ms);
+        let node = BasicNode::new(addr);
+        match tokio::time::timeout(timeout, self.raft.add_learner(id, node, true)).await {
+            Err(_) => {
+                return Err(format!(
+                    "node {id} at {addr} did not catch up within {} ms; it stays a learner. \
+                     Is it running with --join and the cluster's key? (remove it with \
+                     `seguro-fs members remove DATA_DIR {id}`)",
+                    self.limits.member_catchup_timeout_ms
+                ))
+            }
+            Ok(Err(e)) => return Err(format!("adding node {id} as a learner: {e}")),
+            Ok(Ok(_)) => {}
+        }
+        let r = self
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
+            .await
+            .map_err(|e| format!("making node {id} a voter: {e}"))?;
+        Ok(format!(
+            "{{\"added\":{id},\"index\":{},\"voters\":{}}}",
+            r.log_id.index,
+            id_list(
+                &r.membership
+                    .map(|m| m.voter_ids().collect())
+                    .unwrap_or_default()
+            )
+        ))
+    }
+
+    /// Remove voter or learner `id`.
+    pub async fn remove_member(&self, id: u64) -> Result<String, String> {
+        let m = self.ensure_leader()?;
+        let voters = Self::voters(&m);
+        let is_learner = m
+            .membership_config
+            .membership()
+            .learner_ids()
+            .any(|l| l == id);
+        let change = if voters.contains(&id) {
+            let left = voters.len() as u64 - 1;
+            if left == 0 {
+                return Err(format!("node {id} is the last voter"));
+            }
+            if left - 1 < self.acks {
+                return Err(format!(
+                    "removing node {id} leaves {left} voters, so no fsync could get the {} \
+                     acknowledgements from other voters that --acks asks for; lower --acks \
+                     on every member first",
+                    self.acks
+                ));
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else if is_learner {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        } else {
+            return Err(format!("node {id} is not a member"));
+        };
+        let r = self
+            .raft
+            .change_membership(change, false)
+            .await
+            .map_err(|e| format!("removing node {id}: {e}"))?;
+        Ok(format!("{{\"removed\":{id},\"index\":{}}}", r.log_id.index))
+    }
+
+    /// Add `id` at `addr` as a learner; with `until`, first make it an export whose tree
+    /// stops at that index.
+    pub async fn add_learner(
+        &self,
+        id: u64,
+        addr: &str,
+        until: Option<u64>,
+    ) -> Result<String, String> {
+        let m = self.ensure_leader()?;
+        check_addr(addr)?;
+        let membership = m.membership_config.membership();
+        if membership.get_node(&id).is_some() {
+            return Err(format!("node {id} is already a member"));
+        }
+        if let Some(until) = until {
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            if m.purged.is_some() && until < applied {
+                return Err(format!(
+                    "--until-index {until} is in the compacted part of the log: a new \
+                     learner starts from an image of the current state (index {applied}), \
+                     so the export can stop at {applied} or later"
+                ));
+            }
+            call(
+                &self.net,
+                addr,
+                ControlRequest::ExportUntil { index: until },
+                self.limits.peer_io_timeout_ms,
+            )
+            .await
+            .map_err(|e| format!("making node {id} an export: {e}"))?;
+        }
+        let r = self
+            .raft
+            .add_learner(id, BasicNode::new(addr), false)
+            .await
+            .map_err(|e| format!("adding learner {id}: {e}"))?;
+        Ok(format!(
+            "{{\"learner\":{id},\"index\":{},\"until_index\":{}}}",
+            r.log_id.index,
+            until.map_or("null".into(), |u| u.to_string())
+        ))
+    }
+
+    /// Hand leadership to `to` (or to the most caught-up other voter).
+    pub async fn transfer_leader(&self, to: Option<u64>) -> Result<String, String> {
+        let m = self.ensure_leader()?;
+        let voters = Self::voters(&m);
+        let others: Vec<u64> = voters.iter().copied().filter(|v| *v != m.id).collect();
+        let matched = |m: &openraft::RaftMetrics<u64, BasicNode>, id: u64| {
+            m.replication
+                .as_ref()
+                .and_then(|r| r.get(&id).copied().flatten())
+                .map_or(0, |l| l.index)
+        };
+        let to = match to {
+            Some(t) if t == m.id => return Err(format!("node {t} already leads")),
+            Some(t) if !voters.contains(&t) => return Err(format!("node {t} is not a voter")),
+            Some(t) => t,
+            None => *others
+                .iter()
+                .max_by_key(|id| matched(&m, **id))
+                .ok_or("there is no other voter to hand leadership to")?,
+        };
+        let addr = m
+            .membership_config
+            .membership()
+            .get_node(&to)
+            .map(|n| n.addr.clone())
+            .ok_or_else(|| format!("node {to} has no address"))?;
+        let l = &self.limits;
+        // The old leader's lease on the followers is the longest election timeout.
+        let lease_ms = l.election_timeout_min_ms + l.election_timeout_min_ms / 4;
+        let timeout_ms = l.transfer_timeout_ms;
+        let started = Instant::now();
+
+        self.role.begin_transfer();
+        self.raft.runtime_config().heartbeat(false);
+        self.raft.runtime_config().elect(false);
+        let result = async {
+            // The target must hold everything this leader has before it campaigns, or
+            // the voters would refuse it (and acknowledged writes could be at risk).
+            let last = self.metrics().last_log_index.unwrap_or(0);
+            let mut metrics = self.raft.metrics();
+            let caught_up = tokio::time::timeout(
+                Duration::from_millis(timeout_ms),
+                metrics.wait_for(|m| matched(m, to) >= last),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            if !caught_up {
+                return Err(format!(
+                    "node {to} did not catch up to index {last} within {timeout_ms} ms"
+                ));
+            }
+            for other in others.iter().filter(|o| **o != to) {
+                let Some(n) = m.membership_config.membership().get_node(other) else {
+                    continue;
+                };
+                let hold = ControlRequest::HoldElections {
+                    ms: lease_ms * 2 + timeout_ms,
+                };
+                if let Err(e) = call(&self.net, &n.addr, hold, l.peer_io_timeout_ms).await {
+                    // Not fatal: that voter may campaign too, and either can win.
+                    tracing::warn!(node = other, error = %e, "could not ask a voter to hold elections");
+                }
+            }
+            let campaign = ControlRequest::Campaign {
+                after_ms: lease_ms + l.heartbeat_ms,
+            };
+            call(&self.net, &addr, campaign, l.peer_io_timeout_ms)
+                .await
+                .map_err(|e| format!("asking node {to} to campaign: {e}"))?;
+            let led = tokio::time::timeout(
+                Duration::from_millis(timeout_ms),
+                metrics.wait_for(|m| m.current_leader == Some(to)),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            if led {
+                Ok(())
+            } else {
+                Err(format!("node {to} did not take over within {timeout_ms} ms"))
+            }
+        }
+        .await;
+        self.raft.runtime_config().heartbeat(true);
+        self.raft.runtime_config().elect(true);
+        self.role.end_transfer();
+        result?;
+        Ok(format!(
+            "{{\"leader\":{to},\"ms\":{}}}",
+            started.elapsed().as_millis()
+        ))
+    }
+
+    /// Propose a digest barrier and collect every member's digest at its index.
+    pub async fn verify(&self) -> Result<Verification, String> {
+        let m = self.ensure_leader()?;
+        let barrier = Batch {
+            origin: ADMIN_ORIGIN,
+            seq: 0,
+            ops: vec![Op::Digest],
+        };
+        let r = tokio::time::timeout(
+            Duration::from_millis(self.limits.ack_timeout_ms),
+            self.raft.client_write(barrier),
+        )
+        .await
+        .map_err(|_| "the digest barrier was not applied in time".to_string())?
+        .map_err(|e| format!("proposing the digest barrier: {e}"))?;
+        let index = r.log_id.index;
+        let nodes: BTreeMap<u64, String> = m
+            .membership_config
+            .membership()
+            .nodes()
+            .map(|(id, n)| (*id, n.addr.clone()))
+            .collect();
+        let mut members = Vec::new();
+        for (id, addr) in nodes {
+            let answer = if id == m.id {
+                // The leader answers client_write after applying, so the barrier is here.
+                match self.state_machine.digest_at(index) {
+                    DigestAnswer::Recorded(d) => Ok((Some(d), false, String::new())),
+                    DigestAnswer::Pending => Ok((None, false, "not applied yet".into())),
+                    DigestAnswer::Unknown(why) => Ok((None, false, why)),
+                }
+            } else {
+                let req = ControlRequest::Digest {
+                    index,
+                    wait_ms: self.limits.ack_timeout_ms,
+                };
+                match call(&self.net, &addr, req, self.limits.ack_timeout_ms * 2).await {
+                    Ok(ControlResponse::Digest {
+                        digest,
+                        export,
+                        note,
+                        ..
+                    }) => Ok((digest, export, note)),
+                    Ok(other) => Err(format!("unexpected answer {other:?}")),
+                    Err(e) => Err(e),
+                }
+            };
+            let (digest, export, note) =
+                answer.unwrap_or_else(|e| (None, false, format!("unreachable: {e}")));
+            members.push(MemberDigest {
+                id,
+                digest,
+                export,
+                note,
+            });
+        }
+        Ok(Verification { index, members })
+    }
+}
+
+fn check_addr(addr: &str) -> Result<(), String> {
+    let ok = addr
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("{addr:?} is not HOST:PORT"))
+    }
+}
+
+fn id_list(ids: &BTreeSet<u64>) -> String {
+    let v: Vec<String> = ids.iter().map(u64::to_string).collect();
+    format!("[{}]", v.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verification_agrees_only_when_every_member_has_the_same_digest() {
+        let md = |id, d: Option<u8>| MemberDigest {
+            id,
+            digest: d.map(|b| [b; 32]),
+            export: false,
+            note: String::new(),
+        };
+        let v = |members| Verification { index: 9, members };
+        assert!(v(vec![md(1, Some(1)), md(2, Some(1))]).agrees());
+        let frozen = MemberDigest {
+            export: true,
+            ..md(3, None)
+        };
+        assert!(v(vec![md(1, Some(1)), frozen, md(2, Some(1))]).agrees());
+        assert!(!v(vec![md(1, Some(1)), md(2, Some(2))]).agrees());
+        assert!(!v(vec![md(1, Some(1)), md(2, None)]).agrees());
+        assert!(!v(vec![]).agrees());
+        let j = v(vec![md(1, Some(0xab)), md(2, None)]).to_json();
+        assert!(
+            j.starts_with("{\"index\":9,\"agree\":false,\"members\":[{\"id\":1,\"digest\":\"abab"),
+            "{j}"
+        );
+        assert!(
+            j.ends_with("{\"id\":2,\"digest\":null,\"export\":false,\"note\":\"\"}]}"),
+            "{j}"
+        );
+        assert_eq!(json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
+    }
+}

@@ -1,0 +1,159 @@
+//! `seguro-fs restore`: copy the committed tree of a running member into a new directory.
+//!
+//! The member builds a tree image of its applied state (the same image a lagging member
+//! receives as a Raft snapshot) and this client reads it in bounded chunks over an
+//! authenticated peer link, into a file beside the destination. Unpacking checks the
+//! image's blake3 digest (a truncated or altered transfer is refused), and the restored
+//! directory's tree digest is printed so it can be compared with `seguro-fs verify`.
+//! The result is a plain directory: a usable `.urb/log` for a pier rebuilt on a new host.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use crate::config::Limits;
+use crate::replication::control::{hex, Session};
+use crate::replication::network::NetConfig;
+use crate::replication::snapshot;
+use crate::replication::transport::LinkLimits;
+use crate::replication::wire::{ControlRequest, ControlResponse};
+use crate::sync::{fdatasync, fsync_dir};
+
+/// The node id a tool presents on a peer link (members have ids from 1).
+const TOOL_NODE_ID: u64 = 0;
+/// Progress lines when stderr is not a terminal: one per this share of the image.
+const PROGRESS_LINES: u64 = 10;
+
+fn image_path(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map_or("restore".into(), |n| n.to_string_lossy());
+    dest.with_file_name(format!(".{name}.seguro-restore.img"))
+}
+
+fn prepare(dest: &Path) -> Result<(), String> {
+    match std::fs::read_dir(dest) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                return Err(format!(
+                    "{} is not empty; restore into a new or empty directory",
+                    dest.display()
+                ));
+            }
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(dest).map_err(|e| format!("creating {}: {e}", dest.display()))
+        }
+        Err(e) => Err(format!("{}: {e}", dest.display())),
+    }
+}
+
+/// Restore from the member at `from` into `dest`; the summary line.
+pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
+    let key = crate::cli::read_key(key_file).map_err(|e| e.to_string())?;
+    prepare(dest)?;
+    let limits = Limits::default();
+    let net = NetConfig {
+        my_id: TOOL_NODE_ID,
+        bind_ip: None,
+        key: Some(key),
+        limits: LinkLimits {
+            frame_bytes_max: limits.frame_bytes_max,
+            connect_timeout_ms: limits.connect_timeout_ms,
+            io_timeout_ms: limits.peer_io_timeout_ms,
+        },
+        idle_ms: limits.peer_io_timeout_ms,
+        connections_max: 1,
+        // A tool's link counts into a registry nobody scrapes.
+        registry: std::sync::Arc::new(crate::metrics::Registry::new(&limits, [])),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let img = image_path(dest);
+    let result = rt.block_on(download(&net, from, &img, limits.snapshot_chunk_bytes));
+    let (index, len) = match result {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = std::fs::remove_file(&img);
+            return Err(e);
+        }
+    };
+    let unpacked = snapshot::unpack_image(&img, dest);
+    let _ = std::fs::remove_file(&img);
+    unpacked.map_err(|e| {
+        format!(
+            "{e}; {} is incomplete, remove it and try again",
+            dest.display()
+        )
+    })?;
+    if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
+        fsync_dir(parent).map_err(|e| e.to_string())?;
+    }
+    let digest = snapshot::tree_digest(dest).map_err(|e| e.to_string())?;
+    Ok(format!(
+        "restored {} at log index {index} from {from}: {len} image bytes, blake3 verified; \
+         tree digest {}",
+        dest.display(),
+        hex(&digest)
+    ))
+}
+
+/// Fetch the member's image into `img`; (index, length).
+async fn download(
+    net: &NetConfig,
+    from: &str,
+    img: &Path,
+    chunk_bytes: u64,
+) -> Result<(u64, u64), String> {
+    let ttl = net.limits.io_timeout_ms;
+    // One link for the whole transfer: the member keeps the open image per link.
+    let mut link = Session::open(net, from).await?;
+    let (index, len) = match link.call(ControlRequest::ImageOpen, ttl).await? {
+        ControlResponse::Image { index, len } => (index, len),
+        other => return Err(format!("{from}: unexpected answer {other:?}")),
+    };
+    let mut out = std::fs::File::create(img).map_err(|e| format!("{}: {e}", img.display()))?;
+    let started = Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let mut offset = 0u64;
+    let mut next_line = 0u64;
+    while offset < len {
+        let req = ControlRequest::ImageRead {
+            offset,
+            len: chunk_bytes,
+        };
+        let data = match link.call(req, ttl).await? {
+            ControlResponse::ImageData { data } if !data.is_empty() => data,
+            ControlResponse::ImageData { .. } => {
+                return Err(format!(
+                    "{from}: the image ended at {offset} of {len} bytes"
+                ))
+            }
+            other => return Err(format!("{from}: unexpected answer {other:?}")),
+        };
+        out.write_all(&data)
+            .map_err(|e| format!("{}: {e}", img.display()))?;
+        offset += data.len() as u64;
+        let pct = offset * 100 / len.max(1);
+        if tty {
+            let rate = offset as f64 / 1e6 / started.elapsed().as_secs_f64().max(1e-3);
+            eprint!(
+                "\rrestore: {:>4}% {:>8} / {} MiB  {rate:.0} MB/s ",
+                pct,
+                offset >> 20,
+                len >> 20
+            );
+        } else if pct >= next_line {
+            eprintln!("restore: {pct}% ({offset} of {len} bytes)");
+            next_line = pct + 100 / PROGRESS_LINES;
+        }
+    }
+    if tty {
+        eprintln!();
+    }
+    fdatasync(&out).map_err(|e| e.to_string())?;
+    Ok((index, len))
+}
