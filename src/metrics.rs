@@ -208,8 +208,7 @@ impl PeerCounters {
             .fetch_add(u64::from(done), Ordering::Relaxed);
     }
 
-    /// A snapshot chunk of `bytes` from the peer was handled; `done` if it completed an
-    /// installed snapshot.
+    /// A snapshot chunk of `bytes` from the peer was answered; `done` if it was the last.
     pub fn received_snapshot_chunk(&self, bytes: u64, done: bool) {
         self.snapshot_received_bytes
             .fetch_add(bytes, Ordering::Relaxed);
@@ -449,7 +448,7 @@ pub fn render(st: &Status, reg: &Registry) -> String {
     );
     o.per_peer(
         "seguro_snapshot_received_total",
-        "Tree snapshots received completely from each member and installed.",
+        "Tree snapshots received completely from each member (last chunk answered).",
         &peers,
         |c| &c.snapshots_received,
     );

@@ -307,8 +307,7 @@ async fn serve_link(
             Counted::Entries((entries, bytes)) => {
                 peer_counters().received_entries(entries, bytes);
             }
-            // Raft handles a chunk only if it belongs to a snapshot it wants; the last
-            // one's answer comes after the install.
+            // An error answer (a chunk Raft could not take) counts nothing.
             Counted::Chunk(bytes, done) => {
                 if matches!(resp, Response::Snapshot { .. }) {
                     peer_counters().received_snapshot_chunk(bytes, done);
