@@ -1,10 +1,14 @@
-//! Command-line flags (clap) and their translation into a validated [`MountConfig`].
+//! Command-line flags (clap), the mount.fuse3 calling form, and the translation of the
+//! `mount` flags into the command-line layer of settings (see `settings.rs`).
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::parser::ValueSource;
+use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{Limits, MountConfig, RangeError};
+use crate::config::{Limits, MountConfig};
+use crate::settings::{ConfigError, Layer, Origin, Value, CONFIG_KEY};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -22,8 +26,8 @@ pub struct Cli {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Mount DATA_DIR's tree on MOUNTPOINT and serve it in the foreground until unmounted,
-    /// SIGINT or SIGTERM.
+    /// Mount DATA_DIR's tree on MOUNTPOINT and serve it until unmounted, SIGINT or SIGTERM
+    /// (in the foreground unless --background).
     Mount(MountArgs),
     /// Show the running node's role, term, leader and log indexes.
     Status(StatusArgs),
@@ -137,10 +141,34 @@ pub struct StatusArgs {
 
 #[derive(Debug, Args)]
 pub struct MountArgs {
-    /// The node's data directory (created if missing): raft/ log, tree/, local/.
-    pub data_dir: PathBuf,
-    /// An existing, empty directory (e.g. a pier's .urb/log).
-    pub mountpoint: PathBuf,
+    /// The node's data directory (created if missing): raft/ log, tree/, local/. Or
+    /// data_dir in the config file.
+    pub data_dir: Option<PathBuf>,
+    /// An existing, empty directory (e.g. a pier's .urb/log). Or mountpoint in the config
+    /// file.
+    pub mountpoint: Option<PathBuf>,
+    /// TOML file with the same keys as these flags (node_id, [peers], ack_timeout_ms, …);
+    /// flags and -o override it. See docs/CONFIGURATION.md.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Mount options as in fstab: KEY=VALUE,… with the config file's keys
+    /// (peers=1=H:P,2=H:P continues across commas), config=FILE, and generic mount options
+    /// (rw, _netdev, noatime, x-*, …), which are ignored.
+    #[arg(short = 'o', value_name = "OPTIONS")]
+    pub options: Vec<String>,
+    /// Ignore unknown -o options instead of refusing them (mount -s).
+    #[arg(long)]
+    pub sloppy: bool,
+    /// Detach once mounted: the command returns 0 when the file system is up, or prints
+    /// the daemon's error and returns 1; the daemon logs to --log-file.
+    #[arg(long)]
+    pub background: bool,
+    /// Validate the configuration and exit without mounting (mount -f).
+    #[arg(long)]
+    pub check: bool,
+    /// Where a --background daemon appends its output (default: DATA_DIR/seguro-fs.log).
+    #[arg(long, value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
     /// This node's id in its cluster. A data dir remembers the id it was created with.
     #[arg(long, default_value_t = 1)]
     pub node_id: u64,
@@ -158,6 +186,10 @@ pub struct MountArgs {
     /// (default: majority − 1).
     #[arg(long)]
     pub acks: Option<u64>,
+    /// Never initialise a new cluster, even as the lowest id: a new node waits to be added
+    /// by `seguro-fs members add`.
+    #[arg(long)]
+    pub join: bool,
     /// Comma-separated file names kept per host in DATA_DIR/local and never replicated.
     #[arg(long, value_delimiter = ',', default_value = "lock.mdb")]
     pub local_names: Vec<String>,
@@ -165,15 +197,18 @@ pub struct MountArgs {
     /// unless running as root).
     #[arg(long)]
     pub allow_other: bool,
+    /// Address (IP:PORT) of the metrics endpoint (default: none).
+    #[arg(long, value_name = "IP:PORT")]
+    pub metrics_addr: Option<String>,
     /// Largest Raft entry (group-commit batch) in bytes.
-    #[arg(long, default_value_t = Limits::default().entry_bytes_max)]
-    pub entry_bytes_max: usize,
+    #[arg(long, default_value_t = Limits::default().entry_bytes_max as u64)]
+    pub entry_bytes_max: u64,
     /// Written-but-unapplied bytes before WRITE blocks (backpressure).
-    #[arg(long, default_value_t = Limits::default().inflight_bytes_max)]
-    pub inflight_bytes_max: usize,
+    #[arg(long, default_value_t = Limits::default().inflight_bytes_max as u64)]
+    pub inflight_bytes_max: u64,
     /// Batches proposed but not yet flushed to the log.
-    #[arg(long, default_value_t = Limits::default().proposals_inflight_max)]
-    pub proposals_inflight_max: usize,
+    #[arg(long, default_value_t = Limits::default().proposals_inflight_max as u64)]
+    pub proposals_inflight_max: u64,
     /// How long an fsync waits for durability before failing with EIO.
     #[arg(long, default_value_t = Limits::default().ack_timeout_ms)]
     pub ack_timeout_ms: u64,
@@ -184,8 +219,8 @@ pub struct MountArgs {
     #[arg(long, default_value_t = Limits::default().log_segment_bytes_max)]
     pub log_segment_bytes_max: u64,
     /// FUSE worker threads.
-    #[arg(long, default_value_t = Limits::default().fuse_threads)]
-    pub fuse_threads: usize,
+    #[arg(long, default_value_t = Limits::default().fuse_threads as u64)]
+    pub fuse_threads: u64,
     /// How long to wait for the node to become writable before giving up.
     #[arg(long, default_value_t = Limits::default().ready_timeout_ms)]
     pub ready_timeout_ms: u64,
@@ -198,207 +233,131 @@ pub struct MountArgs {
     /// Shortest election timeout (the longest is 1.25 times this).
     #[arg(long, default_value_t = Limits::default().election_timeout_min_ms)]
     pub election_timeout_min_ms: u64,
-    /// Serve Prometheus metrics on http://IP:PORT/metrics (docs/METRICS.md).
-    #[arg(long)]
-    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Test hook: while this file exists the log's fdatasync fails with EIO.
     #[arg(long, hide = true)]
     pub fault_log_sync_file: Option<PathBuf>,
 }
 
-/// A flag value that cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("--{}", .0.to_string().replace('_', "-"))]
-    Range(#[from] RangeError),
-    #[error("--node-id must be at least 1")]
-    NodeIdZero,
-    #[error("--local-names: {0:?} is not a plain file name (no '/', not '.' or '..')")]
-    LocalName(String),
-    #[error("--peers: {0:?} is not ID=HOST:PORT (e.g. 2=10.0.0.2:7100)")]
-    PeerSyntax(String),
-    #[error("--peers: node id {0} appears twice")]
-    PeerTwice(u64),
-    #[error("--node-id {id} is not in --peers (members: {members})")]
-    NotAMember { id: u64, members: String },
-    #[error("--listen {0:?} is not an IP:PORT address")]
-    Listen(String),
-    #[error("--cluster-key-file is required with --peers (create one: head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n' > /etc/seguro-fs/cluster.key)")]
-    NoKey,
-    #[error("--cluster-key-file {path}: {why}")]
-    Key { path: String, why: String },
-    #[error("--acks {acks} is more than the {others} other members")]
-    TooManyAcks { acks: u64, others: u64 },
-    #[error("--{0} only makes sense with --peers")]
-    NeedsPeers(&'static str),
-}
-
-fn parse_peers(raw: &[String]) -> Result<std::collections::BTreeMap<u64, String>, ConfigError> {
-    let mut peers = std::collections::BTreeMap::new();
-    for p in raw.iter().filter(|p| !p.is_empty()) {
-        let (id, addr) = p
-            .split_once('=')
-            .ok_or_else(|| ConfigError::PeerSyntax(p.clone()))?;
-        let id: u64 = id
-            .trim()
-            .parse()
-            .map_err(|_| ConfigError::PeerSyntax(p.clone()))?;
-        let addr = addr.trim();
-        let port_ok = addr
-            .rsplit_once(':')
-            .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-        if id == 0 || !port_ok {
-            return Err(ConfigError::PeerSyntax(p.clone()));
-        }
-        if peers.insert(id, addr.to_string()).is_some() {
-            return Err(ConfigError::PeerTwice(id));
-        }
-    }
-    Ok(peers)
-}
-
-pub fn read_key(
-    path: &std::path::Path,
-) -> Result<crate::replication::transport::ClusterKey, ConfigError> {
-    let err = |why: String| ConfigError::Key {
-        path: path.display().to_string(),
-        why,
+/// `seguro-fs SOURCE MOUNTPOINT -o OPTIONS`, as mount.fuse3 runs it for fstab type
+/// `fuse.seguro-fs`, becomes `seguro-fs mount --background SOURCE MOUNTPOINT -o OPTIONS`.
+/// SOURCE must contain a '/' (fstab sources are absolute paths), so a mistyped subcommand
+/// is still reported as one.
+pub fn mount_fuse3_form(mut args: Vec<OsString>) -> Vec<OsString> {
+    let Some(first) = args.get(1).and_then(|a| a.to_str()) else {
+        return args;
     };
-    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
-    let n = bytes.trim_ascii().len();
-    if n < 16 {
-        return Err(err(format!(
-            "holds {n} bytes; a cluster key needs at least 16"
-        )));
+    let subcommand = Cli::command()
+        .get_subcommands()
+        .any(|s| s.get_name() == first || s.get_all_aliases().any(|a| a == first));
+    if first.contains('/') && !first.starts_with('-') && !subcommand {
+        args.splice(1..1, ["mount".into(), "--background".into()]);
     }
-    Ok(crate::replication::transport::ClusterKey::from_file_bytes(
-        &bytes,
-    ))
+    args
 }
 
 impl MountArgs {
-    pub fn into_config(self) -> Result<MountConfig, ConfigError> {
-        let limits = Limits {
-            entry_bytes_max: self.entry_bytes_max,
-            inflight_bytes_max: self.inflight_bytes_max,
-            proposals_inflight_max: self.proposals_inflight_max,
-            ack_timeout_ms: self.ack_timeout_ms,
-            checkpoint_entries: self.checkpoint_entries,
-            log_segment_bytes_max: self.log_segment_bytes_max,
-            fuse_threads: self.fuse_threads,
-            ready_timeout_ms: self.ready_timeout_ms,
-            log_keep_entries: self.log_keep_entries,
-            heartbeat_ms: self.heartbeat_ms,
-            election_timeout_min_ms: self.election_timeout_min_ms,
-            ..Limits::default()
+    /// Validate the flags, the `-o` strings and the config file they name into one config.
+    /// `matches` (this subcommand's) tells which flags were given rather than defaulted.
+    pub fn into_config(self, matches: &ArgMatches) -> Result<MountConfig, ConfigError> {
+        let given = |id: &str| matches.value_source(id) == Some(ValueSource::CommandLine);
+        let mut layer = Layer::default();
+        let mut put = |key: &'static str, value: Value| match given(key) {
+            true => layer.set(key, value, Origin::Flag),
+            false => Ok(()),
         };
-        limits.validate()?;
-        if self.node_id == 0 {
-            return Err(ConfigError::NodeIdZero);
+        let path = |p: Option<PathBuf>| Value::Path(p.unwrap_or_default());
+        put("data_dir", path(self.data_dir))?;
+        put("mountpoint", path(self.mountpoint))?;
+        put(CONFIG_KEY, path(self.config))?;
+        put("log_file", path(self.log_file))?;
+        put("node_id", Value::Int(self.node_id))?;
+        put("peers", Value::List(self.peers))?;
+        put("listen", Value::Text(self.listen.unwrap_or_default()))?;
+        put("cluster_key_file", path(self.cluster_key_file))?;
+        put("acks", Value::Int(self.acks.unwrap_or_default()))?;
+        put("join", Value::Bool(self.join))?;
+        put("local_names", Value::List(self.local_names))?;
+        put("allow_other", Value::Bool(self.allow_other))?;
+        put(
+            "metrics_addr",
+            Value::Text(self.metrics_addr.unwrap_or_default()),
+        )?;
+        put("entry_bytes_max", Value::Int(self.entry_bytes_max))?;
+        put("inflight_bytes_max", Value::Int(self.inflight_bytes_max))?;
+        put(
+            "proposals_inflight_max",
+            Value::Int(self.proposals_inflight_max),
+        )?;
+        put("ack_timeout_ms", Value::Int(self.ack_timeout_ms))?;
+        put("checkpoint_entries", Value::Int(self.checkpoint_entries))?;
+        put(
+            "log_segment_bytes_max",
+            Value::Int(self.log_segment_bytes_max),
+        )?;
+        put("fuse_threads", Value::Int(self.fuse_threads))?;
+        put("ready_timeout_ms", Value::Int(self.ready_timeout_ms))?;
+        put("log_keep_entries", Value::Int(self.log_keep_entries))?;
+        put("heartbeat_ms", Value::Int(self.heartbeat_ms))?;
+        put(
+            "election_timeout_min_ms",
+            Value::Int(self.election_timeout_min_ms),
+        )?;
+        put("fault_log_sync_file", path(self.fault_log_sync_file))?;
+        for opts in &self.options {
+            crate::mount_options::parse(opts, self.sloppy, &mut layer)?;
         }
-        let local_names: Vec<String> = self
-            .local_names
-            .into_iter()
-            .filter(|n| !n.is_empty())
-            .collect();
-        if let Some(bad) = local_names
-            .iter()
-            .find(|n| n.contains('/') || *n == "." || *n == "..")
-        {
-            return Err(ConfigError::LocalName(bad.clone()));
-        }
-        let peers = parse_peers(&self.peers)?;
-        let (cluster, acks) = if peers.is_empty() {
-            if self.listen.is_some() {
-                return Err(ConfigError::NeedsPeers("listen"));
-            }
-            if self.acks.is_some_and(|k| k > 0) {
-                return Err(ConfigError::TooManyAcks {
-                    acks: self.acks.unwrap_or(0),
-                    others: 0,
-                });
-            }
-            (None, 0)
-        } else {
-            let Some(own) = peers.get(&self.node_id) else {
-                return Err(ConfigError::NotAMember {
-                    id: self.node_id,
-                    members: peers
-                        .keys()
-                        .map(u64::to_string)
-                        .collect::<Vec<_>>()
-                        .join(","),
-                });
-            };
-            let listen_raw = self.listen.clone().unwrap_or_else(|| own.clone());
-            let listen: std::net::SocketAddr = listen_raw
-                .parse()
-                .map_err(|_| ConfigError::Listen(listen_raw.clone()))?;
-            let key = read_key(self.cluster_key_file.as_deref().ok_or(ConfigError::NoKey)?)?;
-            let others = peers.len() as u64 - 1;
-            let acks = self
-                .acks
-                .unwrap_or_else(|| crate::config::default_acks(peers.len() as u64));
-            if acks > others {
-                return Err(ConfigError::TooManyAcks { acks, others });
-            }
-            (
-                Some(crate::config::ClusterConfig { peers, listen, key }),
-                acks,
-            )
-        };
-        Ok(MountConfig {
-            data_dir: self.data_dir,
-            mountpoint: self.mountpoint,
-            node_id: self.node_id,
-            local_names,
-            allow_other: self.allow_other,
-            limits,
-            fault_log_sync_file: self.fault_log_sync_file,
-            cluster,
-            acks,
-            metrics_addr: self.metrics_addr,
-        })
+        crate::settings::resolve(layer)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::FromArgMatches;
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("seguro-fs").chain(args.iter().copied()))
     }
 
-    fn mount(args: &[&str]) -> Result<MountConfig, ConfigError> {
-        let mut all = vec!["mount", "/d", "/m"];
+    /// `seguro-fs mount ARGS…` (no positionals added) as main.rs runs it.
+    fn mount_raw(args: &[&str]) -> Result<MountConfig, String> {
+        let all = ["seguro-fs", "mount"].iter().chain(args).copied();
+        let matches = Cli::command().try_get_matches_from(all).unwrap();
+        let Command::Mount(m) = Cli::from_arg_matches(&matches).unwrap().command else {
+            unreachable!()
+        };
+        m.into_config(matches.subcommand_matches("mount").unwrap())
+            .map_err(|e| e.to_string())
+    }
+
+    fn mount(args: &[&str]) -> Result<MountConfig, String> {
+        let mut all = vec!["/d", "/m"];
         all.extend_from_slice(args);
-        match parse(&all).unwrap().command {
-            Command::Mount(m) => m.into_config(),
-            _ => unreachable!(),
-        }
+        mount_raw(&all)
     }
 
     #[test]
     fn cluster_flags_are_validated() {
-        let dir = std::env::temp_dir().join(format!("seguro-cli-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let key = dir.join("key");
+        let dir = crate::sync::tests::TempDir::new("cli");
+        let key = dir.path().join("key");
         std::fs::write(&key, "0123456789abcdef0123456789abcdef\n").unwrap();
-        let short = dir.join("short");
+        let short = dir.path().join("short");
         std::fs::write(&short, "abc").unwrap();
         let k = key.to_str().unwrap();
         let peers = "1=127.0.0.1:7001,2=127.0.0.2:7001,3=127.0.0.3:7001";
         let c = mount(&["--node-id", "2", "--peers", peers, "--cluster-key-file", k]).unwrap();
         assert_eq!(c.acks, 1, "default K is majority - 1");
+        assert!(!c.join);
         assert_eq!(
             c.cluster.as_ref().unwrap().listen.to_string(),
             "127.0.0.2:7001"
         );
-        let err = |args: &[&str]| mount(args).unwrap_err().to_string();
-        assert!(
-            err(&["--node-id", "4", "--peers", peers, "--cluster-key-file", k])
-                .contains("not in --peers")
+        let c = mount(&["--peers", peers, "--cluster-key-file", k, "--join"]).unwrap();
+        assert!(c.join);
+        let err = |args: &[&str]| mount(args).unwrap_err();
+        assert_eq!(
+            err(&["--node-id", "4", "--peers", peers, "--cluster-key-file", k]),
+            "--node-id 4 is not in --peers (members: 1,2,3)"
         );
         assert!(err(&["--peers", peers]).contains("--cluster-key-file is required"));
         assert!(err(&[
@@ -415,18 +374,28 @@ mod tests {
         assert!(err(&["--peers", "1=nope", "--cluster-key-file", k]).contains("not ID=HOST:PORT"));
         assert!(err(&["--peers", "1=a:1,1=b:2", "--cluster-key-file", k]).contains("appears twice"));
         assert!(err(&["--acks", "1"]).contains("more than the 0 other members"));
-        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(err(&["--join"]), "--join only makes sense with --peers");
     }
 
     #[test]
     fn mount_defaults() {
-        let Command::Mount(m) = parse(&["mount", "/d", "/m"]).unwrap().command else {
-            unreachable!()
-        };
-        let c = m.into_config().unwrap();
+        let c = mount(&[]).unwrap();
         assert_eq!(c.local_names, vec!["lock.mdb".to_string()]);
         assert_eq!(c.node_id, 1);
         assert_eq!(c.limits, Limits::default());
+        assert!(!c.join && !c.allow_other);
+        assert_eq!(c.metrics_addr, None);
+        assert_eq!(c.log_file, std::path::Path::new("/d/seguro-fs.log"));
+    }
+
+    #[test]
+    fn metrics_addr_is_parsed_standalone() {
+        let c = mount(&["--metrics-addr", "127.0.0.1:9100"]).unwrap();
+        assert_eq!(c.metrics_addr, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(
+            mount(&["--metrics-addr", "127.0.0.1"]).unwrap_err(),
+            "--metrics-addr \"127.0.0.1\" is not an IP:PORT address"
+        );
     }
 
     #[test]
@@ -437,11 +406,127 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_flag() {
-        let e = mount(&["--fuse-threads", "0"]).unwrap_err().to_string();
+        let e = mount(&["--fuse-threads", "0"]).unwrap_err();
         assert!(e.starts_with("--fuse-threads = 0 is out of range"), "{e}");
-        assert!(matches!(
-            mount(&["--local-names", "a/b"]).unwrap_err(),
-            ConfigError::LocalName(_)
-        ));
+        assert!(mount(&["--local-names", "a/b"])
+            .unwrap_err()
+            .contains("is not a plain file name"));
+    }
+
+    #[test]
+    fn options_and_flags_combine_but_may_not_repeat() {
+        let c = mount(&["-o", "rw,fuse_threads=3,_netdev", "--ack-timeout-ms", "500"]).unwrap();
+        assert_eq!(c.limits.fuse_threads, 3);
+        assert_eq!(c.limits.ack_timeout_ms, 500);
+        assert_eq!(
+            mount(&["-o", "fuse_threads=3", "--fuse-threads", "2"]).unwrap_err(),
+            "fuse_threads is given twice on the command line (--fuse-threads and -o \
+             fuse_threads); keep one"
+        );
+        assert!(mount(&["-o", "data_dir=/x"])
+            .unwrap_err()
+            .starts_with("data_dir is given twice"));
+        assert!(mount(&["-o", "bogus"])
+            .unwrap_err()
+            .starts_with("unknown mount option \"bogus\""));
+        assert!(mount_raw(&["/d"])
+            .unwrap_err()
+            .starts_with("no mountpoint: "));
+    }
+
+    #[test]
+    fn flags_override_the_config_file() {
+        let dir = crate::sync::tests::TempDir::new("cli");
+        let f = dir.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "data_dir = \"/from-file\"\nmountpoint = \"/mp\"\nfuse_threads = 7\nheartbeat_ms = 100\n",
+        )
+        .unwrap();
+        let file = f.to_str().unwrap();
+        let c = mount_raw(&["--config", file, "--fuse-threads", "2"]).unwrap();
+        assert_eq!(c.data_dir, std::path::Path::new("/from-file"));
+        assert_eq!(c.limits.fuse_threads, 2);
+        assert_eq!(c.limits.heartbeat_ms, 100);
+        let c = mount_raw(&[
+            "/d",
+            "-o",
+            &format!("config={file},heartbeat_ms=50,election_timeout_min_ms=200"),
+        ])
+        .unwrap();
+        assert_eq!(c.data_dir, std::path::Path::new("/d"));
+        assert_eq!(c.limits.heartbeat_ms, 50);
+        assert_eq!(c.limits.fuse_threads, 7);
+        assert!(
+            mount_raw(&["--config", file, "-o", &format!("config={file}")])
+                .unwrap_err()
+                .starts_with("config is given twice")
+        );
+    }
+
+    #[test]
+    fn mount_fuse3_form_means_background_mount() {
+        let os = |v: &[&str]| v.iter().map(OsString::from).collect::<Vec<_>>();
+        assert_eq!(
+            mount_fuse3_form(os(&["seguro-fs", "/data", "/mp", "-o", "rw"])),
+            os(&[
+                "seguro-fs",
+                "mount",
+                "--background",
+                "/data",
+                "/mp",
+                "-o",
+                "rw"
+            ])
+        );
+        for unchanged in [
+            &["seguro-fs", "mount", "/d", "/m"][..],
+            &["seguro-fs", "status", "/d"],
+            &["seguro-fs", "--help"],
+            &["seguro-fs", "mnt", "/d"],
+            &["seguro-fs"],
+        ] {
+            assert_eq!(mount_fuse3_form(os(unchanged)), os(unchanged));
+        }
+    }
+
+    /// docs/CONFIGURATION.md documents every limit, every mount flag and every key, so the
+    /// reference cannot fall behind the code.
+    #[test]
+    fn configuration_doc_covers_every_option() {
+        let doc = include_str!("../docs/CONFIGURATION.md");
+        let limits = format!("{:?}", Limits::default());
+        let fields = limits
+            .trim_start_matches("Limits {")
+            .split(", ")
+            .filter_map(|f| f.split(':').next())
+            .map(str::trim)
+            .filter(|f| !f.is_empty() && *f != "}");
+        let mut missing: Vec<String> = fields
+            .filter(|f| !doc.contains(&format!("`{f}`")))
+            .map(String::from)
+            .collect();
+        let cmd = Cli::command();
+        let mount = cmd.find_subcommand("mount").unwrap();
+        for arg in mount.get_arguments().filter(|a| !a.is_hide_set()) {
+            let flag = match (arg.get_long(), arg.get_short()) {
+                (Some(l), _) => format!("--{l}"),
+                (None, Some(s)) => format!("-{s}"),
+                (None, None) => arg.get_id().as_str().to_uppercase(),
+            };
+            if !doc.contains(&format!("`{flag}")) {
+                missing.push(flag);
+            }
+        }
+        for key in crate::settings::KEYS {
+            if !doc.contains(&format!("`{}`", key.name)) {
+                missing.push(key.name.into());
+            }
+        }
+        assert!(
+            missing.is_empty(),
+            "not in docs/CONFIGURATION.md: {missing:?}"
+        );
+        assert!(limits.contains("heartbeat_ms"), "{limits}");
     }
 }

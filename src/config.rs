@@ -231,6 +231,15 @@ impl Limits {
     }
 }
 
+/// A background daemon's log file (`--log-file`) larger than this when the daemon starts
+/// is renamed to `LOG.1` (replacing an older one) and a new log is begun, so a node that is
+/// remounted for years keeps at most twice this on disk.
+pub const LOG_FILE_BYTES_MAX: u64 = 64 << 20;
+
+/// How much longer than `ready_timeout_ms` the `--background` parent waits for the daemon
+/// to report that it mounted: opening the data dir and replaying the log come first.
+pub const BACKGROUND_READY_MARGIN_MS: u64 = 30_000;
+
 /// Membership and link settings of a replicated node.
 #[derive(Clone)]
 pub struct ClusterConfig {
@@ -269,8 +278,13 @@ pub struct MountConfig {
     pub cluster: Option<ClusterConfig>,
     /// Other replicas that must hold an entry durably before fsync returns (K).
     pub acks: u64,
+    /// Never initialise a new cluster, even as the lowest id: a pristine node waits to be
+    /// added by `seguro-fs members add`.
+    pub join: bool,
     /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Where a `--background` daemon appends its stdout and stderr.
+    pub log_file: PathBuf,
 }
 
 impl MountConfig {

@@ -15,6 +15,7 @@ use crate::fs::pending::Pending;
 use crate::fs::{Fs, FsParts};
 use crate::fuse::FuseAdapter;
 use crate::metrics::{self, Registry};
+use crate::ready::Ready;
 use crate::replication::control::Control;
 use crate::replication::role::{self, Role};
 use crate::replication::state_machine::ObserverSlot;
@@ -103,7 +104,9 @@ fn on_path(bin: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|dir| dir.join(bin).is_file()))
 }
 
-fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
+/// The checks that need no data dir and no threads, so `--background` runs them before it
+/// forks and reports a failure directly.
+pub fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
     let mp = &cfg.mountpoint;
     let shown = mp.display().to_string();
     let meta = std::fs::metadata(mp).map_err(|_| MountError::NoMountpoint(shown.clone()))?;
@@ -126,9 +129,10 @@ fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
     Ok(())
 }
 
-/// Run the daemon in the foreground until the file system is unmounted or a signal
-/// arrives. Returns once the mount is gone and everything accepted is checkpointed.
-pub fn run(cfg: MountConfig) -> Result<(), MountError> {
+/// Run the daemon until the file system is unmounted or a signal arrives, telling `ready`
+/// once it is mounted. Returns once the mount is gone and everything accepted is
+/// checkpointed.
+pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
     preflight(&cfg)?;
     let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id, &cfg.cluster_label())?;
     // From here on the tree must hold exactly the modes the application asked for (the
@@ -251,6 +255,16 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
         fs: fs.clone(),
         write_bytes_max: cfg.limits.fuse_write_bytes_max,
     };
+    // From before the mount appears: a SIGTERM as soon as it is visible (or READY=1 is
+    // sent) must unmount cleanly, not kill the process with the signal's default action.
+    let (mut term, mut int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        let _rt = rt.enter();
+        (
+            signal(SignalKind::terminate())?,
+            signal(SignalKind::interrupt())?,
+        )
+    };
     let session = fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
         MountError::Mount {
             path: cfg.mountpoint.display().to_string(),
@@ -259,6 +273,7 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
     })?;
     fs.set_notifier(session.notifier())?;
     tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %data_dir.root.display(), "mounted");
+    ready.mounted();
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let fuse_thread = std::thread::Builder::new()
@@ -270,9 +285,6 @@ pub fn run(cfg: MountConfig) -> Result<(), MountError> {
         })?;
 
     let signalled = rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut term = signal(SignalKind::terminate())?;
-        let mut int = signal(SignalKind::interrupt())?;
         tokio::select! {
             _ = term.recv() => Ok::<bool, std::io::Error>(true),
             _ = int.recv() => Ok(true),

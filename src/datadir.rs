@@ -9,6 +9,7 @@
 //!   applied       the applied-index checkpoint (checkpoint.rs)
 //!   tree/         the committed file tree, a plain directory
 //!   local/        per-host files that are never replicated (lock.mdb)
+//!   seguro-fs.log the default log of a `--background` daemon (and .log.1, the one before)
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -20,6 +21,15 @@ use std::path::{Path, PathBuf};
 use crate::sync::{fsync_dir, write_file_durably};
 
 const FORMAT: &str = "seguro-fs data dir v1";
+
+/// The default log file of a `--background` daemon, which is opened before the data dir
+/// is: it (and its rotated `.1`) does not make a new data dir count as someone else's.
+pub const LOG_FILE_NAME: &str = "seguro-fs.log";
+
+fn is_log_file(name: &std::ffi::OsStr) -> bool {
+    let name = name.as_encoded_bytes();
+    name == LOG_FILE_NAME.as_bytes() || name.strip_suffix(b".1") == Some(LOG_FILE_NAME.as_bytes())
+}
 
 /// Why a data dir cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -68,7 +78,9 @@ impl DataDir {
         let lock_path = root.join("lock");
         let identity_path = root.join("identity");
         if !identity_path.exists() && !lock_path.exists() {
-            let non_empty = fs::read_dir(&root).map_err(io_err(&root))?.next().is_some();
+            let non_empty = fs::read_dir(&root)
+                .map_err(io_err(&root))?
+                .any(|e| e.map_or(true, |e| !is_log_file(&e.file_name())));
             if non_empty {
                 return Err(DataDirError::NotOurs { path: root });
             }
@@ -154,6 +166,12 @@ mod tests {
             DataDir::open(&d, 1, "key-0123"),
             Err(DataDirError::Foreign { .. })
         ));
+        // A new data dir holding only a background daemon's log is still new.
+        let logged = t.path().join("logged");
+        fs::create_dir_all(&logged).unwrap();
+        fs::write(logged.join(LOG_FILE_NAME), b"starting\n").unwrap();
+        fs::write(logged.join("seguro-fs.log.1"), b"older\n").unwrap();
+        drop(DataDir::open(&logged, 1, "standalone").unwrap());
         // A non-empty directory that is not a data dir is not taken over.
         let other = t.path().join("other");
         fs::create_dir_all(&other).unwrap();

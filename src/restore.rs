@@ -17,6 +17,7 @@ use crate::replication::network::NetConfig;
 use crate::replication::snapshot;
 use crate::replication::transport::LinkLimits;
 use crate::replication::wire::{ControlRequest, ControlResponse};
+use crate::settings::Problem;
 use crate::sync::{fdatasync, fsync_dir};
 
 /// The node id a tool presents on a peer link (members have ids from 1).
@@ -51,7 +52,10 @@ fn prepare(dest: &Path) -> Result<(), String> {
 
 /// Restore from the member at `from` into `dest`; the summary line.
 pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
-    let key = crate::cli::read_key(key_file).map_err(|e| e.to_string())?;
+    let key = crate::settings::read_key(key_file).map_err(|p| match p {
+        Problem::Key { path, why } => format!("--cluster-key-file {path}: {why}"),
+        other => format!("--cluster-key-file: {other:?}"),
+    })?;
     prepare(dest)?;
     let limits = Limits::default();
     let net = NetConfig {

@@ -555,8 +555,10 @@ impl Control {
                 let Some(n) = m.membership_config.membership().get_node(other) else {
                     continue;
                 };
+                // Long enough for the target's campaign (after the lease) to finish;
+                // short, so a failed transfer leaves no voter without elections for long.
                 let hold = ControlRequest::HoldElections {
-                    ms: lease_ms * 2 + timeout_ms,
+                    ms: lease_ms * 3 + l.heartbeat_ms,
                 };
                 if let Err(e) = call(&self.net, &n.addr, hold, l.peer_io_timeout_ms).await {
                     // Not fatal: that voter may campaign too, and either can win.

@@ -178,7 +178,7 @@ pub async fn start(
             .collect(),
     };
     let lowest = *members.keys().next().expect("at least this node");
-    if !initialized && cfg.node_id == lowest {
+    if !initialized && cfg.node_id == lowest && !cfg.join {
         tracing::info!(node_id = cfg.node_id, members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");
         raft.initialize(members)
             .await
