@@ -45,6 +45,9 @@ pub enum Command {
     /// Copy the committed tree of a running member into a new directory (a usable
     /// .urb/log), verified with blake3.
     Restore(RestoreArgs),
+    /// Write man pages and shell completions (used by packaging/build).
+    #[command(hide = true)]
+    GenerateAssets(crate::assets::GenerateAssetsArgs),
 }
 
 #[derive(Debug, Subcommand)]

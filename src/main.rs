@@ -1,6 +1,7 @@
 //! seguro-fs: parse the command line, run the command, map the outcome to an exit code.
 
 mod admin;
+mod assets;
 mod background;
 mod cli;
 mod config;
@@ -94,6 +95,7 @@ fn main() {
         )
         .map(print),
         cli::Command::Restore(a) => restore::run(&a.from, &a.cluster_key_file, &a.dest).map(print),
+        cli::Command::GenerateAssets(args) => assets::generate(&args.out).map(|_| ()),
     };
     if let Err(msg) = result {
         eprintln!("seguro-fs: error: {msg}");
