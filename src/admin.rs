@@ -17,6 +17,7 @@ use openraft::ServerState;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
+use crate::metrics::{FsyncOutcome, RecentLatency};
 use crate::replication::control::{json_str, Control};
 
 /// A request line longer than this is refused.
@@ -47,6 +48,19 @@ pub struct Status {
     pub export_until: Option<u64>,
     /// Per other member: the last log index it is known to hold (leader only).
     pub matched: Vec<(u64, Option<u64>)>,
+    /// Per other member: entries of this log it is not known to hold (leader only).
+    pub lag: Vec<(u64, u64)>,
+    /// Durability waits answered 0, and those that failed (EIO).
+    pub fsync_acks: u64,
+    pub fsync_failures: u64,
+    /// Ack latency percentiles over the most recent successful waits.
+    pub fsync_recent: Option<RecentLatency>,
+}
+
+/// Entries up to `last_index` a member that holds up to `matched` lacks; one not known to
+/// hold anything lacks them all (the log starts at index 0).
+pub fn lag_entries(last_index: u64, matched: Option<u64>) -> u64 {
+    matched.map_or(last_index + 1, |m| last_index.saturating_sub(m))
 }
 
 impl Status {
@@ -54,17 +68,25 @@ impl Status {
         let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
         let members: Vec<String> = self.members.iter().map(u64::to_string).collect();
         let learners: Vec<String> = self.learners.iter().map(u64::to_string).collect();
-        let mut matched = String::new();
-        for (i, (id, m)) in self.matched.iter().enumerate() {
-            if i > 0 {
-                matched.push(',');
+        let object = |pairs: &mut dyn Iterator<Item = (u64, String)>| {
+            let mut out = String::new();
+            for (i, (id, v)) in pairs.enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                let _ = write!(out, "\"{id}\":{v}");
             }
-            let _ = write!(matched, "\"{id}\":{}", opt(*m));
-        }
+            out
+        };
+        let matched = object(&mut self.matched.iter().map(|(id, m)| (*id, opt(*m))));
+        let lag = object(&mut self.lag.iter().map(|(id, l)| (*id, l.to_string())));
+        let recent = self.fsync_recent;
         format!(
             "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
              \"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
-             \"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}}}}",
+             \"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}},\
+             \"lag\":{{{}}},\"fsync_acks\":{},\"fsync_failures\":{},\"fsync_samples\":{},\
+             \"fsync_p50_us\":{},\"fsync_p99_us\":{}}}",
             self.node_id,
             self.role,
             self.term,
@@ -77,10 +99,19 @@ impl Status {
             members.join(","),
             learners.join(","),
             opt(self.export_until),
-            matched
+            matched,
+            lag,
+            self.fsync_acks,
+            self.fsync_failures,
+            recent.map_or(0, |r| r.samples),
+            opt(recent.map(|r| r.p50_us)),
+            opt(recent.map(|r| r.p99_us)),
         )
     }
 }
+
+/// Every name [`role_name`] gives.
+pub const ROLE_NAMES: [&str; 5] = ["leader", "follower", "candidate", "learner", "shutdown"];
 
 fn role_name(s: ServerState) -> &'static str {
     match s {
@@ -92,8 +123,10 @@ fn role_name(s: ServerState) -> &'static str {
     }
 }
 
-async fn collect(control: &Control) -> Status {
+pub async fn collect(control: &Control) -> Status {
     let (raft, role, acks) = (&control.raft, &control.role, control.acks);
+    // The network's counters hold the node's fsync figures too (`metrics.rs`).
+    let fsync = &control.net.registry.fsync;
     let m = raft.metrics().borrow().clone();
     let committed = raft
         .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
@@ -101,7 +134,7 @@ async fn collect(control: &Control) -> Status {
         .unwrap_or(0);
     let members: Vec<u64> = m.membership_config.membership().voter_ids().collect();
     let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
-    let matched = m
+    let matched: Vec<(u64, Option<u64>)> = m
         .replication
         .as_ref()
         .map(|r| {
@@ -111,12 +144,17 @@ async fn collect(control: &Control) -> Status {
                 .collect()
         })
         .unwrap_or_default();
+    let last_index = m.last_log_index.unwrap_or(0);
+    let lag = matched
+        .iter()
+        .map(|(id, mi)| (*id, lag_entries(last_index, *mi)))
+        .collect();
     Status {
         node_id: m.id,
         role: role_name(m.state),
         term: m.current_term,
         leader_id: m.current_leader,
-        last_index: m.last_log_index.unwrap_or(0),
+        last_index,
         committed_index: committed,
         applied_index: m.last_applied.map_or(0, |l| l.index),
         acks,
@@ -125,6 +163,10 @@ async fn collect(control: &Control) -> Status {
         learners,
         export_until: control.state_machine.export_until(),
         matched,
+        lag,
+        fsync_acks: fsync.count(FsyncOutcome::Ok),
+        fsync_failures: fsync.failures(),
+        fsync_recent: fsync.recent(),
     }
 }
 
@@ -346,7 +388,8 @@ fn table_from_json(line: &str) -> String {
 
 fn push_field(out: &mut String, field: &str) {
     if let Some((k, v)) = field.split_once(':') {
-        let _ = writeln!(out, "{:<16}{}", k.trim_matches('"'), v.trim_matches('"'));
+        // Keys longer than the column still get a separating space.
+        let _ = writeln!(out, "{:<15} {}", k.trim_matches('"'), v.trim_matches('"'));
     }
 }
 
@@ -369,7 +412,15 @@ mod tests {
             members: vec![1, 2, 3],
             learners: vec![4],
             export_until: None,
-            matched: vec![(1, Some(40)), (3, None)],
+            matched: vec![(1, Some(38)), (3, None)],
+            lag: vec![(1, lag_entries(40, Some(38))), (3, lag_entries(40, None))],
+            fsync_acks: 12,
+            fsync_failures: 1,
+            fsync_recent: Some(RecentLatency {
+                samples: 12,
+                p50_us: 850,
+                p99_us: 2100,
+            }),
         };
         let j = s.to_json();
         assert_eq!(
@@ -377,10 +428,23 @@ mod tests {
             "{\"node_id\":2,\"role\":\"leader\",\"term\":7,\"leader_id\":2,\"last_index\":40,\
              \"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
              \"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
-             \"matched\":{\"1\":40,\"3\":null}}"
+             \"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
+             \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_samples\":12,\
+             \"fsync_p50_us\":850,\"fsync_p99_us\":2100}"
         );
+        assert!(!j.contains('\n'), "one line");
         let t = table_from_json(&j);
         assert!(t.contains("role            leader"), "{t}");
         assert!(t.contains("members         [1,2,3]"), "{t}");
+        assert!(t.contains("committed_index 39"), "{t}");
+        assert!(t.contains("lag             {\"1\":2,\"3\":41}"), "{t}");
+        assert!(t.contains("fsync_p99_us    2100"), "{t}");
+        let none = Status {
+            fsync_recent: None,
+            ..s
+        };
+        assert!(none
+            .to_json()
+            .ends_with("\"fsync_samples\":0,\"fsync_p50_us\":null,\"fsync_p99_us\":null}"));
     }
 }

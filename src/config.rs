@@ -48,6 +48,14 @@ pub struct Limits {
     /// [election_timeout_min_ms, 1.25×].
     pub heartbeat_ms: u64,
     pub election_timeout_min_ms: u64,
+    /// Largest HTTP request head (request line and headers) the metrics server reads.
+    pub metrics_request_head_bytes_max: usize,
+    /// Concurrent connections to the metrics server; more are answered 503 and closed.
+    pub metrics_connections_max: usize,
+    /// Reading a metrics request head, and writing its answer.
+    pub metrics_io_timeout_ms: u64,
+    /// The most recent fsync ack latencies kept for `status`'s p50 and p99.
+    pub fsync_recent_samples_max: usize,
     /// `members add`: how long a new member may take to catch up before it is promoted.
     pub member_catchup_timeout_ms: u64,
     /// `transfer-leader`: each of its waits (target catching up, target taking over).
@@ -76,6 +84,10 @@ impl Default for Limits {
             peer_connections_max: 64,
             heartbeat_ms: 150,
             election_timeout_min_ms: 500,
+            metrics_request_head_bytes_max: 8 << 10,
+            metrics_connections_max: 16,
+            metrics_io_timeout_ms: 5_000,
+            fsync_recent_samples_max: 1_024,
             member_catchup_timeout_ms: 600_000,
             transfer_timeout_ms: 10_000,
         }
@@ -180,6 +192,30 @@ impl Limits {
             60_000,
         )?;
         check(
+            "metrics_request_head_bytes_max",
+            self.metrics_request_head_bytes_max as u64,
+            1 << 10,
+            64 << 10,
+        )?;
+        check(
+            "metrics_connections_max",
+            self.metrics_connections_max as u64,
+            1,
+            1024,
+        )?;
+        check(
+            "metrics_io_timeout_ms",
+            self.metrics_io_timeout_ms,
+            100,
+            600_000,
+        )?;
+        check(
+            "fsync_recent_samples_max",
+            self.fsync_recent_samples_max as u64,
+            16,
+            1 << 20,
+        )?;
+        check(
             "member_catchup_timeout_ms",
             self.member_catchup_timeout_ms,
             1_000,
@@ -245,9 +281,7 @@ pub struct MountConfig {
     /// Never initialise a new cluster, even as the lowest id: a pristine node waits to be
     /// added by `seguro-fs members add`.
     pub join: bool,
-    /// Where the metrics endpoint listens (None: no metrics server).
-    // Read by the metrics server, which is merged from its own branch.
-    #[allow(dead_code)]
+    /// Where to serve Prometheus metrics (`GET /metrics`); None: not served.
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Where a `--background` daemon appends its stdout and stderr.
     pub log_file: PathBuf,

@@ -14,6 +14,7 @@ use crate::fs::overlay::Overlay;
 use crate::fs::pending::Pending;
 use crate::fs::{Fs, FsParts};
 use crate::fuse::FuseAdapter;
+use crate::metrics::{self, Registry};
 use crate::ready::Ready;
 use crate::replication::control::Control;
 use crate::replication::role::{self, Role};
@@ -234,12 +235,18 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
     };
     let overlay = Arc::new(Mutex::new(Overlay::default()));
     let observer: ObserverSlot = Arc::default();
+    let others = cfg.cluster.iter().flat_map(|c| c.peers.keys().copied());
+    let registry = Arc::new(Registry::new(
+        &cfg.limits,
+        others.filter(|id| *id != cfg.node_id),
+    ));
     let node = rt.block_on(replication::start(
         &cfg,
         &data_dir,
         origin,
         overlay.clone(),
         observer.clone(),
+        registry.clone(),
     ))?;
     let role = Arc::new(Role::default());
     let control = Arc::new(Control {
@@ -250,8 +257,12 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         acks: cfg.acks,
         limits: cfg.limits.clone(),
     });
-    rt.block_on(async { admin::serve(&data_dir.root, control) })
+    rt.block_on(async { admin::serve(&data_dir.root, control.clone()) })
         .map_err(|e| MountError::Io(std::io::Error::other(format!("admin socket: {e}"))))?;
+    if let Some(addr) = cfg.metrics_addr {
+        rt.block_on(metrics::serve(addr, &cfg.limits, control))
+            .map_err(|e| MountError::Io(std::io::Error::other(e.to_string())))?;
+    }
 
     let pending = Arc::new(Mutex::new(Pending::new(origin, cfg.limits.entry_bytes_max)));
     let wake = Arc::new(Notify::new());
@@ -271,6 +282,7 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         metrics: node.raft.metrics(),
         my_id: cfg.node_id,
         acks: cfg.acks,
+        registry,
     })?);
     let _ = observer.set(fs.clone());
     rt.spawn(role::watch(

@@ -10,6 +10,7 @@ mod daemon;
 mod datadir;
 mod fs;
 mod fuse;
+mod metrics;
 mod mount_options;
 mod op;
 mod ready;

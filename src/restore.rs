@@ -69,6 +69,8 @@ pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
         },
         idle_ms: limits.peer_io_timeout_ms,
         connections_max: 1,
+        // A tool's link counts into a registry nobody scrapes.
+        registry: std::sync::Arc::new(crate::metrics::Registry::new(&limits, [])),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -39,6 +39,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::config::Limits;
+use crate::metrics::{FsyncOutcome, Registry};
 use crate::op::{Op, Timespec};
 use crate::replication::log_store::FlushState;
 use crate::replication::role::{LeadershipHooks, Role};
@@ -94,6 +95,8 @@ pub struct Fs {
     metrics: Metrics,
     my_id: u64,
     acks: u64,
+    /// Where durability waits are counted and timed.
+    registry: Arc<Registry>,
     /// Invalidations go to the kernel from their own thread (see `Invalidator`).
     invalidator: Invalidator,
 }
@@ -115,6 +118,7 @@ pub struct FsParts {
     pub metrics: Metrics,
     pub my_id: u64,
     pub acks: u64,
+    pub registry: Arc<Registry>,
 }
 
 fn kind_of(m: &Metadata) -> FileType {
@@ -193,6 +197,7 @@ impl Fs {
             metrics: p.metrics,
             my_id: p.my_id,
             acks: p.acks,
+            registry: p.registry,
             invalidator: Invalidator::default(),
         })
     }
@@ -368,8 +373,20 @@ impl Fs {
     }
 
     /// fsync: every op accepted before this call must be durable in this node's log and
-    /// in the logs of `acks` other voters, all within this node's current term.
+    /// in the logs of `acks` other voters, all within this node's current term. Every call
+    /// is counted and, when it answers 0, timed (`metrics.rs`).
     pub fn wait_durable(&self) -> FsResult<()> {
+        let started = std::time::Instant::now();
+        let outcome = self.durable_outcome();
+        self.registry.fsync.record(outcome, started.elapsed());
+        if outcome == FsyncOutcome::Ok {
+            Ok(())
+        } else {
+            Err(Errno(libc::EIO))
+        }
+    }
+
+    fn durable_outcome(&self) -> FsyncOutcome {
         let generation = self.role.generation();
         let term = self.role.term();
         let target = {
@@ -381,10 +398,14 @@ impl Fs {
             // Nothing was accepted here since leadership was lost (the pending queue was
             // dropped then); an fsync that covers nothing unflushed succeeds, anything else
             // was never acknowledged and fails.
-            return if target <= self.flush_rx.borrow().flushed_seq {
-                Ok(())
+            let flushed = self.flush_rx.borrow();
+            return if target <= flushed.flushed_seq {
+                FsyncOutcome::Ok
+            } else if flushed.failed {
+                // A failed log fdatasync is what cost the leadership.
+                FsyncOutcome::LogFailed
             } else {
-                Err(Errno(libc::EIO))
+                FsyncOutcome::NotLeader
             };
         }
         self.wake.notify_one();
@@ -393,27 +414,34 @@ impl Fs {
         let timeout = self.ack_timeout();
         let role = &self.role;
         let deposed = || role.generation() != generation;
-        let ok = self.rt.block_on(async {
+        self.rt.block_on(async {
             tokio::time::timeout(timeout, async {
                 // 1. The local log holds every batch up to `target` (fdatasync'd).
                 let index = loop {
                     {
                         let s = flush.borrow_and_update();
-                        if s.failed || deposed() {
-                            return false;
+                        if s.failed {
+                            return FsyncOutcome::LogFailed;
+                        }
+                        if deposed() {
+                            return FsyncOutcome::NotLeader;
                         }
                         if s.flushed_seq >= target {
                             break s.flushed_index;
                         }
                     }
                     tokio::select! {
-                        r = flush.changed() => if r.is_err() { return false },
+                        r = flush.changed() => if r.is_err() { return FsyncOutcome::Stopped },
                         // Leadership changes show up in the metrics.
-                        r = metrics.changed() => if r.is_err() { return false },
+                        r = metrics.changed() => if r.is_err() { return FsyncOutcome::Stopped },
                     }
                 };
                 if self.acks == 0 {
-                    return !deposed();
+                    return if deposed() {
+                        FsyncOutcome::NotLeader
+                    } else {
+                        FsyncOutcome::Ok
+                    };
                 }
                 // 2. `acks` other voters have matched it: they answer AppendEntries only
                 //    after their own fdatasync, so matched means durable there.
@@ -424,7 +452,7 @@ impl Fs {
                             || m.current_term != term
                             || m.state != openraft::ServerState::Leader
                         {
-                            return false;
+                            return FsyncOutcome::NotLeader;
                         }
                         let voters: Vec<u64> =
                             m.membership_config.membership().voter_ids().collect();
@@ -438,22 +466,17 @@ impl Fs {
                                 .count() as u64
                         });
                         if acked >= self.acks {
-                            return true;
+                            return FsyncOutcome::Ok;
                         }
                     }
                     if metrics.changed().await.is_err() {
-                        return false;
+                        return FsyncOutcome::Stopped;
                     }
                 }
             })
             .await
-            .unwrap_or(false)
-        });
-        if ok {
-            Ok(())
-        } else {
-            Err(Errno(libc::EIO))
-        }
+            .unwrap_or(FsyncOutcome::Timeout)
+        })
     }
 
     /// Block while the overlay holds more than `inflight_bytes_max` (backpressure).

@@ -86,6 +86,7 @@ pub async fn start(
     origin: u64,
     overlay: Arc<Mutex<Overlay>>,
     observer: ObserverSlot,
+    registry: Arc<crate::metrics::Registry>,
 ) -> Result<Node, StartError> {
     let raft_dir = dir.raft_dir();
     let (log, flush_rx) = LogStore::open(LogOptions {
@@ -137,6 +138,7 @@ pub async fn start(
         },
         idle_ms: l.peer_io_timeout_ms * 6,
         connections_max: l.peer_connections_max,
+        registry,
     };
     let listener = match &cfg.cluster {
         Some(c) => Some(

@@ -3,6 +3,8 @@
 //!
 //! A client carries one RPC at a time (openraft drives each replication stream
 //! sequentially), so the bytes in flight per peer are bounded by `frame_bytes_max`.
+//!
+//! Entry and snapshot bytes are counted here, per peer and direction (`metrics.rs`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -22,6 +24,7 @@ use super::control::{ControlServer, OpenImage};
 use super::transport::{ClusterKey, Link, LinkError, LinkLimits};
 use super::wire::{self, RaftRequest, Request, Response};
 use super::TypeConfig;
+use crate::metrics::{PeerCounters, Registry};
 
 /// How this node reaches and serves its peers.
 #[derive(Clone)]
@@ -35,6 +38,7 @@ pub struct NetConfig {
     /// How long a server waits for the next request on an idle link.
     pub idle_ms: u64,
     pub connections_max: usize,
+    pub registry: Arc<Registry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,7 @@ pub struct PeerClient {
     addr: String,
     cfg: NetConfig,
     link: Option<Link>,
+    counters: Arc<PeerCounters>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -61,6 +66,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             addr: node.addr.clone(),
             cfg: self.cfg.clone(),
             link: None,
+            counters: self.cfg.registry.peer(target),
         }
     }
 }
@@ -153,8 +159,13 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, CallError> {
-        self.rpc(wire::append_request(&rpc), option, wire::to_append_response)
-            .await
+        let req = wire::append_request(&rpc);
+        let (entries, bytes) = entry_bytes(&req);
+        let resp = self.rpc(req, option, wire::to_append_response).await;
+        if resp.is_ok() {
+            self.counters.sent_entries(entries, bytes);
+        }
+        resp
     }
 
     async fn install_snapshot(
@@ -165,12 +176,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         InstallSnapshotResponse<u64>,
         RPCError<u64, BasicNode, RaftError<u64, InstallSnapshotError>>,
     > {
-        self.rpc(
-            wire::snapshot_request(&rpc),
-            option,
-            wire::to_snapshot_response,
-        )
-        .await
+        let resp = self
+            .rpc(
+                wire::snapshot_request(&rpc),
+                option,
+                wire::to_snapshot_response,
+            )
+            .await;
+        if resp.is_ok() {
+            self.counters
+                .sent_snapshot_chunk(rpc.data.len() as u64, rpc.done);
+        }
+        resp
     }
 
     async fn vote(
@@ -180,6 +197,17 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<VoteResponse<u64>, CallError> {
         self.rpc(wire::vote_request(&rpc), option, wire::to_vote_response)
             .await
+    }
+}
+
+/// Entries in an AppendEntries request and their bytes in record form (0 for others).
+fn entry_bytes(req: &Request) -> (u64, u64) {
+    match req {
+        Request::Append { entries, .. } => (
+            entries.len() as u64,
+            entries.iter().map(|e| e.len() as u64).sum(),
+        ),
+        _ => (0, 0),
     }
 }
 
@@ -212,6 +240,15 @@ async fn handle(
     }
 }
 
+/// What an inbound request adds to the peer's counters.
+enum Counted {
+    /// Votes and control requests (which tools send too: they get no counters).
+    Nothing,
+    Entries((u64, u64)),
+    /// A snapshot chunk's bytes and whether it is the last.
+    Chunk(u64, bool),
+}
+
 /// One accepted connection: authenticate, then answer requests until the peer goes away
 /// or misbehaves (anything that fails to authenticate or decode closes the link).
 async fn serve_link(
@@ -231,6 +268,8 @@ async fn serve_link(
             return;
         }
     };
+    // Fetched on the first Raft traffic, so a tool's link adds no member to the metrics.
+    let mut counters = None;
     // A `restore` reading an image through this link.
     let mut image = None;
     loop {
@@ -242,7 +281,15 @@ async fn serve_link(
                 return;
             }
         };
-        let req = match wire::decode_request(&bytes).and_then(wire::to_raft_request) {
+        let decoded = wire::decode_request(&bytes).and_then(|r| {
+            let counted = match &r {
+                Request::Snapshot { data, done, .. } => Counted::Chunk(data.len() as u64, *done),
+                Request::Append { .. } => Counted::Entries(entry_bytes(&r)),
+                _ => Counted::Nothing,
+            };
+            Ok((wire::to_raft_request(r)?, counted))
+        });
+        let (req, counted) = match decoded {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%peer, node = link.peer_id, error = %e, "undecodable request; closing peer link");
@@ -250,6 +297,23 @@ async fn serve_link(
             }
         };
         let resp = handle(&raft, &control, &mut image, req).await;
+        let mut peer_counters = || {
+            counters
+                .get_or_insert_with(|| cfg.registry.peer(link.peer_id))
+                .clone()
+        };
+        match counted {
+            Counted::Nothing => {}
+            Counted::Entries((entries, bytes)) => {
+                peer_counters().received_entries(entries, bytes);
+            }
+            // An error answer (a chunk Raft could not take) counts nothing.
+            Counted::Chunk(bytes, done) => {
+                if matches!(resp, Response::Snapshot { .. }) {
+                    peer_counters().received_snapshot_chunk(bytes, done);
+                }
+            }
+        }
         if link.send(&wire::encode_response(&resp)).await.is_err() {
             return;
         }

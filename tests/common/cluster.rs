@@ -278,6 +278,18 @@ impl Cluster {
         acks: Option<u64>,
         extra: &[&str],
     ) -> Cluster {
+        Self::start_with(n, initial, acks, extra, &|_| Vec::new())
+    }
+
+    /// [`Cluster::start_with_spares`], with `per_node(i)` appended to node `i`'s arguments
+    /// (for options that differ between nodes, such as an address of their own).
+    pub fn start_with(
+        n: usize,
+        initial: usize,
+        acks: Option<u64>,
+        extra: &[&str],
+        per_node: &dyn Fn(usize) -> Vec<String>,
+    ) -> Cluster {
         assert!((1..=9).contains(&n), "1..=9 nodes");
         assert!((1..=n).contains(&initial), "1..=n initial members");
         let dir = TestDir::new("cluster");
@@ -325,6 +337,7 @@ impl Cluster {
                     a.push(k.to_string());
                 }
                 a.extend(extra.iter().map(|s| s.to_string()));
+                a.extend(per_node(i));
                 a
             })
             .collect();
