@@ -251,6 +251,7 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
     let role = Arc::new(Role::default());
     let control = Arc::new(Control {
         raft: node.raft.clone(),
+        elections: node.elections.clone(),
         role: role.clone(),
         state_machine: node.state_machine.clone(),
         net: node.net.clone(),

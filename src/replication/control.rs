@@ -12,13 +12,13 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use super::elections::Elections;
 use super::network::NetConfig;
 use super::role::Role;
 use super::snapshot::SnapshotFile;
@@ -127,23 +127,25 @@ pub struct ControlServer {
     pub raft: Raft<TypeConfig>,
     pub state_machine: StateMachine,
     pub chunk_bytes_max: u64,
-    /// Deadline (ms since `epoch`) of the newest election hold.
-    hold_until_ms: Arc<AtomicU64>,
-    epoch: Instant,
+    elections: Elections,
 }
 
 impl ControlServer {
-    pub fn new(raft: Raft<TypeConfig>, state_machine: StateMachine, limits: &Limits) -> Self {
+    pub fn new(
+        raft: Raft<TypeConfig>,
+        state_machine: StateMachine,
+        limits: &Limits,
+        elections: Elections,
+    ) -> Self {
         if state_machine.export_until().is_some() {
             // An export's tree is frozen: it must never lead.
-            raft.runtime_config().elect(false);
+            elections.forbid();
         }
         ControlServer {
             raft,
             state_machine,
             chunk_bytes_max: limits.snapshot_chunk_bytes,
-            hold_until_ms: Arc::default(),
-            epoch: Instant::now(),
+            elections,
         }
     }
 
@@ -182,21 +184,7 @@ impl ControlServer {
                 })
             }
             ControlRequest::HoldElections { ms } => {
-                let ms = ms.min(CONTROL_DELAY_MS_MAX);
-                let until = self.epoch.elapsed().as_millis() as u64 + ms;
-                self.hold_until_ms.fetch_max(until, Ordering::AcqRel);
-                self.raft.runtime_config().elect(false);
-                let this = self.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(ms)).await;
-                    let now = this.epoch.elapsed().as_millis() as u64;
-                    // A later hold extends this one; an export never campaigns.
-                    if now >= this.hold_until_ms.load(Ordering::Acquire)
-                        && this.state_machine.export_until().is_none()
-                    {
-                        this.raft.runtime_config().elect(true);
-                    }
-                });
+                self.elections.hold(ms.min(CONTROL_DELAY_MS_MAX));
                 Ok(ControlResponse::Done)
             }
             ControlRequest::Campaign { after_ms } => {
@@ -232,7 +220,7 @@ impl ControlServer {
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
-                self.raft.runtime_config().elect(false);
+                self.elections.forbid();
                 Ok(ControlResponse::Done)
             }
             ControlRequest::Describe => Ok(ControlResponse::Described {
@@ -277,6 +265,7 @@ impl ControlServer {
 /// The leader-side admin operations of a running node.
 pub struct Control {
     pub raft: Raft<TypeConfig>,
+    pub elections: Elections,
     pub role: Arc<Role>,
     pub state_machine: StateMachine,
     pub net: NetConfig,
@@ -528,13 +517,15 @@ impl Control {
             .ok_or_else(|| format!("node {to} has no address"))?;
         let l = &self.limits;
         // The old leader's lease on the followers is the longest election timeout.
-        let lease_ms = l.election_timeout_min_ms + l.election_timeout_min_ms / 4;
+        let lease_ms = super::election_timeout_max_ms(l);
         let timeout_ms = l.transfer_timeout_ms;
         let started = Instant::now();
 
         self.role.begin_transfer();
         self.raft.runtime_config().heartbeat(false);
-        self.raft.runtime_config().elect(false);
+        // Off until the transfer is over, then for a grace period: this node must not
+        // campaign against the target it is handing over to.
+        let pause = self.elections.pause();
         let result = async {
             // The target must hold everything this leader has before it campaigns, or
             // the voters would refuse it (and acknowledged writes could be at risk).
@@ -585,7 +576,7 @@ impl Control {
         }
         .await;
         self.raft.runtime_config().heartbeat(true);
-        self.raft.runtime_config().elect(true);
+        drop(pause);
         self.role.end_transfer();
         result?;
         Ok(format!(

@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod control;
+pub mod elections;
 pub mod log_store;
 pub mod network;
 pub mod proposer;
@@ -70,10 +71,16 @@ pub enum StartError {
 pub struct Node {
     pub raft: Raft<TypeConfig>,
     pub state_machine: StateMachine,
+    pub elections: elections::Elections,
     /// How this node reaches its peers (admin commands reuse it).
     pub net: NetConfig,
     pub flush_rx: watch::Receiver<FlushState>,
     pub applied_rx: watch::Receiver<u64>,
+}
+
+/// The longest election timeout: openraft's leader lease too (see `start`).
+pub fn election_timeout_max_ms(l: &crate::config::Limits) -> u64 {
+    l.election_timeout_min_ms + l.election_timeout_min_ms / 4
 }
 
 /// Open the log and state machine in `dir` and start Raft (and, in a cluster, the peer
@@ -116,7 +123,7 @@ pub async fn start(
         // hearing from its leader) equal to the longest election timeout, so a narrow
         // window is what keeps failover short: a candidate that fires early is refused
         // until the lease ends and must wait a whole timeout again.
-        election_timeout_max: l.election_timeout_min_ms + l.election_timeout_min_ms / 4,
+        election_timeout_max: election_timeout_max_ms(l),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(l.checkpoint_entries),
         max_in_snapshot_log_to_keep: l.log_keep_entries,
         max_payload_entries: l.append_entries_max,
@@ -160,7 +167,17 @@ pub async fn start(
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
-    let control = control::ControlServer::new(raft.clone(), state_machine.clone(), l);
+    // After a pause (a snapshot install, a transfer) elections stay off for two of the
+    // longest election timeouts: the leader's heartbeats reset the timer meanwhile.
+    let elections =
+        elections::Elections::new(raft.clone(), election_timeout_max_ms(l) * 2);
+    state_machine.set_elections(elections.clone());
+    let control = control::ControlServer::new(
+        raft.clone(),
+        state_machine.clone(),
+        l,
+        elections.clone(),
+    );
     if let Some(listener) = listener {
         tokio::spawn(network::serve(listener, raft.clone(), net.clone(), control));
     }
@@ -192,6 +209,7 @@ pub async fn start(
     Ok(Node {
         raft,
         state_machine,
+        elections,
         net,
         flush_rx,
         applied_rx,

@@ -30,6 +30,7 @@ use openraft::{
 use tokio::sync::watch;
 
 use super::checkpoint::{Checkpoint, CheckpointFile};
+use super::elections::Elections;
 use super::snapshot::{self, SnapshotFile};
 use super::{Entry, TypeConfig};
 use crate::fs::overlay::Overlay;
@@ -187,6 +188,8 @@ impl Inner {
 #[derive(Clone)]
 pub struct StateMachine {
     inner: Arc<Mutex<Inner>>,
+    /// Set once Raft runs: a snapshot install pauses this node's elections.
+    elections: Arc<OnceLock<Elections>>,
 }
 
 impl StateMachine {
@@ -210,6 +213,7 @@ impl StateMachine {
         let export_until = read_export(&data_dir)?;
         Ok((
             StateMachine {
+                elections: Arc::default(),
                 inner: Arc::new(Mutex::new(Inner {
                     tree: TreeApplier::new(tree_dir.clone(), open_files_max),
                     tree_dir,
@@ -245,6 +249,10 @@ impl StateMachine {
     /// Sync the tree and record the applied id (also done on clean shutdown).
     pub fn checkpoint_now(&self) -> io::Result<()> {
         self.lock().checkpoint().map(drop)
+    }
+
+    pub fn set_elections(&self, e: Elections) {
+        let _ = self.elections.set(e);
     }
 
     /// The applied index as it changes.
@@ -478,6 +486,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         meta: &SnapshotMeta<u64, openraft::BasicNode>,
         snapshot: Box<SnapshotFile>,
     ) -> StorageResult<()> {
+        // The unpack below blocks this node's Raft core, heartbeats included; without the
+        // pause its election timer would fire the moment it is done and depose the leader.
+        let _pause = self.elections.get().map(Elections::pause);
         // openraft wrote the chunks through this handle; make them durable before reading
         // the image back by path.
         snapshot.sync_data().await.map_err(sm_err)?;
