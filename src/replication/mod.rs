@@ -169,15 +169,10 @@ pub async fn start(
     .map_err(|e| StartError::Raft(e.to_string()))?;
     // After a pause (a snapshot install, a transfer) elections stay off for two of the
     // longest election timeouts: the leader's heartbeats reset the timer meanwhile.
-    let elections =
-        elections::Elections::new(raft.clone(), election_timeout_max_ms(l) * 2);
+    let elections = elections::Elections::new(raft.clone(), election_timeout_max_ms(l) * 2);
     state_machine.set_elections(elections.clone());
-    let control = control::ControlServer::new(
-        raft.clone(),
-        state_machine.clone(),
-        l,
-        elections.clone(),
-    );
+    let control =
+        control::ControlServer::new(raft.clone(), state_machine.clone(), l, elections.clone());
     if let Some(listener) = listener {
         tokio::spawn(network::serve(listener, raft.clone(), net.clone(), control));
     }
