@@ -1,4 +1,4 @@
-//! Authenticated framed TCP links between cluster members.
+//! Authenticated, encrypted framed TCP links between cluster members.
 //!
 //! Handshake (keyed blake3, key derived from the cluster key file):
 //!
@@ -10,25 +10,37 @@
 //!
 //! Both sides prove knowledge of the cluster key over fresh nonces before anything else is
 //! read; a peer without the key is dropped before a single Raft message is decoded. Each
-//! direction then has its own session key, and every frame is
-//! `len u32 | payload | tag[16]` with `tag = H(session key, seq | len | payload)`; the
-//! receiver counts `seq` itself, so a replayed, reordered or altered frame is rejected.
-//! Frames larger than `frame_bytes_max` are refused before their payload is read. Payloads
-//! land in 16-byte aligned buffers so rkyv can validate them in place.
+//! direction then has its own ChaCha20-Poly1305 key, `H(k, "c2s"|"s2c"|nonce_c|nonce_s|ids)`,
+//! fresh for every connection because both nonces are. Every frame is
+//! `len u32 | ciphertext | tag[16]`: the payload is encrypted under the direction's key
+//! with the direction's frame counter as the AEAD nonce (counted by each side itself,
+//! never sent, never reused: a link refuses its 2^64−1st frame) and `len` as associated
+//! data, so a changed length, an altered, replayed, reordered, dropped or foreign frame
+//! fails to open. Any failure closes the link: a `Link` that failed (or whose send or
+//! receive was cancelled half-way) refuses every later call, and its owner reconnects.
+//! Frames larger than `frame_bytes_max` are refused before their payload is read.
+//! Payloads are decrypted in place in 16-byte aligned buffers so rkyv can validate them
+//! where they lie.
 //!
-//! Links are authenticated, not encrypted (event data crosses the wire in clear); run
-//! clusters on a private network until encryption lands.
+//! MAGIC names the protocol version: v1 (`SEGURO01`) links were authenticated but not
+//! encrypted, and a v1 peer is refused with an error that says so.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
+use chacha20poly1305::aead::inout::InOutBuf;
+use chacha20poly1305::{AeadInOut, ChaCha20Poly1305, Key, KeyInit, Nonce, Tag};
 use rkyv::util::AlignedVec;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
-const MAGIC: &[u8; 8] = b"SEGURO01";
+const MAGIC: &[u8; 8] = b"SEGURO02";
+/// The part of MAGIC every version shares: a peer that sends it with another version is
+/// a seguro-fs node of another release, not a stranger.
+const MAGIC_FAMILY: &[u8; 6] = b"SEGURO";
 const TAG_BYTES: usize = 16;
+const LEN_BYTES: usize = 4;
 
 /// The cluster secret, already stretched to a blake3 key.
 #[derive(Clone)]
@@ -62,10 +74,25 @@ impl ClusterKey {
 pub enum LinkError {
     #[error("peer authentication failed: {0}")]
     Auth(&'static str),
+    #[error(
+        "peer speaks link protocol {found:?}, this node {MAGIC:?} (encrypted links); \
+         run the same seguro-fs release on every member (stop them all, upgrade, start)"
+    )]
+    Version { found: String },
+    #[error(
+        "the peer closed the connection during the handshake: it is at \
+         peer_connections_max, is not a seguro-fs node, or runs an older seguro-fs \
+         (unencrypted link protocol SEGURO01) that this release no longer speaks"
+    )]
+    HandshakeClosed,
     #[error("frame of {0} bytes exceeds frame_bytes_max")]
     TooLarge(usize),
-    #[error("frame authentication failed (corrupt or forged frame)")]
+    #[error("frame authentication failed (corrupt, forged, replayed or reordered frame)")]
     BadFrame,
+    #[error("link closed after an earlier failure; reconnect")]
+    Closed,
+    #[error("link sent 2^64-1 frames, its nonce space; reconnect")]
+    Exhausted,
     #[error("timed out")]
     Timeout,
     #[error(transparent)]
@@ -80,30 +107,78 @@ pub struct LinkLimits {
     pub io_timeout_ms: u64,
 }
 
+/// One direction of a link: its AEAD key and the number of frames it carried so far.
 struct Direction {
-    key: ClusterKey,
+    aead: ChaCha20Poly1305,
     seq: u64,
 }
 
 impl Direction {
-    fn frame_tag(&self, payload: &[u8]) -> [u8; TAG_BYTES] {
-        let t = self.key.tag(&[
-            &self.seq.to_le_bytes(),
-            &(payload.len() as u32).to_le_bytes(),
-            payload,
-        ]);
-        let mut out = [0u8; TAG_BYTES];
-        out.copy_from_slice(&t[..TAG_BYTES]);
-        out
+    /// `label` names the direction, so the two directions never share a key (and thus
+    /// never a (key, nonce) pair) although both count from 0.
+    fn new(key: &ClusterKey, label: &[u8], nc: &[u8; 32], ns: &[u8; 32], ids: &[u8]) -> Self {
+        let k = key.tag(&[b"seguro-fs link v2 aead ", label, nc, ns, ids]);
+        Direction {
+            aead: ChaCha20Poly1305::new(&Key::from(k)),
+            seq: 0,
+        }
+    }
+
+    /// The AEAD nonce of the next frame: 4 zero bytes, then the frame counter.
+    fn nonce(&self) -> Nonce {
+        let mut n = [0u8; 12];
+        n[4..].copy_from_slice(&self.seq.to_le_bytes());
+        Nonce::from(n)
+    }
+
+    /// The whole frame carrying `payload`: length, ciphertext (written straight into the
+    /// frame, no plaintext copy), tag.
+    fn seal(&mut self, payload: &[u8]) -> Result<Vec<u8>, LinkError> {
+        // The last counter value is never used, so no nonce repeats under this key.
+        if self.seq == u64::MAX {
+            return Err(LinkError::Exhausted);
+        }
+        let len = payload.len();
+        let mut frame = vec![0u8; LEN_BYTES + len + TAG_BYTES];
+        let (head, rest) = frame.split_at_mut(LEN_BYTES);
+        let (body, tag_out) = rest.split_at_mut(len);
+        head.copy_from_slice(&(len as u32).to_le_bytes());
+        let buf = InOutBuf::new(payload, body).expect("body is payload-sized");
+        let tag = self
+            .aead
+            .encrypt_inout_detached(&self.nonce(), head, buf)
+            .map_err(|_| LinkError::TooLarge(len))?;
+        tag_out.copy_from_slice(&tag);
+        self.seq += 1;
+        Ok(frame)
+    }
+
+    /// Decrypt `body` in place if it is this direction's next frame with length prefix
+    /// `head`.
+    fn open(
+        &mut self,
+        head: &[u8; LEN_BYTES],
+        body: &mut [u8],
+        tag: &[u8; TAG_BYTES],
+    ) -> Result<(), LinkError> {
+        self.aead
+            .decrypt_inout_detached(&self.nonce(), head, body.into(), &Tag::from(*tag))
+            .map_err(|_| LinkError::BadFrame)?;
+        self.seq += 1;
+        Ok(())
     }
 }
 
-/// An authenticated link: send and receive whole frames.
+/// An authenticated, encrypted link: send and receive whole frames.
 pub struct Link {
     stream: TcpStream,
     send: Direction,
     recv: Direction,
     limits: LinkLimits,
+    /// Set while a send or receive is under way and left set if it fails or is
+    /// cancelled: the stream is then at an unknown place in a frame (or was tampered
+    /// with) and the link must not be used again.
+    broken: bool,
     /// The authenticated node id at the other end.
     pub peer_id: u64,
 }
@@ -127,14 +202,41 @@ async fn timed<T>(
         .map_err(|_| LinkError::Timeout)?
 }
 
-fn session(key: &ClusterKey, label: &[u8], nc: &[u8; 32], ns: &[u8; 32]) -> Direction {
-    Direction {
-        key: ClusterKey(key.tag(&[label, nc, ns])),
-        seq: 0,
+/// Check a peer's MAGIC, telling an older seguro-fs from a stranger.
+fn check_magic(found: &[u8]) -> Result<(), LinkError> {
+    if found == MAGIC {
+        Ok(())
+    } else if found.starts_with(MAGIC_FAMILY) {
+        Err(LinkError::Version {
+            found: String::from_utf8_lossy(found).into_owned(),
+        })
+    } else {
+        Err(LinkError::Auth("not a seguro-fs peer"))
     }
 }
 
 impl Link {
+    fn new(
+        stream: TcpStream,
+        key: &ClusterKey,
+        (nc, ns, ids): (&[u8; 32], &[u8; 32], &[u8]),
+        is_client: bool,
+        limits: LinkLimits,
+        peer_id: u64,
+    ) -> Link {
+        let c2s = Direction::new(key, b"c2s", nc, ns, ids);
+        let s2c = Direction::new(key, b"s2c", nc, ns, ids);
+        let (send, recv) = if is_client { (c2s, s2c) } else { (s2c, c2s) };
+        Link {
+            stream,
+            send,
+            recv,
+            limits,
+            broken: false,
+            peer_id,
+        }
+    }
+
     /// Connect to `addr` from `bind_ip` and authenticate as `my_id`.
     pub async fn connect(
         addr: SocketAddr,
@@ -176,10 +278,15 @@ impl Link {
         hello.extend_from_slice(&nc);
         stream.write_all(&hello).await?;
         let mut reply = [0u8; 8 + 8 + 32 + 32];
-        stream.read_exact(&mut reply).await?;
-        if &reply[..8] != MAGIC {
-            return Err(LinkError::Auth("not a seguro-fs peer"));
-        }
+        // A server (of any version) that refuses our hello closes without a word.
+        stream.read_exact(&mut reply).await.map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                LinkError::HandshakeClosed
+            } else {
+                LinkError::Io(e)
+            }
+        })?;
+        check_magic(&reply[..8])?;
         let server_id = u64::from_le_bytes(reply[8..16].try_into().expect("8 bytes"));
         let ns: [u8; 32] = reply[16..48].try_into().expect("32 bytes");
         let ids = [server_id.to_le_bytes(), my_id.to_le_bytes()].concat();
@@ -190,13 +297,14 @@ impl Link {
         stream
             .write_all(&key.tag(&[b"cli", &ns, &nc, &ids]))
             .await?;
-        Ok(Link {
+        Ok(Link::new(
             stream,
-            send: session(key, b"c2s", &nc, &ns),
-            recv: session(key, b"s2c", &nc, &ns),
+            key,
+            (&nc, &ns, &ids),
+            true,
             limits,
-            peer_id: server_id,
-        })
+            server_id,
+        ))
     }
 
     /// Authenticate an accepted connection as server `my_id`.
@@ -210,9 +318,7 @@ impl Link {
         timed(limits.io_timeout_ms, async move {
             let mut hello = [0u8; 48];
             stream.read_exact(&mut hello).await?;
-            if &hello[..8] != MAGIC {
-                return Err(LinkError::Auth("not a seguro-fs peer"));
-            }
+            check_magic(&hello[..8])?;
             let client_id = u64::from_le_bytes(hello[8..16].try_into().expect("8 bytes"));
             let nc: [u8; 32] = hello[16..48].try_into().expect("32 bytes");
             let ns = random_nonce()?;
@@ -228,71 +334,80 @@ impl Link {
             if tag_c != key.tag(&[b"cli", &ns, &nc, &ids]) {
                 return Err(LinkError::Auth("client does not hold the cluster key"));
             }
-            Ok(Link {
+            Ok(Link::new(
                 stream,
-                send: session(key, b"s2c", &nc, &ns),
-                recv: session(key, b"c2s", &nc, &ns),
+                key,
+                (&nc, &ns, &ids),
+                false,
                 limits,
-                peer_id: client_id,
-            })
+                client_id,
+            ))
         })
         .await
     }
 
+    /// Mark the link busy; it stays marked (refusing later calls) unless the call
+    /// completes.
+    fn begin(&mut self) -> Result<(), LinkError> {
+        if self.broken {
+            return Err(LinkError::Closed);
+        }
+        self.broken = true;
+        Ok(())
+    }
+
     pub async fn send(&mut self, payload: &[u8]) -> Result<(), LinkError> {
+        // Refused before anything is written: the link stays usable.
         if payload.len() > self.limits.frame_bytes_max {
             return Err(LinkError::TooLarge(payload.len()));
         }
-        let tag = self.send.frame_tag(payload);
-        self.send.seq += 1;
+        self.begin()?;
+        let frame = self.send.seal(payload)?;
         let io = self.limits.io_timeout_ms;
         let stream = &mut self.stream;
-        timed(io, async move {
-            stream
-                .write_all(&(payload.len() as u32).to_le_bytes())
-                .await?;
-            stream.write_all(payload).await?;
-            stream.write_all(&tag).await?;
-            Ok(())
-        })
-        .await
+        timed(io, async move { Ok(stream.write_all(&frame).await?) }).await?;
+        self.broken = false;
+        Ok(())
     }
 
     /// Receive one frame. `idle_ms` bounds the wait for its first byte (a server waits
     /// longer for the next request than a client for its response).
     pub async fn recv(&mut self, idle_ms: u64) -> Result<AlignedVec<16>, LinkError> {
-        let mut len = [0u8; 4];
+        self.begin()?;
+        let mut head = [0u8; LEN_BYTES];
         timed(idle_ms, async {
-            self.stream.read_exact(&mut len).await?;
+            self.stream.read_exact(&mut head).await?;
             Ok(())
         })
         .await?;
-        let len = u32::from_le_bytes(len) as usize;
+        let len = u32::from_le_bytes(head) as usize;
         if len > self.limits.frame_bytes_max {
             return Err(LinkError::TooLarge(len));
         }
-        let mut payload = AlignedVec::<16>::with_capacity(len);
-        payload.resize(len, 0);
-        let mut tag = [0u8; TAG_BYTES];
+        // Ciphertext and tag in one read; the tag is cut off after decryption, leaving
+        // the plaintext at the buffer's aligned start.
+        let mut buf = AlignedVec::<16>::with_capacity(len + TAG_BYTES);
+        buf.resize(len + TAG_BYTES, 0);
         let io = self.limits.io_timeout_ms;
         let stream = &mut self.stream;
         timed(io, async {
-            stream.read_exact(&mut payload).await?;
-            stream.read_exact(&mut tag).await?;
+            stream.read_exact(&mut buf).await?;
             Ok(())
         })
         .await?;
-        if tag != self.recv.frame_tag(&payload) {
-            return Err(LinkError::BadFrame);
-        }
-        self.recv.seq += 1;
-        Ok(payload)
+        let (body, tag) = buf.as_mut_slice().split_at_mut(len);
+        let tag: [u8; TAG_BYTES] = (&*tag).try_into().expect("TAG_BYTES");
+        self.recv.open(&head, body, &tag)?;
+        buf.resize(len, 0);
+        self.broken = false;
+        Ok(buf)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
     use tokio::net::TcpListener;
 
     const LIMITS: LinkLimits = LinkLimits {
@@ -315,20 +430,67 @@ mod tests {
         (server.await.unwrap(), client)
     }
 
-    #[tokio::test]
-    async fn frames_flow_both_ways_with_the_right_key() {
+    /// A connected (server, client) pair under one key.
+    async fn linked() -> (Link, Link) {
         let k = ClusterKey::from_file_bytes(b"secret\n");
         let (s, c) = pair(k.clone(), k).await;
-        let (mut s, mut c) = (s.unwrap(), c.unwrap());
+        (s.unwrap(), c.unwrap())
+    }
+
+    /// `server` rejects what `c` wrote as a bad frame, then stays closed: the valid frame
+    /// that follows is refused too.
+    async fn rejected_then_closed(server: &mut Link, c: &mut Link) {
+        assert!(matches!(server.recv(2000).await, Err(LinkError::BadFrame)));
+        c.send(b"valid after the bad one").await.unwrap();
+        assert!(matches!(server.recv(2000).await, Err(LinkError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn frames_flow_both_ways_with_the_right_key() {
+        let (mut s, mut c) = linked().await;
         assert_eq!((s.peer_id, c.peer_id), (2, 1));
         c.send(b"hello").await.unwrap();
         assert_eq!(&s.recv(1000).await.unwrap()[..], b"hello");
-        s.send(&[7u8; 70_000]).await.unwrap();
-        assert_eq!(c.recv(1000).await.unwrap().len(), 70_000);
+        let big: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        s.send(&big).await.unwrap();
+        let got = c.recv(1000).await.unwrap();
+        assert_eq!(&got[..], &big[..]);
+        assert_eq!(
+            got.as_ptr() as usize % 16,
+            0,
+            "payload 16-byte aligned for rkyv"
+        );
+        // Many frames, both ways, interleaved: the counters stay in step.
+        for i in 0..50u32 {
+            c.send(&i.to_le_bytes()).await.unwrap();
+            s.send(&(i + 1000).to_le_bytes()).await.unwrap();
+            assert_eq!(&s.recv(1000).await.unwrap()[..], &i.to_le_bytes());
+            assert_eq!(&c.recv(1000).await.unwrap()[..], &(i + 1000).to_le_bytes());
+        }
+        c.send(b"").await.unwrap();
+        assert!(s.recv(1000).await.unwrap().is_empty());
         assert!(
-            c.send(&vec![0u8; (1 << 20) + 1]).await.is_err(),
+            matches!(
+                c.send(&vec![0u8; (1 << 20) + 1]).await,
+                Err(LinkError::TooLarge(_))
+            ),
             "oversized frame"
         );
+        // Nothing was written for the refused frame: the link still works.
+        c.send(b"after").await.unwrap();
+        assert_eq!(&s.recv(1000).await.unwrap()[..], b"after");
+    }
+
+    #[tokio::test]
+    async fn an_oversized_length_is_refused_before_the_payload_is_read() {
+        let (mut s, mut c) = linked().await;
+        // Only the length goes out: a receiver that waited for the payload would time out.
+        c.stream
+            .write_all(&((1u32 << 20) + 1).to_le_bytes())
+            .await
+            .unwrap();
+        assert!(matches!(s.recv(2000).await, Err(LinkError::TooLarge(_))));
+        assert!(matches!(s.recv(2000).await, Err(LinkError::Closed)));
     }
 
     #[tokio::test]
@@ -343,22 +505,221 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_tampered_frame_is_rejected() {
+    async fn a_flipped_ciphertext_byte_is_rejected() {
+        let (mut s, mut c) = linked().await;
+        let mut frame = c.send.seal(b"good payload").unwrap();
+        frame[LEN_BYTES + 3] ^= 0x01;
+        c.stream.write_all(&frame).await.unwrap();
+        rejected_then_closed(&mut s, &mut c).await;
+    }
+
+    #[tokio::test]
+    async fn a_flipped_tag_byte_is_rejected() {
+        let (mut s, mut c) = linked().await;
+        let mut frame = c.send.seal(b"good payload").unwrap();
+        *frame.last_mut().unwrap() ^= 0x80;
+        c.stream.write_all(&frame).await.unwrap();
+        rejected_then_closed(&mut s, &mut c).await;
+    }
+
+    #[tokio::test]
+    async fn a_changed_length_prefix_is_rejected() {
+        let (mut s, mut c) = linked().await;
+        // One byte shorter: the receiver takes the payload's last byte as the tag's first.
+        let mut frame = c.send.seal(b"good payload").unwrap();
+        frame[..LEN_BYTES].copy_from_slice(&11u32.to_le_bytes());
+        c.stream.write_all(&frame).await.unwrap();
+        rejected_then_closed(&mut s, &mut c).await;
+        // One byte longer (the receiver gets a byte more): the length is authenticated
+        // as associated data, not only the bytes it delimits.
+        let (mut s, mut c) = linked().await;
+        let mut frame = c.send.seal(b"good payload").unwrap();
+        frame[..LEN_BYTES].copy_from_slice(&13u32.to_le_bytes());
+        frame.push(0);
+        c.stream.write_all(&frame).await.unwrap();
+        rejected_then_closed(&mut s, &mut c).await;
+    }
+
+    #[tokio::test]
+    async fn a_replayed_frame_is_rejected() {
+        let (mut s, mut c) = linked().await;
+        let frame = c.send.seal(b"pay me once").unwrap();
+        c.stream.write_all(&frame).await.unwrap();
+        assert_eq!(&s.recv(2000).await.unwrap()[..], b"pay me once");
+        c.stream.write_all(&frame).await.unwrap();
+        rejected_then_closed(&mut s, &mut c).await;
+    }
+
+    #[tokio::test]
+    async fn a_reordered_or_dropped_frame_is_rejected() {
+        let (mut s, mut c) = linked().await;
+        let first = c.send.seal(b"first").unwrap();
+        let second = c.send.seal(b"second").unwrap();
+        c.stream.write_all(&second).await.unwrap();
+        c.stream.write_all(&first).await.unwrap();
+        rejected_then_closed(&mut s, &mut c).await;
+    }
+
+    #[tokio::test]
+    async fn a_frame_from_another_connection_is_rejected() {
+        // Same key, same node ids, same direction and counter: only the nonces differ.
+        let (mut s1, mut c1) = linked().await;
+        let (_s2, mut c2) = linked().await;
+        let foreign = c2.send.seal(b"meant for link 2").unwrap();
+        c1.stream.write_all(&foreign).await.unwrap();
+        rejected_then_closed(&mut s1, &mut c1).await;
+    }
+
+    #[tokio::test]
+    async fn a_frame_reflected_back_to_its_sender_is_rejected() {
+        let (mut s, mut c) = linked().await;
+        // The server's own first frame, sent back to it as the client's first frame.
+        let frame = s.send.seal(b"echo").unwrap();
+        c.stream.write_all(&frame).await.unwrap();
+        rejected_then_closed(&mut s, &mut c).await;
+    }
+
+    #[tokio::test]
+    async fn a_truncated_frame_fails_and_closes_the_link() {
+        let (mut s, mut c) = linked().await;
+        let frame = c.send.seal(b"cut short").unwrap();
+        c.stream.write_all(&frame[..frame.len() - 1]).await.unwrap();
+        drop(c);
+        assert!(matches!(s.recv(2000).await, Err(LinkError::Io(_))));
+        assert!(matches!(s.recv(2000).await, Err(LinkError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn an_unencrypted_v1_peer_is_refused_with_a_clear_error() {
         let k = ClusterKey::from_file_bytes(b"k");
+        // A v1 client reaching this server.
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let k2 = k.clone();
         let server = tokio::spawn(async move {
             let (s, _) = l.accept().await.unwrap();
-            let mut link = Link::accept(s, &k2, 1, LIMITS).await.unwrap();
-            link.recv(2000).await
+            Link::accept(s, &k2, 1, LIMITS).await
         });
-        let mut c = Link::connect(addr, None, &k, 2, LIMITS).await.unwrap();
-        // Write a frame whose tag belongs to other bytes.
-        let tag = c.send.frame_tag(b"good");
-        c.stream.write_all(&4u32.to_le_bytes()).await.unwrap();
-        c.stream.write_all(b"evil").await.unwrap();
-        c.stream.write_all(&tag).await.unwrap();
-        assert!(matches!(server.await.unwrap(), Err(LinkError::BadFrame)));
+        let mut old = TcpStream::connect(addr).await.unwrap();
+        let mut hello = b"SEGURO01".to_vec();
+        hello.extend_from_slice(&2u64.to_le_bytes());
+        hello.extend_from_slice(&[9u8; 32]);
+        old.write_all(&hello).await.unwrap();
+        let err = server.await.unwrap().err().expect("v1 client refused");
+        assert!(matches!(err, LinkError::Version { .. }), "{err}");
+        let msg = err.to_string();
+        assert!(
+            msg.contains("SEGURO01") && msg.contains("same seguro-fs release"),
+            "{msg}"
+        );
+        // This client reaching a v1 server, which closes on the unknown MAGIC.
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let old_server = tokio::spawn(async move {
+            let (mut s, _) = l.accept().await.unwrap();
+            let mut hello = [0u8; 48];
+            s.read_exact(&mut hello).await.unwrap();
+            assert_eq!(&hello[..8], MAGIC);
+        });
+        let err = Link::connect(addr, None, &k, 2, LIMITS)
+            .await
+            .err()
+            .unwrap();
+        old_server.await.unwrap();
+        assert!(matches!(err, LinkError::HandshakeClosed), "{err}");
+        assert!(err.to_string().contains("SEGURO01"), "{err}");
+    }
+
+    /// Forward one connection from a listener to `to`, recording every byte both ways.
+    async fn tap(l: TcpListener, to: SocketAddr, seen: Arc<Mutex<Vec<u8>>>) {
+        let (a, _) = l.accept().await.unwrap();
+        let b = TcpStream::connect(to).await.unwrap();
+        let (ar, aw) = a.into_split();
+        let (br, bw) = b.into_split();
+        async fn pump(
+            mut r: tokio::net::tcp::OwnedReadHalf,
+            mut w: tokio::net::tcp::OwnedWriteHalf,
+            seen: Arc<Mutex<Vec<u8>>>,
+        ) {
+            let mut buf = vec![0u8; 64 << 10];
+            // Ends at EOF or error; every read moves at least one byte.
+            while let Ok(n @ 1..) = r.read(&mut buf).await {
+                seen.lock().unwrap().extend_from_slice(&buf[..n]);
+                if w.write_all(&buf[..n]).await.is_err() {
+                    break;
+                }
+            }
+            let _ = w.shutdown().await;
+        }
+        tokio::join!(pump(ar, bw, seen.clone()), pump(br, aw, seen));
+    }
+
+    #[tokio::test]
+    async fn the_wire_carries_no_plaintext() {
+        let k = ClusterKey::from_file_bytes(b"secret");
+        let server_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server_addr = server_l.local_addr().unwrap();
+        let tap_l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tap_addr = tap_l.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let tapping = tokio::spawn(tap(tap_l, server_addr, seen.clone()));
+        // 1 KiB that cannot be mistaken for noise.
+        let pattern: Vec<u8> = b"SEGURO-PLAINTEXT-MARKER-"
+            .iter()
+            .copied()
+            .cycle()
+            .take(1024)
+            .collect();
+        let k2 = k.clone();
+        let p2 = pattern.clone();
+        let server = tokio::spawn(async move {
+            let (s, _) = server_l.accept().await.unwrap();
+            let mut link = Link::accept(s, &k2, 1, LIMITS).await.unwrap();
+            assert_eq!(&link.recv(2000).await.unwrap()[..], &p2[..]);
+            link.send(&p2).await.unwrap();
+        });
+        let mut c = Link::connect(tap_addr, None, &k, 2, LIMITS).await.unwrap();
+        c.send(&pattern).await.unwrap();
+        assert_eq!(&c.recv(2000).await.unwrap()[..], &pattern[..]);
+        server.await.unwrap();
+        drop(c);
+        tapping.await.unwrap();
+        let seen = seen.lock().unwrap();
+        // Handshakes and both frames went through the tap.
+        assert!(seen.len() >= 2 * (1024 + LEN_BYTES + TAG_BYTES) + 48 + 80 + 32);
+        // Not the pattern, nor any 24-byte piece of it (one period of the marker).
+        for piece in pattern.windows(24).take(24) {
+            assert!(
+                !seen.windows(piece.len()).any(|w| w == piece),
+                "plaintext on the wire"
+            );
+        }
+    }
+
+    /// Round-trips 1 MiB frames through seal and open (no socket) and prints the rate;
+    /// asserts only correctness, never time (docs/TUNING.md quotes a run).
+    #[test]
+    fn a_1_mib_frame_seals_and_opens() {
+        let k = ClusterKey::from_file_bytes(b"bench");
+        let (nc, ns, ids) = ([1u8; 32], [2u8; 32], [0u8; 16]);
+        let mut tx = Direction::new(&k, b"c2s", &nc, &ns, &ids);
+        let mut rx = Direction::new(&k, b"c2s", &nc, &ns, &ids);
+        let payload: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7) as u8).collect();
+        let rounds = 32;
+        let start = std::time::Instant::now();
+        for _ in 0..rounds {
+            let mut frame = tx.seal(&payload).unwrap();
+            assert_ne!(&frame[LEN_BYTES..LEN_BYTES + 64], &payload[..64]);
+            let head: [u8; LEN_BYTES] = frame[..LEN_BYTES].try_into().unwrap();
+            let (body, tag) = frame[LEN_BYTES..].split_at_mut(payload.len());
+            let tag: [u8; TAG_BYTES] = (&*tag).try_into().unwrap();
+            rx.open(&head, body, &tag).unwrap();
+            assert!(body == &payload[..]);
+        }
+        let secs = start.elapsed().as_secs_f64();
+        eprintln!(
+            "seal+open of {rounds} x 1 MiB frames: {:.0} MiB/s",
+            rounds as f64 / secs
+        );
     }
 }
