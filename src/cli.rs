@@ -45,6 +45,9 @@ pub enum Command {
     /// Copy the committed tree of a running member into a new directory (a usable
     /// .urb/log), verified with blake3.
     Restore(RestoreArgs),
+    /// After the cluster key file was replaced: make the stopped node's data dir accept
+    /// the new key, keeping its log and tree (run on every member, all stopped).
+    Rekey(RekeyArgs),
     /// Write man pages and shell completions (used by packaging/build).
     #[command(hide = true)]
     GenerateAssets(crate::assets::GenerateAssetsArgs),
@@ -131,6 +134,15 @@ pub struct RestoreArgs {
     pub cluster_key_file: PathBuf,
     /// A directory that does not exist yet or is empty.
     pub dest: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct RekeyArgs {
+    /// The data dir of a stopped node.
+    pub data_dir: PathBuf,
+    /// The cluster's new key file.
+    #[arg(long)]
+    pub cluster_key_file: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -3,7 +3,7 @@
 //! ```text
 //! DATA_DIR/
 //!   identity      format version, node id, cluster label; refuses a dir made for another
-//!                 node or cluster
+//!                 node or cluster (`rekey` rewrites the label when the cluster key changes)
 //!   lock          flock'd while a daemon owns the dir
 //!   raft/         log segments, vote, committed (log_store.rs)
 //!   applied       the applied-index checkpoint (checkpoint.rs)
@@ -50,8 +50,23 @@ pub enum DataDirError {
         found: String,
         expected: String,
     },
+    #[error(
+        "data dir {path} was made with another cluster key ({found}, this key is \
+         {expected}); if the cluster's key was replaced, stop every member and run \
+         `seguro-fs rekey {path} --cluster-key-file NEW_KEY` on each (docs/OPERATIONS.md, \
+         \"Rotating the cluster key\"); otherwise use the key file of this data dir's cluster"
+    )]
+    OtherKey {
+        path: PathBuf,
+        found: String,
+        expected: String,
+    },
     #[error("data dir {path} is not a seguro-fs data dir (it is non-empty and has no identity file); choose an empty or new directory")]
     NotOurs { path: PathBuf },
+    #[error("data dir {path} has no identity file: it is not a seguro-fs data dir")]
+    NoIdentity { path: PathBuf },
+    #[error("data dir {path} belongs to a standalone node, which has no cluster key to replace")]
+    Standalone { path: PathBuf },
 }
 
 /// An opened, locked data dir. Dropping it releases the lock.
@@ -79,6 +94,44 @@ pub fn in_use(root: &Path) -> bool {
     unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
 }
 
+/// The identity file's contents for `node_id` of `cluster`.
+fn identity(node_id: u64, cluster: &str) -> String {
+    format!("{FORMAT}\nnode_id={node_id}\ncluster={cluster}\n")
+}
+
+/// The cluster label an identity file records ("" if none).
+fn found_cluster(identity: &str) -> String {
+    identity
+        .lines()
+        .find_map(|l| l.strip_prefix("cluster="))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Create and flock `root/lock` (non-blocking), recording our pid in it.
+fn lock(root: &Path) -> Result<File, DataDirError> {
+    let lock_path = root.join("lock");
+    let mut lock = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_err(&lock_path))?;
+    // SAFETY: flock on an fd we own.
+    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let pid = fs::read_to_string(&lock_path).unwrap_or_default();
+        return Err(DataDirError::InUse {
+            path: root.to_path_buf(),
+            pid: pid.trim().to_string(),
+        });
+    }
+    lock.set_len(0).map_err(io_err(&lock_path))?;
+    write!(lock, "{}", std::process::id()).map_err(io_err(&lock_path))?;
+    Ok(lock)
+}
+
 impl DataDir {
     /// Open (creating if needed) and lock `root` for node `node_id` of `cluster` (a label
     /// that identifies the cluster without revealing its key).
@@ -95,28 +148,25 @@ impl DataDir {
                 return Err(DataDirError::NotOurs { path: root });
             }
         }
-        let mut lock = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&lock_path)
-            .map_err(io_err(&lock_path))?;
-        // SAFETY: flock on an fd we own.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let pid = fs::read_to_string(&lock_path).unwrap_or_default();
-            return Err(DataDirError::InUse {
-                path: root,
-                pid: pid.trim().to_string(),
-            });
-        }
-        lock.set_len(0).map_err(io_err(&lock_path))?;
-        write!(lock, "{}", std::process::id()).map_err(io_err(&lock_path))?;
-
-        let expected = format!("{FORMAT}\nnode_id={node_id}\ncluster={cluster}\n");
+        let lock = lock(&root)?;
+        let expected = identity(node_id, cluster);
         match fs::read_to_string(&identity_path) {
             Ok(found) if found == expected => {}
+            Ok(found) if found == identity(node_id, &found_cluster(&found)) => {
+                let found = found_cluster(&found);
+                if found.starts_with("key-") && cluster.starts_with("key-") {
+                    return Err(DataDirError::OtherKey {
+                        path: root,
+                        found,
+                        expected: cluster.to_string(),
+                    });
+                }
+                return Err(DataDirError::Foreign {
+                    path: root,
+                    found: format!("cluster={found}"),
+                    expected: format!("cluster={cluster}"),
+                });
+            }
             Ok(found) => {
                 return Err(DataDirError::Foreign {
                     path: root,
@@ -136,6 +186,44 @@ impl DataDir {
             Err(e) => return Err(io_err(&identity_path)(e)),
         }
         Ok(DataDir { root, _lock: lock })
+    }
+
+    /// Record that the cluster of the (stopped) data dir at `root` now uses the key whose
+    /// label is `cluster`, keeping its log and tree. Returns the label it replaced. The
+    /// Raft state does not depend on the key, only the links do, so this is all a key
+    /// rotation changes on disk.
+    pub fn rekey(root: &Path, cluster: &str) -> Result<String, DataDirError> {
+        let identity_path = root.join("identity");
+        let found = match fs::read_to_string(&identity_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(DataDirError::NoIdentity {
+                    path: root.to_path_buf(),
+                })
+            }
+            Err(e) => return Err(io_err(&identity_path)(e)),
+        };
+        let root = root.canonicalize().map_err(io_err(root))?;
+        // Held while the identity is rewritten: a running daemon keeps the old key.
+        let _lock = lock(&root)?;
+        let old = found_cluster(&found);
+        let node_id = found
+            .lines()
+            .find_map(|l| l.strip_prefix("node_id="))
+            .and_then(|id| id.parse::<u64>().ok());
+        let Some(node_id) = node_id.filter(|&id| found == identity(id, &old)) else {
+            return Err(DataDirError::NotOurs { path: root });
+        };
+        if !old.starts_with("key-") {
+            return Err(DataDirError::Standalone { path: root });
+        }
+        if old != cluster {
+            let identity_path = root.join("identity");
+            write_file_durably(&identity_path, identity(node_id, cluster).as_bytes())
+                .map_err(io_err(&identity_path))?;
+            fsync_dir(&root).map_err(io_err(&root))?;
+        }
+        Ok(old)
     }
 
     pub fn raft_dir(&self) -> PathBuf {
@@ -190,5 +278,61 @@ mod tests {
             DataDir::open(&other, 1, "standalone"),
             Err(DataDirError::NotOurs { .. })
         ));
+    }
+
+    #[test]
+    fn rekey_moves_a_stopped_dir_to_a_new_key_only() {
+        let t = TempDir::new("datadir-rekey");
+        let d = t.path().join("d");
+        fs::create_dir_all(&d).unwrap();
+        drop(DataDir::open(&d, 3, "key-aaaa").unwrap());
+        fs::write(d.join("tree/kept"), b"data").unwrap();
+        let e = DataDir::open(&d, 3, "key-bbbb").unwrap_err();
+        assert!(matches!(e, DataDirError::OtherKey { .. }), "{e}");
+        assert!(e.to_string().contains("seguro-fs rekey"), "{e}");
+        // Not while a daemon holds the dir.
+        let held = DataDir::open(&d, 3, "key-aaaa").unwrap();
+        assert!(matches!(
+            DataDir::rekey(&d, "key-bbbb"),
+            Err(DataDirError::InUse { .. })
+        ));
+        drop(held);
+        assert_eq!(DataDir::rekey(&d, "key-bbbb").unwrap(), "key-aaaa");
+        assert_eq!(DataDir::rekey(&d, "key-bbbb").unwrap(), "key-bbbb");
+        drop(DataDir::open(&d, 3, "key-bbbb").unwrap());
+        assert_eq!(fs::read(d.join("tree/kept")).unwrap(), b"data");
+        // The node id is kept: the dir still refuses another node.
+        assert!(matches!(
+            DataDir::open(&d, 2, "key-bbbb"),
+            Err(DataDirError::Foreign { .. })
+        ));
+        assert!(matches!(
+            DataDir::open(&d, 3, "key-aaaa"),
+            Err(DataDirError::OtherKey { .. })
+        ));
+        // A standalone dir, a dir without identity, a foreign identity: left alone.
+        let solo = t.path().join("solo");
+        drop(DataDir::open(&solo, 1, "standalone").unwrap());
+        assert!(matches!(
+            DataDir::rekey(&solo, "key-bbbb"),
+            Err(DataDirError::Standalone { .. })
+        ));
+        let empty = t.path().join("empty");
+        fs::create_dir_all(&empty).unwrap();
+        assert!(matches!(
+            DataDir::rekey(&empty, "key-bbbb"),
+            Err(DataDirError::NoIdentity { .. })
+        ));
+        let odd = t.path().join("odd");
+        fs::create_dir_all(&odd).unwrap();
+        fs::write(odd.join("identity"), "something else\ncluster=key-aaaa\n").unwrap();
+        assert!(matches!(
+            DataDir::rekey(&odd, "key-bbbb"),
+            Err(DataDirError::NotOurs { .. })
+        ));
+        assert_eq!(
+            fs::read_to_string(odd.join("identity")).unwrap(),
+            "something else\ncluster=key-aaaa\n"
+        );
     }
 }

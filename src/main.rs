@@ -95,12 +95,36 @@ fn main() {
         )
         .map(print),
         cli::Command::Restore(a) => restore::run(&a.from, &a.cluster_key_file, &a.dest).map(print),
+        cli::Command::Rekey(a) => rekey(&a),
         cli::Command::GenerateAssets(args) => assets::generate(&args.out).map(|_| ()),
     };
     if let Err(msg) = result {
         eprintln!("seguro-fs: error: {msg}");
         std::process::exit(1);
     }
+}
+
+/// `seguro-fs rekey`: point a stopped data dir at the cluster's new key.
+fn rekey(a: &cli::RekeyArgs) -> Result<(), String> {
+    let key = settings::read_key(&a.cluster_key_file).map_err(|p| match p {
+        settings::Problem::Key { path, why } => format!("--cluster-key-file {path}: {why}"),
+        other => format!("--cluster-key-file: {other:?}"),
+    })?;
+    let new = format!("key-{}", key.fingerprint());
+    let old = datadir::DataDir::rekey(&a.data_dir, &new).map_err(|e| e.to_string())?;
+    if old == new {
+        print(format!(
+            "data dir {}: already made for this key ({new}); nothing changed",
+            a.data_dir.display()
+        ));
+    } else {
+        print(format!(
+            "data dir {}: cluster key {old} replaced by {new}; start this node with the new \
+             key file once every member is rekeyed",
+            a.data_dir.display()
+        ));
+    }
+    Ok(())
 }
 
 /// `seguro-fs mount`: validate, then serve in the foreground, or fork a daemon and return

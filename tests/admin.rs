@@ -1,6 +1,6 @@
 //! The operator commands on real three- and four-process clusters: `members add|remove`,
 //! `learner add --until-index`, `transfer-leader`, `verify` (and that it catches a tampered
-//! byte) and `restore` into an empty directory.
+//! byte), `restore` into an empty directory, and `rekey` (rotating the cluster key).
 
 mod common;
 
@@ -450,4 +450,81 @@ fn verify_catches_a_tampered_byte_and_restore_copies_the_tree() {
     assert_ne!(victim_digest, honest[0], "the tampered replica differs");
     assert_eq!(honest[0], honest[1], "the untouched replicas still agree");
     assert_eq!(honest[0], digests[0], "and still hold the digest they had");
+}
+
+// -------------------------------------------------------------------------------------------
+// Rotating the cluster key
+// -------------------------------------------------------------------------------------------
+
+#[test]
+fn rekey_rotates_the_cluster_key_keeping_every_data_dir() {
+    let _serial = serial();
+    let mut c = Cluster::start(3, None, &[]);
+    let leader = c.wait_leader(ELECTION);
+    write_fsync(
+        &c.mountpoint(leader).join("before"),
+        b"written under the old key",
+    )
+    .unwrap();
+    let digest = c.wait_converged(CONVERGE);
+
+    phase("rekey refuses a running node's data dir");
+    let new_key = c.dir().join("new.key");
+    common::cluster::write_key_file(&new_key);
+    let new = new_key.display().to_string();
+    let o = seguro(&["rekey", &data(&c, 1), "--cluster-key-file", &new]);
+    assert!(!o.ok && o.stderr.contains("in use"), "{}", o.stderr);
+
+    phase("stop every member; with the new key file alone a data dir is refused");
+    for i in 1..=3 {
+        c.stop(i);
+        c.set_arg(i, "--cluster-key-file", &new);
+    }
+    let refused = c
+        .start_expecting_refusal(1, COMMAND)
+        .unwrap_or_else(|| c.fail("node 1 started on its old data dir with a new key"));
+    assert!(refused.contains("seguro-fs rekey"), "{refused}");
+
+    phase("rekey every data dir, start all: same log and tree, links under the new key");
+    for i in 1..=3 {
+        let o = seguro(&["rekey", &data(&c, i), "--cluster-key-file", &new]);
+        assert!(
+            o.ok && o.stdout.contains("replaced by key-"),
+            "{}",
+            o.stderr
+        );
+    }
+    for i in 1..=3 {
+        c.restart(i);
+    }
+    let leader = c.wait_leader(ELECTION);
+    assert_eq!(
+        c.wait_converged(CONVERGE),
+        digest,
+        "the trees survived the rotation"
+    );
+    assert_eq!(
+        fs::read(c.mountpoint(leader).join("before")).unwrap(),
+        b"written under the old key"
+    );
+    // An fsync that returns needs a follower's durable ack over a new-key link.
+    write_fsync(
+        &c.mountpoint(leader).join("after"),
+        b"written under the new key",
+    )
+    .unwrap_or_else(|e| c.fail(&format!("fsync under the new key: {e}")));
+    c.wait_converged(CONVERGE);
+
+    phase("the old key no longer opens a link");
+    let old = c.key_file.display().to_string();
+    let follower = (1..=3).find(|&i| i != leader).unwrap();
+    let o = seguro(&[
+        "restore",
+        "--from",
+        &c.peer_addr(follower),
+        "--cluster-key-file",
+        &old,
+        c.dir().join("restored-old").to_str().unwrap(),
+    ]);
+    assert!(!o.ok, "a link with the old key must be refused");
 }

@@ -494,6 +494,16 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_link_never_reuses_a_nonce() {
+        let (_s, mut c) = linked().await;
+        // The last counter value would be the first repeat after a wrap: refused, and
+        // the link with it.
+        c.send.seq = u64::MAX;
+        assert!(matches!(c.send(b"x").await, Err(LinkError::Exhausted)));
+        assert!(matches!(c.send(b"x").await, Err(LinkError::Closed)));
+    }
+
+    #[tokio::test]
     async fn a_wrong_key_is_refused_by_both_sides() {
         let (s, c) = pair(
             ClusterKey::from_file_bytes(b"right"),
