@@ -121,7 +121,11 @@ fn main() {
     // A segment's tail after a crash: pre-zeroed space after the last record.
     segment.extend_from_slice(&[0; 64]);
     write(&dir, "segment", &segment);
-    write(&dir, "membership_body", &record::membership_to_record(&membership()));
+    write(
+        &dir,
+        "membership_body",
+        &record::membership_to_record(&membership()),
+    );
 
     let dir = root.join("wire_frames");
     let vote = Vote::new_committed(2, 1);
@@ -131,12 +135,20 @@ fn main() {
         leader_commit: Some(log_id(2, 4)),
         entries: entries(),
     };
-    write(&dir, "req_append", &wire::encode_request(&wire::append_request(&append)));
+    write(
+        &dir,
+        "req_append",
+        &wire::encode_request(&wire::append_request(&append)),
+    );
     let v = VoteRequest {
         vote: Vote::new(3, 2),
         last_log_id: Some(log_id(2, 7)),
     };
-    write(&dir, "req_vote", &wire::encode_request(&wire::vote_request(&v)));
+    write(
+        &dir,
+        "req_vote",
+        &wire::encode_request(&wire::vote_request(&v)),
+    );
     let snap = InstallSnapshotRequest::<TypeConfig> {
         vote,
         meta: SnapshotMeta {
@@ -148,7 +160,11 @@ fn main() {
         data: vec![1, 2, 3, 4],
         done: false,
     };
-    write(&dir, "req_snapshot", &wire::encode_request(&wire::snapshot_request(&snap)));
+    write(
+        &dir,
+        "req_snapshot",
+        &wire::encode_request(&wire::snapshot_request(&snap)),
+    );
     let controls = [
         ControlRequest::Digest {
             index: 9,

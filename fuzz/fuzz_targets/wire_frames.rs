@@ -68,7 +68,10 @@ fn response(resp: Response) {
         assert_eq!(wire::to_vote_response(wire::vote_response(&v)), Ok(v));
     }
     if let Ok(s) = wire::to_snapshot_response(resp.clone()) {
-        assert_eq!(wire::to_snapshot_response(wire::snapshot_response(&s)), Ok(s));
+        assert_eq!(
+            wire::to_snapshot_response(wire::snapshot_response(&s)),
+            Ok(s)
+        );
     }
     let _ = wire::to_control_response(resp);
 }
