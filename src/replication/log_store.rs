@@ -180,6 +180,9 @@ fn decode_log_id(s: &str) -> Option<LogId<u64>> {
     }
 }
 
+/// No record body is larger: entries are at most `entry_bytes_max` (≤ 16 MiB) plus framing.
+const RECORD_BODY_BYTES_MAX: u64 = 64 << 20;
+
 fn read_record(
     file: &File,
     offset: u64,
@@ -193,6 +196,13 @@ fn read_record(
     let Some(h) = record::decode_header(&hb) else {
         return Ok(None);
     };
+    // The checksum covers the body, so a damaged length field is only caught after the
+    // body is read: bound what it can make us allocate (found by reading, while fuzzing).
+    if u64::from(h.body_bytes) > RECORD_BODY_BYTES_MAX
+        || offset + (HEADER_BYTES as u64) + u64::from(h.body_bytes) > file.metadata()?.len()
+    {
+        return Ok(None);
+    }
     let mut body = AlignedVec::<16>::with_capacity(h.body_bytes as usize);
     body.resize(h.body_bytes as usize, 0);
     match file.read_exact_at(&mut body, offset + HEADER_BYTES as u64) {
@@ -615,6 +625,38 @@ mod tests {
             segment_bytes_max: 1000,
             origin: 1,
             fault_sync_file: None,
+        }
+    }
+
+    #[test]
+    fn a_damaged_length_field_allocates_nothing_large() {
+        fn hwm_kib() -> u64 {
+            let s = fs::read_to_string("/proc/self/status").unwrap();
+            let line = s.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        }
+        let t = TempDir::new("log-length");
+        let p = t.path().join("seg");
+        let mut hb = [0u8; HEADER_BYTES];
+        hb[..4].copy_from_slice(b"SEG1");
+        // Past the cap (4 GiB claimed), and under it but past the file's end.
+        for claimed in [u32::MAX, (RECORD_BODY_BYTES_MAX as u32) - 1] {
+            hb[4..8].copy_from_slice(&claimed.to_le_bytes());
+            fs::write(&p, [&hb[..], &[0u8; 4096][..]].concat()).unwrap();
+            assert!(
+                record::decode_header(&hb).is_some(),
+                "the header itself parses"
+            );
+            let before = hwm_kib();
+            let f = File::open(&p).unwrap();
+            assert!(read_record(&f, 0).unwrap().is_none(), "claimed {claimed}");
+            // Zero-filling a 4 GiB body would raise the peak by gigabytes; other tests in
+            // this process may add some megabytes.
+            let grown = hwm_kib().saturating_sub(before);
+            assert!(
+                grown < 256 << 10,
+                "claimed {claimed} bytes: peak grew {grown} KiB"
+            );
         }
     }
 
