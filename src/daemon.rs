@@ -250,6 +250,7 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
     ))?;
     let role = Arc::new(Role::default());
     let control = Arc::new(Control {
+        transfer: tokio::sync::Mutex::new(()),
         raft: node.raft.clone(),
         elections: node.elections.clone(),
         role: role.clone(),

@@ -353,7 +353,8 @@ fn isolated_leader_is_fenced_and_rejoins() {
     let cut_at = Instant::now();
 
     // Bytes written after the cut can never be acknowledged.
-    match probe.write_all_at(b"fenced", 4096) {
+    let wrote_fenced = probe.write_all_at(b"fenced", 4096);
+    match &wrote_fenced {
         Ok(()) => {
             let t = Instant::now();
             let r = probe.sync_data();
@@ -370,7 +371,7 @@ fn isolated_leader_is_fenced_and_rejoins() {
         }
         Err(e) => {
             assert!(
-                [libc::EIO, libc::EROFS].contains(&errno(&e)),
+                [libc::EIO, libc::EROFS].contains(&errno(e)),
                 "write on the isolated leader: {e}"
             );
             eprintln!("--- write on the isolated leader refused at once: {e}");
@@ -406,7 +407,6 @@ fn isolated_leader_is_fenced_and_rejoins() {
     }
     write_fsync(&c.mountpoint(new).join("majority"), b"acknowledged\n")
         .unwrap_or_else(|e| c.fail(&format!("fsync on the new leader {new}: {e}")));
-    drop(probe);
 
     c.heal();
     c.wait_for(
@@ -417,6 +417,15 @@ fn isolated_leader_is_fenced_and_rejoins() {
                 .filter(|s| s.role == "follower" && s.leader_id == Some(new as u64))
         },
     );
+    if wrote_fenced.is_ok() {
+        // Asked again once it follows, the deposed node still refuses: its own log held
+        // those bytes (flushed locally while cut off), but no other voter ever did.
+        let e = probe
+            .sync_data()
+            .expect_err("fsync of bytes written while fenced, asked after the heal");
+        assert_eq!(errno(&e), libc::EIO, "{e}");
+    }
+    drop(probe);
     c.wait_converged(CONVERGE);
     // Nothing the fenced node accepted after the cut survived; everything acknowledged did.
     let probe_now = fs::read(c.data_dir(old).join("tree/probe")).unwrap();

@@ -95,6 +95,9 @@ pub struct Fs {
     metrics: Metrics,
     my_id: u64,
     acks: u64,
+    /// Every batch up to this seq is durable on this node and `acks` others: an fsync
+    /// proved it (the only thing a node that stopped leading may still answer 0 for).
+    acked_seq: AtomicU64,
     /// Where durability waits are counted and timed.
     registry: Arc<Registry>,
     /// Invalidations go to the kernel from their own thread (see `Invalidator`).
@@ -197,6 +200,7 @@ impl Fs {
             metrics: p.metrics,
             my_id: p.my_id,
             acks: p.acks,
+            acked_seq: AtomicU64::new(0),
             registry: p.registry,
             invalidator: Invalidator::default(),
         })
@@ -394,12 +398,18 @@ impl Fs {
             p.seal();
             p.last_seq()
         };
+        if self.role.transferring() {
+            // Leadership is being handed over: batches accepted before are still being
+            // proposed and flushed, but their acknowledgements are not awaited here, so
+            // nothing may be acknowledged (vere should be stopped before a transfer).
+            return FsyncOutcome::NotLeader;
+        }
         if !self.role.writable() {
-            // Nothing was accepted here since leadership was lost (the pending queue was
-            // dropped then); an fsync that covers nothing unflushed succeeds, anything else
-            // was never acknowledged and fails.
+            // Nothing can be acknowledged here any more. An fsync that covers only what an
+            // earlier fsync already acknowledged succeeds; anything else fails, even if
+            // this node's log holds it: flushed here is not acknowledged by K others.
             let flushed = self.flush_rx.borrow();
-            return if target <= flushed.flushed_seq {
+            return if target <= self.acked_seq.load(Ordering::Acquire) {
                 FsyncOutcome::Ok
             } else if flushed.failed {
                 // A failed log fdatasync is what cost the leadership.
@@ -414,7 +424,7 @@ impl Fs {
         let timeout = self.ack_timeout();
         let role = &self.role;
         let deposed = || role.generation() != generation;
-        self.rt.block_on(async {
+        let outcome = self.rt.block_on(async {
             tokio::time::timeout(timeout, async {
                 // 1. The local log holds every batch up to `target` (fdatasync'd).
                 let index = loop {
@@ -476,7 +486,11 @@ impl Fs {
             })
             .await
             .unwrap_or(FsyncOutcome::Timeout)
-        })
+        });
+        if outcome == FsyncOutcome::Ok {
+            self.acked_seq.fetch_max(target, Ordering::AcqRel);
+        }
+        outcome
     }
 
     /// Block while the overlay holds more than `inflight_bytes_max` (backpressure).

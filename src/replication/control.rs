@@ -237,7 +237,12 @@ impl ControlServer {
                     .seek(std::io::SeekFrom::End(0))
                     .await
                     .map_err(|e| e.to_string())?;
-                let index = snap.meta.last_log_id.map_or(0, |l| l.index);
+                let applied = snap.meta.last_log_id.map_or(0, |l| l.index);
+                // An export's tree is the state at its frozen index, not at the applied one.
+                let index = self
+                    .state_machine
+                    .export_until()
+                    .map_or(applied, |until| until.min(applied));
                 *image = Some(OpenImage { file, len });
                 Ok(ControlResponse::Image { index, len })
             }
@@ -264,6 +269,9 @@ impl ControlServer {
 
 /// The leader-side admin operations of a running node.
 pub struct Control {
+    /// Held by a leadership transfer: a second one at the same time would undo the
+    /// first one's switches when it ends.
+    pub transfer: tokio::sync::Mutex<()>,
     pub raft: Raft<TypeConfig>,
     pub elections: Elections,
     pub role: Arc<Role>,
@@ -323,6 +331,19 @@ impl Control {
         self.raft.metrics().borrow().clone()
     }
 
+    /// A membership change commits once a majority holds it; without one, give up after
+    /// `ack_timeout_ms` rather than leave the admin command waiting.
+    async fn bounded<T>(&self, f: impl std::future::Future<Output = T>) -> Result<T, String> {
+        tokio::time::timeout(Duration::from_millis(self.limits.ack_timeout_ms), f)
+            .await
+            .map_err(|_| {
+                format!(
+                    "the change was not committed within {} ms: is a majority of voters up?",
+                    self.limits.ack_timeout_ms
+                )
+            })
+    }
+
     /// Fail unless this node leads, naming the leader to ask instead.
     fn ensure_leader(&self) -> Result<openraft::RaftMetrics<u64, BasicNode>, String> {
         let m = self.metrics();
@@ -359,11 +380,12 @@ impl Control {
         if Self::voters(&m).contains(&id) {
             return Err(format!("node {id} is already a voter"));
         }
-        if m.membership_config.membership().get_node(&id).is_some() {
+        if let Some(known) = m.membership_config.membership().get_node(&id) {
             // Promoting a learner: an export's tree is frozen, it must never vote or lead.
+            // Ask it where the cluster reaches it, whatever address was typed.
             let desc = call(
                 &self.net,
-                addr,
+                &known.addr,
                 ControlRequest::Describe,
                 self.limits.peer_io_timeout_ms,
             )
@@ -394,9 +416,11 @@ impl Control {
             Ok(Ok(_)) => {}
         }
         let r = self
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false)
-            .await
+            .bounded(
+                self.raft
+                    .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false),
+            )
+            .await?
             .map_err(|e| format!("making node {id} a voter: {e}"))?;
         Ok(format!(
             "{{\"added\":{id},\"index\":{},\"voters\":{}}}",
@@ -438,9 +462,8 @@ impl Control {
             return Err(format!("node {id} is not a member"));
         };
         let r = self
-            .raft
-            .change_membership(change, false)
-            .await
+            .bounded(self.raft.change_membership(change, false))
+            .await?
             .map_err(|e| format!("removing node {id}: {e}"))?;
         Ok(format!("{{\"removed\":{id},\"index\":{}}}", r.log_id.index))
     }
@@ -478,9 +501,8 @@ impl Control {
             .map_err(|e| format!("making node {id} an export: {e}"))?;
         }
         let r = self
-            .raft
-            .add_learner(id, BasicNode::new(addr), false)
-            .await
+            .bounded(self.raft.add_learner(id, BasicNode::new(addr), false))
+            .await?
             .map_err(|e| format!("adding learner {id}: {e}"))?;
         Ok(format!(
             "{{\"learner\":{id},\"index\":{},\"until_index\":{}}}",
@@ -515,6 +537,10 @@ impl Control {
             .get_node(&to)
             .map(|n| n.addr.clone())
             .ok_or_else(|| format!("node {to} has no address"))?;
+        let _one = self
+            .transfer
+            .try_lock()
+            .map_err(|_| "another leadership transfer is under way".to_string())?;
         let l = &self.limits;
         // The old leader's lease on the followers is the longest election timeout.
         let lease_ms = super::election_timeout_max_ms(l);
@@ -529,17 +555,18 @@ impl Control {
         let result = async {
             // The target must hold everything this leader has before it campaigns, or
             // the voters would refuse it (and acknowledged writes could be at risk).
-            let last = self.metrics().last_log_index.unwrap_or(0);
+            // Against the live last index: batches accepted before the pause are still
+            // being proposed.
             let mut metrics = self.raft.metrics();
             let caught_up = tokio::time::timeout(
                 Duration::from_millis(timeout_ms),
-                metrics.wait_for(|m| matched(m, to) >= last),
+                metrics.wait_for(|m| matched(m, to) >= m.last_log_index.unwrap_or(0)),
             )
             .await
             .is_ok_and(|r| r.is_ok());
             if !caught_up {
                 return Err(format!(
-                    "node {to} did not catch up to index {last} within {timeout_ms} ms"
+                    "node {to} did not catch up with this leader's log within {timeout_ms} ms"
                 ));
             }
             for other in others.iter().filter(|o| **o != to) {

@@ -14,7 +14,7 @@
 //! node is not an export.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use openraft::Raft;
@@ -28,6 +28,9 @@ pub struct Elections {
 }
 
 struct Inner {
+    /// Each decision and its `elect()` call happen under this lock, so a release cannot
+    /// read "no pause" just before a pause begins and switch elections back on after it.
+    gate: Mutex<()>,
     epoch: Instant,
     /// Deadline of the latest hold, in ms since `epoch`.
     hold_until_ms: AtomicU64,
@@ -43,8 +46,9 @@ pub struct Pause(Elections);
 
 impl Drop for Pause {
     fn drop(&mut self) {
-        self.0.inner.paused.fetch_sub(1, Ordering::AcqRel);
+        // The grace hold starts before the pause ends, so no release sees neither.
         self.0.hold(self.0.inner.grace_ms);
+        self.0.inner.paused.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -53,6 +57,7 @@ impl Elections {
         Elections {
             raft,
             inner: Arc::new(Inner {
+                gate: Mutex::new(()),
                 epoch: Instant::now(),
                 hold_until_ms: AtomicU64::new(0),
                 paused: AtomicUsize::new(0),
@@ -68,15 +73,19 @@ impl Elections {
 
     /// Never campaign again (an export learner).
     pub fn forbid(&self) {
+        let _g = self.gate();
         self.inner.forbidden.store(true, Ordering::Release);
         self.raft.runtime_config().elect(false);
     }
 
     /// No election for `ms` from now (later holds extend earlier ones).
     pub fn hold(&self, ms: u64) {
-        let until = self.now_ms() + ms;
-        self.inner.hold_until_ms.fetch_max(until, Ordering::AcqRel);
-        self.raft.runtime_config().elect(false);
+        {
+            let _g = self.gate();
+            let until = self.now_ms() + ms;
+            self.inner.hold_until_ms.fetch_max(until, Ordering::AcqRel);
+            self.raft.runtime_config().elect(false);
+        }
         let this = self.clone();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -86,12 +95,18 @@ impl Elections {
 
     /// No election until the returned guard is dropped, then for the grace period.
     pub fn pause(&self) -> Pause {
+        let _g = self.gate();
         self.inner.paused.fetch_add(1, Ordering::AcqRel);
         self.raft.runtime_config().elect(false);
         Pause(self.clone())
     }
 
+    fn gate(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner.gate.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn release_if_due(&self) {
+        let _g = self.gate();
         let i = &self.inner;
         if i.paused.load(Ordering::Acquire) == 0
             && self.now_ms() >= i.hold_until_ms.load(Ordering::Acquire)

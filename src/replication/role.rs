@@ -36,6 +36,10 @@ impl Role {
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
 
+    pub fn transferring(&self) -> bool {
+        self.transferring.load(Ordering::Acquire)
+    }
+
     /// The transfer is over (done or abandoned): if this node still leads, it is
     /// writable again.
     pub fn end_transfer(&self) {

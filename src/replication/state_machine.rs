@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -79,11 +79,27 @@ struct Inner {
     snapshot: Option<Checkpoint>,
     overlay: Option<OverlayLink>,
     applied_tx: watch::Sender<u64>,
+    shared: Arc<Shared>,
+}
+
+/// What admin and peer requests read without the state machine lock, which is held for
+/// whole tree walks (images, digests): a status call or a metrics scrape must never wait
+/// for one on a runtime thread.
+struct Shared {
+    /// An export learner's frozen index (`NO_EXPORT`: not an export): entries past it are
+    /// acknowledged to Raft but leave the tree alone, so the tree stays the state there.
+    export_until: AtomicU64,
     /// Tree digests recorded at digest barriers, newest last (at most `DIGESTS_KEPT`).
-    digests: VecDeque<(u64, [u8; 32])>,
-    /// An export learner's frozen index: entries past it are acknowledged to Raft but
-    /// leave the tree alone, so the tree stays exactly the state at this index.
-    export_until: Option<u64>,
+    digests: Mutex<VecDeque<(u64, [u8; 32])>>,
+    applied_rx: watch::Receiver<u64>,
+}
+
+const NO_EXPORT: u64 = u64::MAX;
+
+impl Shared {
+    fn export_until(&self) -> Option<u64> {
+        Some(self.export_until.load(Ordering::Acquire)).filter(|i| *i != NO_EXPORT)
+    }
 }
 
 /// Digest barriers remembered for `verify` (it asks right after proposing one).
@@ -141,7 +157,8 @@ impl Inner {
             }
             EntryPayload::Normal(_)
                 if self
-                    .export_until
+                    .shared
+                    .export_until()
                     .is_some_and(|until| entry.log_id.index > until) => {}
             EntryPayload::Normal(batch) => {
                 if batch.ops.iter().any(|op| op.is_namespace()) {
@@ -156,10 +173,11 @@ impl Inner {
                 for op in &batch.ops {
                     if matches!(op, Op::Digest) {
                         let d = snapshot::tree_digest(&self.tree_dir)?;
-                        if self.digests.len() == DIGESTS_KEPT {
-                            self.digests.pop_front();
+                        let mut digests = self.shared.digests.lock().expect("digests mutex");
+                        if digests.len() == DIGESTS_KEPT {
+                            digests.pop_front();
                         }
-                        self.digests.push_back((entry.log_id.index, d));
+                        digests.push_back((entry.log_id.index, d));
                         result.errnos.push(0);
                         continue;
                     }
@@ -188,6 +206,7 @@ impl Inner {
 #[derive(Clone)]
 pub struct StateMachine {
     inner: Arc<Mutex<Inner>>,
+    shared: Arc<Shared>,
     /// Set once Raft runs: a snapshot install pauses this node's elections.
     elections: Arc<OnceLock<Elections>>,
 }
@@ -210,9 +229,14 @@ impl StateMachine {
         let (applied_tx, applied_rx) = watch::channel(c.applied.map_or(0, |l| l.index));
         let snapshot = c.applied.map(|_| c.clone());
         let tree_dir = data_dir.join("tree");
-        let export_until = read_export(&data_dir)?;
+        let shared = Arc::new(Shared {
+            export_until: AtomicU64::new(read_export(&data_dir)?.unwrap_or(NO_EXPORT)),
+            digests: Mutex::default(),
+            applied_rx: applied_rx.clone(),
+        });
         Ok((
             StateMachine {
+                shared: shared.clone(),
                 elections: Arc::default(),
                 inner: Arc::new(Mutex::new(Inner {
                     tree: TreeApplier::new(tree_dir.clone(), open_files_max),
@@ -228,8 +252,7 @@ impl StateMachine {
                     snapshot,
                     overlay,
                     applied_tx,
-                    digests: VecDeque::new(),
-                    export_until,
+                    shared,
                 })),
             },
             applied_rx,
@@ -257,19 +280,22 @@ impl StateMachine {
 
     /// The applied index as it changes.
     pub fn applied_watch(&self) -> watch::Receiver<u64> {
-        self.lock().applied_tx.subscribe()
+        self.shared.applied_rx.clone()
     }
 
     /// The digest recorded at the barrier at `index`, if this member took one.
     pub fn digest_at(&self, index: u64) -> DigestAnswer {
-        let g = self.lock();
-        if let Some((_, d)) = g.digests.iter().find(|(i, _)| *i == index) {
-            return DigestAnswer::Recorded(*d);
+        let recorded = {
+            let digests = self.shared.digests.lock().expect("digests mutex");
+            digests.iter().find(|(i, _)| *i == index).map(|(_, d)| *d)
+        };
+        if let Some(d) = recorded {
+            return DigestAnswer::Recorded(d);
         }
-        if g.applied.map_or(0, |l| l.index) < index {
+        if *self.shared.applied_rx.borrow() < index {
             return DigestAnswer::Pending;
         }
-        DigestAnswer::Unknown(match g.export_until {
+        DigestAnswer::Unknown(match self.shared.export_until() {
             Some(until) if until < index => format!("an export frozen at index {until}"),
             _ => "no digest taken at that index here (it arrived in a snapshot, or too \
                   many barriers since)"
@@ -279,13 +305,13 @@ impl StateMachine {
 
     /// The index an export learner's tree is frozen at, if this is one.
     pub fn export_until(&self) -> Option<u64> {
-        self.lock().export_until
+        self.shared.export_until()
     }
 
     /// Make this member an export: its tree stops at `index`. Refused once the tree is
     /// past it. Durable before it returns, so a restart keeps the tree frozen.
     pub fn set_export_until(&self, index: u64) -> io::Result<()> {
-        let mut g = self.lock();
+        let g = self.lock();
         let applied = g.applied.map_or(0, |l| l.index);
         if applied > index {
             return Err(io::Error::other(format!(
@@ -300,7 +326,7 @@ impl StateMachine {
         crate::sync::fdatasync(&f)?;
         std::fs::rename(&tmp, &path)?;
         crate::sync::fsync_dir(&g.data_dir)?;
-        g.export_until = Some(index);
+        g.shared.export_until.store(index, Ordering::Release);
         tracing::info!(
             index,
             "this member is an export: its tree stops at this index"
@@ -494,7 +520,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         snapshot.sync_data().await.map_err(sm_err)?;
         drop(snapshot);
         let mut g = self.lock();
-        if let (Some(until), Some(last)) = (g.export_until, meta.last_log_id) {
+        if let (Some(until), Some(last)) = (g.shared.export_until(), meta.last_log_id) {
             if last.index > until {
                 // Installing would move the export past its index. Refusing stops this
                 // member's Raft: the export cannot be made from this cluster's log.
