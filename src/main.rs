@@ -106,10 +106,7 @@ fn main() {
 
 /// `seguro-fs rekey`: point a stopped data dir at the cluster's new key.
 fn rekey(a: &cli::RekeyArgs) -> Result<(), String> {
-    let key = settings::read_key(&a.cluster_key_file).map_err(|p| match p {
-        settings::Problem::Key { path, why } => format!("--cluster-key-file {path}: {why}"),
-        other => format!("--cluster-key-file: {other:?}"),
-    })?;
+    let key = settings::key_flag(&a.cluster_key_file)?;
     let new = format!("key-{}", key.fingerprint());
     let old = datadir::DataDir::rekey(&a.data_dir, &new).map_err(|e| e.to_string())?;
     if old == new {

@@ -308,6 +308,50 @@ fn seconds(ns: u64) -> f64 {
     ns as f64 / 1e9
 }
 
+/// The per-member counters, in the order they are rendered: (name, help, field).
+type PeerCounter = (&'static str, &'static str, fn(&PeerCounters) -> &AtomicU64);
+const PEER_COUNTERS: &[PeerCounter] = &[
+    (
+        "seguro_replication_sent_entries_total",
+        "Log entries sent to each member in AppendEntries it answered.",
+        |c| &c.sent_entries,
+    ),
+    (
+        "seguro_replication_sent_bytes_total",
+        "Bytes of log entries (record form) sent to each member in AppendEntries it answered.",
+        |c| &c.sent_entry_bytes,
+    ),
+    (
+        "seguro_replication_received_entries_total",
+        "Log entries received from each member in AppendEntries.",
+        |c| &c.received_entries,
+    ),
+    (
+        "seguro_replication_received_bytes_total",
+        "Bytes of log entries (record form) received from each member in AppendEntries.",
+        |c| &c.received_entry_bytes,
+    ),
+    (
+        "seguro_snapshot_sent_total",
+        "Tree snapshots sent completely to each member.",
+        |c| &c.snapshots_sent,
+    ),
+    (
+        "seguro_snapshot_sent_bytes_total",
+        "Bytes of tree snapshot chunks each member accepted.",
+        |c| &c.snapshot_sent_bytes,
+    ),
+    (
+        "seguro_snapshot_received_total",
+        "Tree snapshots received completely from each member (last chunk answered).",
+        |c| &c.snapshots_received,
+    ),
+    (
+        "seguro_snapshot_received_bytes_total",
+        "Bytes of tree snapshot chunks received from each member.",
+        |c| &c.snapshot_received_bytes,
+    ),
+];
 /// The whole `/metrics` body for this node's state `st` and counters `reg`.
 pub fn render(st: &Status, reg: &Registry) -> String {
     let mut o = Out(String::new());
@@ -410,54 +454,9 @@ pub fn render(st: &Status, reg: &Registry) -> String {
     }
 
     let peers = reg.peer_list();
-    o.per_peer(
-        "seguro_replication_sent_entries_total",
-        "Log entries sent to each member in AppendEntries it answered.",
-        &peers,
-        |c| &c.sent_entries,
-    );
-    o.per_peer(
-        "seguro_replication_sent_bytes_total",
-        "Bytes of log entries (record form) sent to each member in AppendEntries it answered.",
-        &peers,
-        |c| &c.sent_entry_bytes,
-    );
-    o.per_peer(
-        "seguro_replication_received_entries_total",
-        "Log entries received from each member in AppendEntries.",
-        &peers,
-        |c| &c.received_entries,
-    );
-    o.per_peer(
-        "seguro_replication_received_bytes_total",
-        "Bytes of log entries (record form) received from each member in AppendEntries.",
-        &peers,
-        |c| &c.received_entry_bytes,
-    );
-    o.per_peer(
-        "seguro_snapshot_sent_total",
-        "Tree snapshots sent completely to each member.",
-        &peers,
-        |c| &c.snapshots_sent,
-    );
-    o.per_peer(
-        "seguro_snapshot_sent_bytes_total",
-        "Bytes of tree snapshot chunks each member accepted.",
-        &peers,
-        |c| &c.snapshot_sent_bytes,
-    );
-    o.per_peer(
-        "seguro_snapshot_received_total",
-        "Tree snapshots received completely from each member (last chunk answered).",
-        &peers,
-        |c| &c.snapshots_received,
-    );
-    o.per_peer(
-        "seguro_snapshot_received_bytes_total",
-        "Bytes of tree snapshot chunks received from each member.",
-        &peers,
-        |c| &c.snapshot_received_bytes,
-    );
+    for (name, help, get) in PEER_COUNTERS {
+        o.per_peer(name, help, &peers, *get);
+    }
     o.0
 }
 

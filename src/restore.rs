@@ -17,7 +17,6 @@ use crate::replication::network::NetConfig;
 use crate::replication::snapshot;
 use crate::replication::transport::LinkLimits;
 use crate::replication::wire::{ControlRequest, ControlResponse};
-use crate::settings::Problem;
 use crate::sync::{fdatasync, fsync_dir};
 
 /// The node id a tool presents on a peer link (members have ids from 1).
@@ -52,10 +51,7 @@ fn prepare(dest: &Path) -> Result<(), String> {
 
 /// Restore from the member at `from` into `dest`; the summary line.
 pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
-    let key = crate::settings::read_key(key_file).map_err(|p| match p {
-        Problem::Key { path, why } => format!("--cluster-key-file {path}: {why}"),
-        other => format!("--cluster-key-file: {other:?}"),
-    })?;
+    let key = crate::settings::key_flag(key_file)?;
     prepare(dest)?;
     let limits = Limits::default();
     let net = NetConfig {

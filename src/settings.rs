@@ -441,6 +441,15 @@ pub fn read_key(path: &Path) -> Result<crate::replication::transport::ClusterKey
     ))
 }
 
+/// The key of a `--cluster-key-file` flag outside `mount` (`restore`, `rekey`), with
+/// the flag's error message.
+pub fn key_flag(path: &Path) -> Result<crate::replication::transport::ClusterKey, String> {
+    read_key(path).map_err(|p| match p {
+        Problem::Key { path, why } => format!("--cluster-key-file {path}: {why}"),
+        other => format!("--cluster-key-file: {other:?}"),
+    })
+}
+
 fn validate(m: &Layer) -> Result<MountConfig, ConfigError> {
     let err = |key: &str, problem: Problem| ConfigError::new(m.origin(key), problem);
     let d = Limits::default();

@@ -89,6 +89,18 @@ fn status(c: &Cluster, i: usize) -> Status {
         .unwrap_or_else(|| c.fail(&format!("node {i} does not answer status")))
 }
 
+/// `seguro-fs restore` from the member at `from` into `dest`.
+fn restore(from: &str, key: &str, dest: &std::path::Path) -> Out {
+    seguro(&[
+        "restore",
+        "--from",
+        from,
+        "--cluster-key-file",
+        key,
+        dest.to_str().unwrap(),
+    ])
+}
+
 /// `seguro-fs members remove` of node `id`, asked of node `via`.
 fn remove(c: &Cluster, via: usize, id: usize) -> Out {
     seguro(&["members", "remove", &data(c, via), &id.to_string()])
@@ -351,14 +363,7 @@ fn verify_catches_a_tampered_byte_and_restore_copies_the_tree() {
     let dest = c.dir().join("restored/.urb/log");
     let key = c.key_file.display().to_string();
     let from = c.peer_addr(follower);
-    let o = seguro(&[
-        "restore",
-        "--from",
-        &from,
-        "--cluster-key-file",
-        &key,
-        dest.to_str().unwrap(),
-    ]);
+    let o = restore(&from, &key, &dest);
     assert!(o.ok, "restore: {}", o.stderr);
     assert!(
         o.stdout.contains(&format!("tree digest {}", digests[0])),
@@ -379,26 +384,12 @@ fn verify_catches_a_tampered_byte_and_restore_copies_the_tree() {
     assert_eq!(leftovers.len(), 1, "no image left behind: {leftovers:?}");
 
     phase("restore refuses a non-empty destination and a wrong key");
-    let o = seguro(&[
-        "restore",
-        "--from",
-        &from,
-        "--cluster-key-file",
-        &key,
-        dest.to_str().unwrap(),
-    ]);
+    let o = restore(&from, &key, &dest);
     assert!(!o.ok && o.stderr.contains("not empty"), "{}", o.stderr);
     let bad_key = c.dir().join("other.key");
     common::cluster::write_key_file(&bad_key);
     let dest2 = c.dir().join("restored2");
-    let o = seguro(&[
-        "restore",
-        "--from",
-        &from,
-        "--cluster-key-file",
-        bad_key.to_str().unwrap(),
-        dest2.to_str().unwrap(),
-    ]);
+    let o = restore(&from, bad_key.to_str().unwrap(), &dest2);
     assert!(!o.ok, "a wrong key must not restore anything");
     assert!(
         fs::read_dir(&dest2).map_or(true, |mut d| d.next().is_none()),
