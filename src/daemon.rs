@@ -61,8 +61,41 @@ pub enum MountError {
         path: String,
         source: std::io::Error,
     },
+    #[error(
+        "replication stopped on a storage or internal error ({0}); the mount was taken \
+         down so the service manager restarts this node"
+    )]
+    RaftStopped(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// Why the daemon's main wait ended.
+enum Stop {
+    Signal,
+    /// The file system was unmounted from outside (`umount`, `fusermount3 -u`).
+    Unmounted,
+    /// openraft's core stopped on a fatal error: this node can neither replicate nor
+    /// acknowledge anything any more, so serving a mount that only fails would be a silent
+    /// failure; exiting non-zero lets systemd restart it and recover from its log.
+    RaftStopped(String),
+}
+
+/// Resolves when openraft's core has stopped, with its error.
+async fn raft_stopped(raft: openraft::Raft<crate::replication::TypeConfig>) -> String {
+    let mut m = raft.metrics();
+    // Bounded by the core's life: once it stops, its metrics sender is dropped.
+    loop {
+        if let Err(e) = &m.borrow().running_state {
+            return e.to_string();
+        }
+        if m.changed().await.is_err() {
+            return match &m.borrow().running_state {
+                Err(e) => e.to_string(),
+                Ok(()) => "the Raft core exited".to_string(),
+            };
+        }
+    }
 }
 
 fn is_mount_point(path: &Path) -> std::io::Result<bool> {
@@ -365,15 +398,21 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
             r
         })?;
 
-    let signalled = rt.block_on(async {
+    let stop = rt.block_on(async {
         tokio::select! {
-            _ = term.recv() => Ok::<bool, std::io::Error>(true),
-            _ = int.recv() => Ok(true),
-            _ = done_rx => Ok(false),
+            _ = term.recv() => Stop::Signal,
+            _ = int.recv() => Stop::Signal,
+            _ = done_rx => Stop::Unmounted,
+            why = raft_stopped(node.raft.clone()) => Stop::RaftStopped(why),
         }
-    })?;
-    if signalled {
-        tracing::info!("signal received: unmounting");
+    });
+    if let Stop::RaftStopped(why) = &stop {
+        tracing::error!(error = %why, "replication stopped: taking the mount down");
+    }
+    if !matches!(stop, Stop::Unmounted) {
+        if matches!(stop, Stop::Signal) {
+            tracing::info!("signal received: unmounting");
+        }
         // A file still open on the mount (an LMDB env being closed, a shell in it) makes
         // umount answer EBUSY; retry for a while rather than leave the mount behind.
         let deadline = std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);
@@ -392,6 +431,14 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
                 }
             }
         }
+    }
+    if let Stop::RaftStopped(why) = stop {
+        // Nothing more can become durable; the session thread ends with the mount, or
+        // with the process if a user of the mount kept it busy.
+        if !is_mount_point(&cfg.mountpoint).unwrap_or(false) {
+            let _ = fuse_thread.join();
+        }
+        return Err(MountError::RaftStopped(why));
     }
     match fuse_thread.join() {
         Ok(Ok(())) => {}

@@ -1030,6 +1030,49 @@ fn proxy_cuts_and_refuses_only_blocked_links() {
     links.heal();
     let mut s = connect_from(1, via(2)).unwrap();
     assert!(echoes(&mut s), "1→2 after heal; {}", links.describe());
+    // A one-way drop of 1→2 discards what 1 sends to 2 on links either of them opened (on
+    // 1's link the ping is lost, on 2's the echo), and nothing in the other direction.
+    let mut from2 = connect_from(2, via(1)).unwrap();
+    let mut third = connect_from(3, via(2)).unwrap();
+    assert!(
+        echoes(&mut from2) && echoes(&mut third),
+        "{}",
+        links.describe()
+    );
+    links.drop_flow(1, 2);
+    assert!(!echoes(&mut s), "1→2 ping forwarded; {}", links.describe());
+    assert!(
+        !echoes(&mut from2),
+        "1→2 echo forwarded; {}",
+        links.describe()
+    );
+    assert!(echoes(&mut third), "3↔2 hit by 1→2; {}", links.describe());
+    let dropped: Vec<(usize, usize)> = links.stats().dropped_bytes.into_keys().collect();
+    assert_eq!(dropped, vec![(1, 2)], "{}", links.describe());
+    // Healing cuts the two links that lost bytes (they are out of frame) and adds none.
+    links.heal();
+    assert!(
+        !echoes(&mut from2),
+        "a link that lost bytes survived the heal"
+    );
+    assert!(echoes(&mut third), "{}", links.describe());
+    // Latency delays each forwarded chunk: a round trip is two of them.
+    let delay = Duration::from_millis(300);
+    links.set_latency_ms(delay.as_millis() as u64);
+    let t = Instant::now();
+    assert!(echoes(&mut third), "{}", links.describe());
+    assert!(
+        t.elapsed() >= 2 * delay,
+        "round trip took {:?}",
+        t.elapsed()
+    );
+    links.heal();
+    let mut s = connect_from(1, via(2)).unwrap();
+    assert!(
+        echoes(&mut s),
+        "1→2 after the second heal; {}",
+        links.describe()
+    );
     // Dropping the proxies stops every forwarded link and all their threads, promptly.
     let t = Instant::now();
     drop(proxies);

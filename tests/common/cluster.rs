@@ -4,7 +4,9 @@
 //! Node `i` listens on `127.0.0.i:PORT`; its peers know it as `127.0.0.(100+i):PORT`, where
 //! its [`Proxy`] forwards to the real address, so the test can cut links between nodes
 //! ([`Cluster::partition`], [`Cluster::heal`]). Data dir `node{i}/data`, mountpoint
-//! `node{i}/log`. Node ids are 1-based everywhere in this API.
+//! `node{i}/log`. Node ids are 1-based everywhere in this API. [`Cluster::start_on_tmpfs`]
+//! puts every data dir on a tmpfs of its own, so a test can fill one node's disk
+//! ([`Cluster::fill_disk`]); the `TestDir` unmounts them when it is dropped.
 //!
 //! Every wait is bounded and panics with the cluster's state: each node's `status --json`,
 //! the tail of each daemon's log, and the proxy counters.
@@ -237,6 +239,65 @@ pub fn pick_port(ips: &[std::net::Ipv4Addr]) -> u16 {
     panic!("no port free on all of {ips:?} after 50 tries");
 }
 
+/// The file [`Cluster::fill_disk`] takes a disk's space with.
+const FILLER_NAME: &str = "test-disk-filler";
+/// 64 KiB chunks written after the fallocate, until ENOSPC (whatever the fallocate left):
+/// bounds that loop at 1 GiB.
+const FILL_CHUNKS_MAX: usize = 1 << 14;
+
+/// Mount a tmpfs of `bytes` at `at` (created if absent).
+fn mount_tmpfs(at: &Path, bytes: u64) {
+    fs::create_dir_all(at).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o"])
+        .arg(format!("size={bytes},mode=0755"))
+        .arg("seguro-test")
+        .arg(at)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "mount tmpfs at {}: {st}", at.display());
+}
+
+/// Take every free byte of the file system holding `filler` (created): fallocate what
+/// statvfs reports free, then append small chunks until ENOSPC.
+fn fill_fs(filler: &Path) -> io::Result<u64> {
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    let dir = filler.parent().expect("filler has a parent");
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
+    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
+    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut sv) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let free = sv.f_bavail as u64 * sv.f_frsize as u64;
+    let mut f = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(filler)?;
+    // All of it at once, or (if the file system keeps some back) a little less; the write
+    // loop takes the rest.
+    for want in [free, free / 16 * 15] {
+        // SAFETY: fallocate on a file we own.
+        if want == 0 || unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, want as libc::off_t) } == 0 {
+            break;
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::ENOSPC) {
+            return Err(e);
+        }
+    }
+    let chunk = vec![0xa5u8; 64 << 10];
+    for _ in 0..FILL_CHUNKS_MAX {
+        match f.write(&chunk) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(f.metadata()?.len())
+}
+
 /// 32 random bytes as 64 hex digits and a newline.
 pub fn write_key_file(path: &Path) {
     let mut b = [0u8; 32];
@@ -289,6 +350,22 @@ impl Cluster {
         acks: Option<u64>,
         extra: &[&str],
         per_node: &dyn Fn(usize) -> Vec<String>,
+    ) -> Cluster {
+        Self::start_full(n, initial, acks, extra, per_node, None)
+    }
+
+    /// [`Cluster::start`] with each node's data dir on a tmpfs of `disk_bytes`.
+    pub fn start_on_tmpfs(n: usize, acks: Option<u64>, extra: &[&str], disk_bytes: u64) -> Cluster {
+        Self::start_full(n, n, acks, extra, &|_| Vec::new(), Some(disk_bytes))
+    }
+
+    fn start_full(
+        n: usize,
+        initial: usize,
+        acks: Option<u64>,
+        extra: &[&str],
+        per_node: &dyn Fn(usize) -> Vec<String>,
+        disk_bytes: Option<u64>,
     ) -> Cluster {
         assert!((1..=9).contains(&n), "1..=9 nodes");
         assert!((1..=n).contains(&initial), "1..=n initial members");
@@ -343,6 +420,9 @@ impl Cluster {
             .collect();
         for i in 1..=n {
             fs::create_dir_all(dir.join(&format!("node{i}"))).unwrap();
+            if let Some(bytes) = disk_bytes {
+                mount_tmpfs(&dir.join(&format!("node{i}/data")), bytes);
+            }
         }
         let mut c = Cluster {
             daemons: (0..n).map(|_| None).collect(),
@@ -487,6 +567,27 @@ impl Cluster {
             .take()
             .unwrap_or_else(|| panic!("stop: node {i} is not running"));
         d.stop()
+    }
+
+    /// Every daemon log of node `i`, oldest run first.
+    pub fn logs(&self, i: usize) -> &[PathBuf] {
+        &self.logs[i - 1]
+    }
+
+    /// Fill node `i`'s data dir tmpfs (see [`Cluster::start_on_tmpfs`]) to the last byte
+    /// with a filler file; returns the bytes taken.
+    pub fn fill_disk(&self, i: usize) -> u64 {
+        let filler = self.data_dir(i).join(FILLER_NAME);
+        fill_fs(&filler).unwrap_or_else(|e| self.fail(&format!("fill node {i}'s disk: {e}")))
+    }
+
+    /// Give node `i`'s disk its space back.
+    pub fn free_disk(&self, i: usize) {
+        match fs::remove_file(self.data_dir(i).join(FILLER_NAME)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => self.fail(&format!("free node {i}'s disk: {e}")),
+        }
     }
 
     /// Delete node `i`'s data dir (the node must be stopped): it comes back empty.

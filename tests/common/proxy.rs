@@ -6,7 +6,10 @@
 //! connection from the peer address (`127.0.0.i` → node `i`). A shared [`Links`] object
 //! decides which pairs of nodes may talk: blocking a pair closes the forwarded connections
 //! between them at once (both directions: from `i` into proxy `j` and from `j` into proxy `i`)
-//! and refuses new ones (accept, then close).
+//! and refuses new ones (accept, then close). Two softer faults act on the bytes instead:
+//! [`Links::drop_flow`] discards everything node `a` sends to node `b` (whichever side opened
+//! the connection) while `b`'s bytes to `a` still flow — a one-way loss; and
+//! [`Links::set_latency_ms`] delays every forwarded chunk.
 //!
 //! std threads and std::net only: one accept thread per proxy and two copy threads per
 //! forwarded connection. Every loop is stoppable: copy threads read with a timeout and check a
@@ -61,6 +64,9 @@ struct Conn {
     upstream: TcpStream,
     /// Copy threads still running; the last one out removes the entry.
     running: Arc<AtomicUsize>,
+    /// Bytes were discarded by a one-way drop: the stream is out of frame from there on, so
+    /// [`Links::heal`] cuts it.
+    tainted: Arc<AtomicBool>,
 }
 
 impl Conn {
@@ -79,6 +85,8 @@ pub struct LinkStats {
     pub refused: BTreeMap<(usize, usize), u64>,
     /// (from, to) → connections closed by a partition while open.
     pub cut: BTreeMap<(usize, usize), u64>,
+    /// (from, to) → bytes discarded by a one-way drop of the flow from → to.
+    pub dropped_bytes: BTreeMap<(usize, usize), u64>,
     /// Connections whose target node was not reachable.
     pub upstream_failed: u64,
     /// Connections whose source IP was the target's own or no node's: the daemon does not
@@ -91,6 +99,10 @@ pub struct LinkStats {
 pub struct Links {
     nodes: usize,
     blocked: Mutex<BTreeSet<(usize, usize)>>,
+    /// Directed flows (from, to) whose bytes are discarded.
+    dropped: Mutex<BTreeSet<(usize, usize)>>,
+    /// Delay before each forwarded chunk, in both directions of every link.
+    latency_ms: AtomicU64,
     conns: Mutex<BTreeMap<u64, Conn>>,
     next_id: AtomicU64,
     stats: Mutex<LinkStats>,
@@ -101,6 +113,8 @@ impl Links {
         Arc::new(Links {
             nodes,
             blocked: Mutex::new(BTreeSet::new()),
+            dropped: Mutex::new(BTreeSet::new()),
+            latency_ms: AtomicU64::new(0),
             conns: Mutex::new(BTreeMap::new()),
             next_id: AtomicU64::new(0),
             stats: Mutex::new(LinkStats::default()),
@@ -151,9 +165,34 @@ impl Links {
         self.cut_blocked();
     }
 
-    /// Unblock every pair.
+    /// Discard every byte node `from` sends to node `to` from now on (over connections
+    /// either of them opened); `to`'s bytes to `from` still flow.
+    pub fn drop_flow(&self, from: usize, to: usize) {
+        assert_ne!(from, to, "a node cannot drop its own traffic");
+        assert!((1..=self.nodes).contains(&from) && (1..=self.nodes).contains(&to));
+        lock(&self.dropped).insert((from, to));
+    }
+
+    fn is_dropped(&self, from: usize, to: usize) -> bool {
+        lock(&self.dropped).contains(&(from, to))
+    }
+
+    /// Delay every forwarded chunk by `ms` (0: none).
+    pub fn set_latency_ms(&self, ms: u64) {
+        self.latency_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Unblock every pair, stop every one-way drop (cutting the connections that lost bytes
+    /// to one) and remove the latency.
     pub fn heal(&self) {
         lock(&self.blocked).clear();
+        lock(&self.dropped).clear();
+        self.set_latency_ms(0);
+        for c in lock(&self.conns).values() {
+            if c.tainted.load(Ordering::SeqCst) {
+                c.kill();
+            }
+        }
     }
 
     /// Blocked pairs, for messages.
@@ -174,13 +213,17 @@ impl Links {
     pub fn describe(&self) -> String {
         let s = self.stats();
         format!(
-            "links: blocked {:?}; open {:?}; forwarded {:?}; refused {:?}; cut {:?}; \
-             upstream failed {}; unidentified sources {}",
+            "links: blocked {:?}; dropped flows {:?}; latency {} ms; open {:?}; forwarded \
+             {:?}; refused {:?}; cut {:?}; dropped bytes {:?}; upstream failed {}; \
+             unidentified sources {}",
             self.blocked_pairs(),
+            lock(&self.dropped).iter().collect::<Vec<_>>(),
+            self.latency_ms.load(Ordering::Relaxed),
             self.open_conns(),
             s.forwarded,
             s.refused,
             s.cut,
+            s.dropped_bytes,
             s.upstream_failed,
             s.unidentified
         )
@@ -331,12 +374,14 @@ fn forward(
     upstream.set_read_timeout(Some(READ_POLL))?;
     let id = links.next_id.fetch_add(1, Ordering::Relaxed);
     let running = Arc::new(AtomicUsize::new(2));
+    let tainted = Arc::new(AtomicBool::new(false));
     let conn = Conn {
         from,
         to: node,
         client: client.try_clone()?,
         upstream: upstream.try_clone()?,
         running: running.clone(),
+        tainted: tainted.clone(),
     };
     {
         // Register under the conns lock, then re-check the block: a partition that raced
@@ -355,16 +400,23 @@ fn forward(
         .forwarded
         .entry((from, node))
         .or_default() += 1;
+    // (source, destination, node whose bytes these are, node they go to, name)
     let dirs = [
-        (client.try_clone()?, upstream.try_clone()?, "in"),
-        (upstream, client, "out"),
+        (client.try_clone()?, upstream.try_clone()?, from, node, "in"),
+        (upstream, client, node, from, "out"),
     ];
-    for (src, dst, dir) in dirs {
+    for (src, dst, sender, receiver, dir) in dirs {
         let (links, stop, running) = (links.clone(), stop.clone(), running.clone());
+        let flow = Flow {
+            links: links.clone(),
+            sender,
+            receiver,
+            tainted: tainted.clone(),
+        };
         let h = std::thread::Builder::new()
             .name(format!("proxy-{from}-{node}-{dir}"))
             .spawn(move || {
-                copy(src, dst, &stop);
+                copy(src, dst, &stop, &flow);
                 if running.fetch_sub(1, Ordering::SeqCst) == 1 {
                     lock(&links.conns).remove(&id);
                 }
@@ -374,9 +426,40 @@ fn forward(
     Ok(())
 }
 
+/// One direction of a forwarded connection, for the byte-level faults.
+struct Flow {
+    links: Arc<Links>,
+    /// Node whose bytes these are (0: not a node).
+    sender: usize,
+    receiver: usize,
+    tainted: Arc<AtomicBool>,
+}
+
+impl Flow {
+    /// Apply the latency, then say whether this chunk is to be discarded.
+    fn discard(&self, n: usize) -> bool {
+        let ms = self.links.latency_ms.load(Ordering::Relaxed);
+        if ms > 0 {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
+        if self.sender == 0
+            || self.receiver == 0
+            || !self.links.is_dropped(self.sender, self.receiver)
+        {
+            return false;
+        }
+        self.tainted.store(true, Ordering::SeqCst);
+        *lock(&self.links.stats)
+            .dropped_bytes
+            .entry((self.sender, self.receiver))
+            .or_default() += n as u64;
+        true
+    }
+}
+
 /// Copy `src` → `dst` until EOF (then half-close `dst`), an error (then shut both down) or
-/// the stop flag.
-fn copy(mut src: TcpStream, mut dst: TcpStream, stop: &AtomicBool) {
+/// the stop flag; `flow` may delay or discard each chunk.
+fn copy(mut src: TcpStream, mut dst: TcpStream, stop: &AtomicBool, flow: &Flow) {
     let mut buf = vec![0u8; COPY_BUF_BYTES];
     loop {
         if stop.load(Ordering::SeqCst) {
@@ -388,7 +471,7 @@ fn copy(mut src: TcpStream, mut dst: TcpStream, stop: &AtomicBool) {
                 return;
             }
             Ok(n) => {
-                if dst.write_all(&buf[..n]).is_err() {
+                if !flow.discard(n) && dst.write_all(&buf[..n]).is_err() {
                     break;
                 }
             }

@@ -852,7 +852,8 @@ fn resume_point(log: &Path) -> io::Result<(u64, PathBuf, u64)> {
 /// the last event number as a decimal line to `record` (outside the log) and fdatasync it — so
 /// every recorded number was acknowledged by LMDB. Rolls to a new epoch (with a
 /// [`WRITER_IMAGE_BYTES`] image written next to `record`) once the current epoch holds
-/// `roll_every` events. Never chops, so events 1.. stay verifiable. Returns Err on the first
+/// `roll_every` events. Never chops, so events 1.. stay verifiable (see
+/// [`run_recording_writer_with`] for a writer that does). Returns Err on the first
 /// LMDB error (vere exits on a failed commit); returns Ok only after
 /// [`WRITER_MAX_RUNTIME`] as a safety net.
 pub fn run_recording_writer(
@@ -861,7 +862,46 @@ pub fn run_recording_writer(
     seed: u64,
     roll_every: u64,
 ) -> io::Result<()> {
-    let roll_every = roll_every.max(1);
+    let opts = WriterOptions {
+        roll_every,
+        ..WriterOptions::default()
+    };
+    run_recording_writer_with(log, record, seed, &opts)
+}
+
+/// How [`run_recording_writer_with`] paces and shapes its run.
+#[derive(Debug, Clone)]
+pub struct WriterOptions {
+    /// Roll to a new epoch once the current one holds this many events.
+    pub roll_every: u64,
+    /// Events per commit are drawn from 1..=batch_events_max.
+    pub batch_events_max: u64,
+    /// Pause after each recorded commit (a ship between events).
+    pub commit_gap: Duration,
+    /// Chop (keep the two newest epochs) after each roll, as vere does, so a long run's
+    /// log stays small; check such a log with [`verify_surviving`].
+    pub chop: bool,
+}
+
+impl Default for WriterOptions {
+    fn default() -> Self {
+        WriterOptions {
+            roll_every: 500,
+            batch_events_max: 100,
+            commit_gap: Duration::ZERO,
+            chop: false,
+        }
+    }
+}
+
+/// [`run_recording_writer`] with the pacing, batch sizes and chopping of `opts`.
+pub fn run_recording_writer_with(
+    log: &Path,
+    record: &Path,
+    seed: u64,
+    opts: &WriterOptions,
+) -> io::Result<()> {
+    let roll_every = opts.roll_every.max(1);
     // Absent or interrupted during creation → (re)create; an env that fails to open is a
     // real error and must not be papered over by recreating the pier.
     let pier_ok = log.join("data.mdb").exists()
@@ -882,7 +922,7 @@ pub fn run_recording_writer(
     let mut rng = SplitMix64::new(seed ^ mix64(last));
     let started = Instant::now();
     while started.elapsed() < WRITER_MAX_RUNTIME {
-        let count = rng.range(1, 100);
+        let count = rng.range(1, opts.batch_events_max.max(1));
         epoch.commit(last + 1, count).map_err(|e| {
             io::Error::other(format!("commit {}..={}: {e}", last + 1, last + count))
         })?;
@@ -895,6 +935,12 @@ pub fn run_recording_writer(
             let dir = create_epoch(log, last, Some(&image_src))?;
             epoch_n = last;
             epoch = Epoch::open(&dir).map_err(heed_io)?;
+            if opts.chop {
+                chop(log)?;
+            }
+        }
+        if !opts.commit_gap.is_zero() {
+            std::thread::sleep(opts.commit_gap);
         }
     }
     epoch.close()
@@ -940,6 +986,17 @@ pub fn last_recorded(record: &Path) -> io::Result<Option<u64>> {
 /// writes the image and txt files first) it cannot hold events, so only its name is checked
 /// and it is not opened (opening would create data.mdb); vere would delete it at boot.
 pub fn verify_through(log: &Path, n: u64) -> Result<(), String> {
+    verify_log(log, n, false)
+}
+
+/// [`verify_through`] for a log a chopping writer made: the checks start at the oldest
+/// surviving epoch instead of 0i0 (the events below it were deleted by the writer itself,
+/// and an acknowledged event `<= n` that should still be there must be).
+pub fn verify_surviving(log: &Path, n: u64) -> Result<(), String> {
+    verify_log(log, n, true)
+}
+
+fn verify_log(log: &Path, n: u64, chopped: bool) -> Result<(), String> {
     if n == 0 && !log.join("data.mdb").exists() {
         // Killed before the pier existed and before anything was recorded.
         return Ok(());
@@ -951,7 +1008,10 @@ pub fn verify_through(log: &Path, n: u64) -> Result<(), String> {
         other => return Err(format!("top-level META version is {other:?}")),
     }
     let all = epochs(log).map_err(|e| format!("{}: list epochs: {e}", log.display()))?;
-    let mut next = 1u64;
+    let mut next = match all.first() {
+        Some((first, _)) if chopped => first + 1,
+        _ => 1,
+    };
     for (i, (epoch_n, dir)) in all.iter().enumerate() {
         if *epoch_n + 1 != next {
             return Err(format!(
