@@ -36,7 +36,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::cluster::{hex, Cluster};
+use common::cluster::{hex, pid_alive, Cluster};
 use common::mount::{bin, copy_tree, ChildTest, TestDir};
 use common::vere::{self, SplitMix64, WriterOptions};
 
@@ -381,7 +381,7 @@ impl fmt::Display for Tally {
 
 /// Stop a writer: kill -9 if it still runs (vere crashing); true if it had already exited.
 fn stop_writer(w: ChildTest) -> bool {
-    let exited = !common::cluster::pid_alive(w.pid());
+    let exited = !pid_alive(w.pid());
     w.kill9();
     exited
 }
@@ -478,6 +478,11 @@ fn chaos() {
 
         // Heal, then (b) convergence and (a) again on whoever leads now.
         heal(&mut c, &mut broken);
+        // No fault here is one a daemon should die of by itself (a full disk waits for
+        // space): one that did is a failure, not something to restart quietly.
+        if let Some(i) = c.live().into_iter().find(|&i| !pid_alive(c.pid(i))) {
+            fail(&c, format!("node {i}'s daemon exited by itself"));
+        }
         let digest = c.wait_converged(CONVERGE);
         let new_leader = c.wait_leader(ELECTION);
         let acked = recorded(&record);

@@ -1,11 +1,13 @@
 //! fsync is honest: it reaches the daemon, waits for the log's fdatasync, fails with EIO
-//! when that fdatasync fails, and what it acknowledged survives SIGKILL.
+//! when that fdatasync fails (after which the daemon takes its mount down and exits
+//! non-zero), and what it acknowledged survives SIGKILL.
 
 mod common;
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::time::Duration;
 
 use common::mount::{Daemon, TestDir};
 
@@ -68,7 +70,15 @@ fn fsync_fails_with_eio_when_the_log_fdatasync_fails() {
         .expect_err("opening for write after a log failure");
     assert_eq!(errno(&e), libc::EIO, "{e}");
     drop((f, g));
-    d.kill9();
+    // A node whose log failed can never acknowledge again: rather than serve a mount that
+    // only fails, the daemon takes it down and exits non-zero, so systemd restarts it.
+    let (st, log) = d.wait_exit(Duration::from_secs(60));
+    assert!(!st.success(), "exit status {st} after a failed log:\n{log}");
+    assert!(log.contains("replication stopped"), "{log}");
+    assert!(
+        !common::mount::is_mounted(&mnt),
+        "the mount outlived its daemon:\n{log}"
+    );
 
     // What was acknowledged before the fault is there after a restart.
     let d = Daemon::start(&data, &mnt, &[]);

@@ -177,6 +177,28 @@ impl Daemon {
         text
     }
 
+    /// Wait for the daemon to exit by itself within `timeout` (panics if it does not);
+    /// returns its exit status and log.
+    pub fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                return (st, self.log_text());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                force_unmount(&self.mountpoint);
+                panic!(
+                    "seguro-fs did not exit by itself within {timeout:?}:\n{}",
+                    self.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// SIGKILL (a crash): the kernel aborts the FUSE connection. The dead mount stays
     /// (every access fails with ENOTCONN, so no straggler can write underneath it) until
     /// the next `Daemon::start` on this mountpoint or the `TestDir` is dropped.
