@@ -1059,7 +1059,7 @@ impl Live {
                 &[],
             )),
             Target::Seguro3 { acks } => {
-                let c = Cluster::start(3, Some(acks), &[]);
+                let c = Cluster::start_direct(3, Some(acks), &[]);
                 let leader = c.wait_leader(LEADER_TIMEOUT);
                 Live::Cluster { c, leader }
             }

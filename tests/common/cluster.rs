@@ -318,6 +318,8 @@ pub struct Cluster {
     args: Vec<Vec<String>>,
     proxies: Vec<Proxy>,
     pub links: Arc<Links>,
+    /// Started by [`Cluster::start_direct`]: no proxies.
+    direct: bool,
     pub port: u16,
     pub key_file: PathBuf,
     dir: TestDir,
@@ -351,12 +353,18 @@ impl Cluster {
         extra: &[&str],
         per_node: &dyn Fn(usize) -> Vec<String>,
     ) -> Cluster {
-        Self::start_full(n, initial, acks, extra, per_node, None)
+        Self::start_full(n, initial, acks, extra, per_node, None, false)
     }
 
     /// [`Cluster::start`] with each node's data dir on a tmpfs of `disk_bytes`.
     pub fn start_on_tmpfs(n: usize, acks: Option<u64>, extra: &[&str], disk_bytes: u64) -> Cluster {
-        Self::start_full(n, n, acks, extra, &|_| Vec::new(), Some(disk_bytes))
+        Self::start_full(n, n, acks, extra, &|_| Vec::new(), Some(disk_bytes), false)
+    }
+
+    /// [`Cluster::start`] with the nodes talking to each other directly, as in production:
+    /// no proxies, so no partitions (for the benchmark).
+    pub fn start_direct(n: usize, acks: Option<u64>, extra: &[&str]) -> Cluster {
+        Self::start_full(n, n, acks, extra, &|_| Vec::new(), None, true)
     }
 
     fn start_full(
@@ -366,6 +374,7 @@ impl Cluster {
         extra: &[&str],
         per_node: &dyn Fn(usize) -> Vec<String>,
         disk_bytes: Option<u64>,
+        direct: bool,
     ) -> Cluster {
         assert!((1..=9).contains(&n), "1..=9 nodes");
         assert!((1..=n).contains(&initial), "1..=n initial members");
@@ -377,6 +386,7 @@ impl Cluster {
         let port = pick_port(&ips);
         let links = Links::new(n);
         let proxies: Vec<Proxy> = (1..=n)
+            .filter(|_| !direct)
             .map(|i| {
                 Proxy::start(
                     i,
@@ -386,9 +396,10 @@ impl Cluster {
                 )
             })
             .collect();
+        let known_as = |i: usize| if direct { real_ip(i) } else { advertised_ip(i) };
         let peer_list = |upto: usize| {
             (1..=upto)
-                .map(|i| format!("{i}={}:{port}", advertised_ip(i)))
+                .map(|i| format!("{i}={}:{port}", known_as(i)))
                 .collect::<Vec<_>>()
                 .join(",")
         };
@@ -430,6 +441,7 @@ impl Cluster {
             args,
             proxies,
             links,
+            direct,
             port,
             key_file,
             dir,
@@ -446,7 +458,12 @@ impl Cluster {
 
     /// The address node `i`'s peers know it by (through its proxy).
     pub fn peer_addr(&self, i: usize) -> String {
-        format!("{}:{}", advertised_ip(i), self.port)
+        let ip = if self.direct {
+            real_ip(i)
+        } else {
+            advertised_ip(i)
+        };
+        format!("{ip}:{}", self.port)
     }
 
     pub fn len(&self) -> usize {
@@ -599,6 +616,10 @@ impl Cluster {
 
     /// Isolate `nodes` from the rest (both directions).
     pub fn partition(&self, nodes: &[usize]) {
+        assert!(
+            !self.direct,
+            "a cluster started direct has no proxies to partition"
+        );
         eprintln!("--- partition {nodes:?} from the rest");
         self.links.partition(nodes);
     }
