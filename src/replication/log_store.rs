@@ -966,6 +966,7 @@ mod tests {
         let appending = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(writer.blocking_append((6..=10).map(entry)))
+                .map_err(|e| e.to_string())
         });
         wait_until("the append waits for space", || {
             gauges.waiting.load(Ordering::Relaxed) == 1

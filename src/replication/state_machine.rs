@@ -681,6 +681,7 @@ mod tests {
         let applying = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(applier.apply([entry]))
+                .map_err(|e| e.to_string())
         });
         wait_until("the apply waits for space", || {
             gauges.waiting.load(Ordering::Relaxed) == 1
