@@ -136,10 +136,16 @@ pub async fn collect(control: &Control) -> Status {
     let fsync = &control.net.registry.fsync;
     let disk = &control.net.registry.disk;
     let m = raft.metrics().borrow().clone();
-    let committed = raft
-        .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
-        .await
-        .unwrap_or(0);
+    let applied_index = m.last_applied.map_or(0, |l| l.index);
+    // The committed index lives in the Raft core, which is busy for as long as a log
+    // append waits for space on a full disk: status must answer anyway, so past a short
+    // wait it reports the applied index, which committed is never below.
+    let committed = tokio::time::timeout(
+        Duration::from_millis(control.limits.status_raft_wait_ms),
+        raft.with_raft_state(|st| st.committed.map_or(0, |l| l.index)),
+    )
+    .await
+    .map_or(applied_index, |r| r.unwrap_or(0));
     let members: Vec<u64> = m.membership_config.membership().voter_ids().collect();
     let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
     let matched: Vec<(u64, Option<u64>)> = m
@@ -164,7 +170,7 @@ pub async fn collect(control: &Control) -> Status {
         leader_id: m.current_leader,
         last_index,
         committed_index: committed,
-        applied_index: m.last_applied.map_or(0, |l| l.index),
+        applied_index,
         acks,
         writable: role.writable(),
         disk_refusing_writes: disk.refusing.load(Ordering::Relaxed),

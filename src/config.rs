@@ -70,6 +70,10 @@ pub struct Limits {
     pub disk_full_retry_ms: u64,
     /// ...for at most this long; then the failure is fatal, as any other storage error.
     pub disk_full_wait_ms: u64,
+    /// How long `status` (and a metrics scrape) waits for the Raft core's committed index
+    /// before reporting the applied index instead (the core is busy while the log waits
+    /// for space).
+    pub status_raft_wait_ms: u64,
 }
 
 impl Default for Limits {
@@ -104,6 +108,7 @@ impl Default for Limits {
             disk_free_check_ms: 100,
             disk_full_retry_ms: 200,
             disk_full_wait_ms: 600_000,
+            status_raft_wait_ms: 500,
         }
     }
 }
@@ -245,6 +250,7 @@ impl Limits {
         check("disk_free_check_ms", self.disk_free_check_ms, 1, 60_000)?;
         check("disk_full_retry_ms", self.disk_full_retry_ms, 1, 60_000)?;
         check("disk_full_wait_ms", self.disk_full_wait_ms, 0, 86_400_000)?;
+        check("status_raft_wait_ms", self.status_raft_wait_ms, 10, 60_000)?;
         Ok(())
     }
 }
