@@ -200,6 +200,84 @@ fn a_full_leader_disk_fails_writes_loses_nothing_and_resumes_when_space_returns(
     drop(disk);
 }
 
+/// Free space below the reserve but not gone (the case the reserve is for): new bytes are
+/// refused with ENOSPC at the first write, nothing waits in the log, and what frees space
+/// (unlink, truncate) still goes through the mount; writing resumes once space is back.
+#[test]
+fn below_the_reserve_new_bytes_get_enospc_and_space_can_be_freed_through_the_mount() {
+    let t = TestDir::new("diskreserve");
+    let data = t.join("data");
+    let mnt = t.join("mnt");
+    let disk = Tmpfs::mount(&data, "64m");
+    let mut args = daemon_args();
+    // A fresh free-space reading for every write: the first write after the fill sees it.
+    args.extend(["--disk-free-check-ms", "1"]);
+    let d = Daemon::start(&data, &mnt, &args);
+    let log = mnt.join("pier/.urb/log");
+    vere::create_pier(&log).unwrap();
+    let mut w = Writer {
+        dir: log.join("0i0"),
+        epoch: None,
+        last: 0,
+    };
+    for _ in 0..20 {
+        w.commit(10).unwrap();
+    }
+    write_fsync(&mnt.join("spare-a"), &vec![1u8; 1 << 20]).unwrap();
+    write_fsync(&mnt.join("spare-b"), &vec![2u8; 1 << 20]).unwrap();
+    let acked_before = w.last;
+
+    // Fill, then give 4 MiB back: free space is under the 8 MiB reserve, above zero.
+    let filler = disk.fill("filler");
+    let f = fs::OpenOptions::new().write(true).open(&filler).unwrap();
+    f.set_len(f.metadata().unwrap().len() - (4 << 20)).unwrap();
+    drop(f);
+    assert!(disk.free_bytes() >= 4 << 20);
+    // Longer than --disk-free-check-ms: the next write takes a new reading.
+    std::thread::sleep(Duration::from_millis(2));
+
+    let e = w.commit(5).unwrap_err();
+    assert!(e.contains("No space left on device"), "{e}");
+    assert_eq!(w.last, acked_before, "nothing more was acknowledged");
+    let e = fs::write(mnt.join("new-file"), b"x").unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    let e = fs::create_dir(mnt.join("new-dir")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    // Freeing space through the mount works, and so does an fsync with nothing new.
+    let b = fs::OpenOptions::new()
+        .write(true)
+        .open(mnt.join("spare-b"))
+        .unwrap();
+    b.set_len(4096).unwrap();
+    b.sync_all().unwrap();
+    drop(b);
+    fs::remove_file(mnt.join("spare-a")).unwrap();
+    let st = status_json(&data);
+    assert!(st.contains("\"disk_refusing_writes\":true"), "{st}");
+    assert!(st.contains("\"disk_waiting\":0"), "{st}");
+    w.verify().unwrap();
+
+    fs::remove_file(&filler).unwrap();
+    // As above: the next write sees the space that came back.
+    std::thread::sleep(Duration::from_millis(2));
+    for _ in 0..10 {
+        w.commit(5).unwrap();
+    }
+    w.verify().unwrap();
+    let acked = w.close();
+    let text = d.stop();
+    assert!(
+        !text.contains("the data dir is full"),
+        "nothing waited:\n{text}"
+    );
+    let d = Daemon::start(&data, &mnt, &args);
+    vere::verify_through(&log, acked).unwrap();
+    assert!(!mnt.join("spare-a").exists());
+    assert_eq!(fs::metadata(mnt.join("spare-b")).unwrap().len(), 4096);
+    d.stop();
+    drop(disk);
+}
+
 fn cp_a(from: &Path, to: &Path) {
     let st = Command::new("cp")
         .arg("-a")
