@@ -59,9 +59,11 @@ fn alive(pid: u32) -> bool {
     unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 
-/// Commits events in batches of `batch`; `last` is the last acknowledged one (the commit
-/// returned Ok). On a failed commit the env is closed and opened again, the way vere
-/// restarts after a failed commit: LMDB may refuse a broken env afterwards.
+/// Commits events in batches of `batch`; `last` is the last acknowledged one (a commit
+/// returned Ok, which makes every event before it durable too). On a failed commit the env
+/// is closed and opened again, the way vere restarts after a failed commit, and, like
+/// vere, it goes on after the last event the log holds: a failed commit may still have
+/// taken effect (its fsync failed, not necessarily its writes; SEMANTICS.md, "Failure").
 struct Writer {
     dir: std::path::PathBuf,
     epoch: Option<vere::Epoch>,
@@ -69,15 +71,25 @@ struct Writer {
 }
 
 impl Writer {
+    fn open(&mut self) -> Result<&vere::Epoch, String> {
+        if self.epoch.is_none() {
+            let e = vere::Epoch::open(&self.dir).map_err(|e| e.to_string())?;
+            let present = e.range().map_err(|e| e.to_string())?.map_or(0, |r| r.1);
+            assert!(
+                present >= self.last,
+                "acknowledged events vanished: {present} < {}",
+                self.last
+            );
+            self.last = present;
+            self.epoch = Some(e);
+        }
+        Ok(self.epoch.as_ref().unwrap())
+    }
+
     fn commit(&mut self, batch: u64) -> Result<(), String> {
-        let epoch = match &self.epoch {
-            Some(e) => e,
-            None => {
-                self.epoch = Some(vere::Epoch::open(&self.dir).map_err(|e| e.to_string())?);
-                self.epoch.as_ref().unwrap()
-            }
-        };
-        match epoch.commit(self.last + 1, batch) {
+        let first = self.last + 1;
+        let epoch = self.open()?;
+        match epoch.commit(first, batch) {
             Ok(()) => {
                 self.last += batch;
                 Ok(())
@@ -90,14 +102,8 @@ impl Writer {
     }
 
     fn verify(&mut self) -> Result<(), String> {
-        let epoch = match &self.epoch {
-            Some(e) => e,
-            None => {
-                self.epoch = Some(vere::Epoch::open(&self.dir).map_err(|e| e.to_string())?);
-                self.epoch.as_ref().unwrap()
-            }
-        };
-        epoch.verify(1, self.last)
+        let last = self.last;
+        self.open()?.verify(1, last)
     }
 
     fn close(mut self) -> u64 {
@@ -162,6 +168,7 @@ fn a_full_leader_disk_fails_writes_loses_nothing_and_resumes_when_space_returns(
     // free-space reading may be stale for a moment, so allow a bounded number of refusals.
     fs::remove_file(&filler).unwrap();
     let free = disk.free_bytes();
+    eprintln!("free after removing the filler: {free} bytes");
     let mut refused = Vec::new();
     for _ in 0..500 {
         match w.commit(5) {
