@@ -145,6 +145,13 @@ fn a_full_leader_disk_fails_writes_loses_nothing_and_resumes_when_space_returns(
         }
     }
     let first_failure = first_failure.expect("commits kept succeeding on a full disk");
+    // ENOSPC when the free-space check refused the write; EIO when a write got in first
+    // and its fsync timed out waiting for the log.
+    assert!(
+        first_failure.contains("No space left on device")
+            || first_failure.contains("Input/output error"),
+        "{first_failure}"
+    );
     eprintln!(
         "first failed commit after filling: {first_failure}; acked {acked_before} -> {}",
         w.last

@@ -15,6 +15,15 @@
 //! machine task, so no entry is applied while the tree is walked and the image is exactly
 //! the state at the applied index. openraft also asks once at startup, only to learn the
 //! snapshot's id; that first answer carries no image.
+//!
+//! A full disk (ENOSPC, EDQUOT) while applying or checkpointing is waited out: the entry is
+//! tried again every `disk_full_retry_ms` (`diskfull.rs`), with the lock released between
+//! tries, resuming at the op that failed (`Resume`), so an op that already took effect is
+//! never applied a second time with a different result (an exclusive create coming back as
+//! EEXIST). After `disk_full_wait_ms` the failure is fatal. A checkpoint taken between two
+//! tries (openraft builds snapshots in a task of their own) records the entry before, so a
+//! replay after a crash repeats the whole entry: only data ops can be partly applied then
+//! (a namespace op is proposed alone in its batch), and data ops converge.
 
 use std::collections::VecDeque;
 use std::io;
