@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::cluster::Cluster;
-use common::mount::{bin, write_fsync, Daemon, TestDir};
+use common::mount::{bin, copy_tree, write_fsync, Daemon, TestDir};
 use common::vere;
 use tmpfs::Tmpfs;
 
@@ -302,18 +302,12 @@ fn cp_a(from: &Path, to: &Path) {
     assert!(st.success(), "cp -a {} {}", from.display(), to.display());
 }
 
-/// A follower's data dir fills while the leader keeps acknowledging fsyncs (the other
-/// follower is the ack). The full follower waits, still running and answering status,
-/// and catches up by itself once space is freed: no restart, same tree as the others.
-#[test]
-fn a_full_follower_waits_and_catches_up_when_space_returns() {
-    let mut c = Cluster::start(3, None, &["--disk-full-retry-ms", "20"]);
-    let leader = c.wait_leader(Duration::from_secs(30));
-    let f = c.nodes().find(|i| *i != leader).unwrap();
-    // Move the follower's data dir onto a small tmpfs.
-    c.stop(f);
-    let data = c.data_dir(f);
-    let backup = c.dir().join("follower-backup");
+/// Stop node `i`, move its data dir onto a fresh 64 MiB tmpfs mounted at the same path,
+/// start it again and wait for the cluster to converge.
+fn move_onto_tmpfs(c: &mut Cluster, i: usize) -> Tmpfs {
+    c.stop(i);
+    let data = c.data_dir(i);
+    let backup = c.dir().join(&format!("node{i}-backup"));
     cp_a(&data, &backup);
     fs::remove_dir_all(&data).unwrap();
     let disk = Tmpfs::mount(&data, "64m");
@@ -323,9 +317,22 @@ fn a_full_follower_waits_and_catches_up_when_space_returns() {
         .status()
         .unwrap();
     assert!(st.success());
-    c.restart(f);
+    c.restart(i);
     c.wait_converged(Duration::from_secs(60));
+    disk
+}
+
+/// A follower's data dir fills while the leader keeps acknowledging fsyncs (the other
+/// follower is the ack). The full follower waits, still running and answering status,
+/// and catches up by itself once space is freed: no restart, same tree as the others.
+#[test]
+fn a_full_follower_waits_and_catches_up_when_space_returns() {
+    let mut c = Cluster::start(3, None, &["--disk-full-retry-ms", "20"]);
+    let leader = c.wait_leader(Duration::from_secs(30));
+    let f = c.nodes().find(|i| *i != leader).unwrap();
+    let disk = move_onto_tmpfs(&mut c, f);
     let pid = c.pid(f);
+    let data = c.data_dir(f);
 
     let filler = disk.fill("filler");
     let mnt = c.mountpoint(leader);
@@ -360,5 +367,99 @@ fn a_full_follower_waits_and_catches_up_when_space_returns() {
     }
     let text = c.stop(f);
     assert!(text.contains("done waiting for space"), "{text}");
+    drop(disk);
+}
+
+/// The leader of a 3-node cluster runs out of space under a vere-shaped writer: its
+/// commits fail (never a false success), the acknowledged events stay, and once space is
+/// freed the cluster takes writes again (on this node, or on the member that took over
+/// while this one's log waited), with every acknowledged event, and all trees converge.
+#[test]
+fn a_full_leader_in_a_cluster_loses_nothing_and_the_cluster_writes_again() {
+    let mut c = Cluster::start(3, None, &daemon_args());
+    let first = c.wait_leader(Duration::from_secs(30));
+    let l = c.nodes().find(|i| *i != first).unwrap();
+    let disk = move_onto_tmpfs(&mut c, l);
+    let st = Command::new(bin())
+        .args(["transfer-leader"])
+        .arg(c.data_dir(first))
+        .args(["--to", &l.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "transfer-leader: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let leader = c.wait_leader(Duration::from_secs(30));
+    assert_eq!(leader, l, "leadership went elsewhere");
+
+    let log = c.mountpoint(l).join("pier/.urb/log");
+    vere::create_pier(&log).unwrap();
+    let mut w = Writer {
+        dir: log.join("0i0"),
+        epoch: None,
+        last: 0,
+    };
+    for _ in 0..20 {
+        w.commit(10).unwrap();
+    }
+    let filler = disk.fill("filler");
+    let mut failed = false;
+    for _ in 0..200 {
+        if w.commit(5).is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "commits kept succeeding on the leader's full disk");
+    for i in 0..3 {
+        assert!(
+            w.commit(5).is_err(),
+            "commit {i} on a full leader succeeded"
+        );
+    }
+    w.verify().unwrap();
+    let acked = w.close();
+    assert!(c.status(l).is_some(), "the full leader answers status");
+
+    fs::remove_file(&filler).unwrap();
+    // Whoever leads now (this node, or one elected while its log waited) takes writes.
+    let leader = c.wait_leader(Duration::from_secs(60));
+    let log = c.mountpoint(leader).join("pier/.urb/log");
+    let mut w = Writer {
+        dir: log.join("0i0"),
+        epoch: None,
+        last: acked,
+    };
+    let mut resumed = false;
+    for _ in 0..500 {
+        if w.commit(5).is_ok() {
+            resumed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        resumed,
+        "no commit succeeded on node {leader} after space was freed"
+    );
+    for _ in 0..10 {
+        w.commit(5).unwrap();
+    }
+    let acked = w.close();
+    // Identical trees everywhere; the one that was full, copied (LMDB adds a lock file
+    // where it opens), holds every acknowledged event and opens clean.
+    c.wait_converged(Duration::from_secs(60));
+    let copy = c.dir().join("verify-copy");
+    copy_tree(&c.data_dir(l).join("tree"), &copy);
+    vere::verify_through(&copy.join("pier/.urb/log"), acked)
+        .unwrap_or_else(|e| c.fail(&format!("node {l}'s tree: {e}")));
+    let text = c.stop(l);
+    assert!(text.contains("new writes answer ENOSPC"), "{text}");
+    eprintln!(
+        "node {l} filled up; node {leader} took the writes after; node {l}'s log waited: {}",
+        text.contains("what=\"raft log append\"")
+    );
     drop(disk);
 }
