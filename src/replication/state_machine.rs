@@ -642,7 +642,6 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
     use crate::diskfull::DiskGauges;
-    use crate::op::Batch;
     use crate::sync::tests::{wait_until, Tmpfs};
     use std::time::Duration;
 
