@@ -10,6 +10,7 @@ use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -41,6 +42,10 @@ pub struct Status {
     pub applied_index: u64,
     pub acks: u64,
     pub writable: bool,
+    /// New writes answer ENOSPC: the data dir's free space is below `disk_reserve_bytes`.
+    pub disk_refusing_writes: bool,
+    /// Log appends, vote saves or tree applies waiting for space on a full data dir.
+    pub disk_waiting: u64,
     pub members: Vec<u64>,
     /// Non-voting members.
     pub learners: Vec<u64>,
@@ -84,7 +89,7 @@ impl Status {
         format!(
             "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
              \"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
-             \"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}},\
+             \"disk_refusing_writes\":{},\"disk_waiting\":{},\"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}},\
              \"lag\":{{{}}},\"fsync_acks\":{},\"fsync_failures\":{},\"fsync_samples\":{},\
              \"fsync_p50_us\":{},\"fsync_p99_us\":{}}}",
             self.node_id,
@@ -96,6 +101,8 @@ impl Status {
             self.applied_index,
             self.acks,
             self.writable,
+            self.disk_refusing_writes,
+            self.disk_waiting,
             members.join(","),
             learners.join(","),
             opt(self.export_until),
@@ -127,11 +134,18 @@ pub async fn collect(control: &Control) -> Status {
     let (raft, role, acks) = (&control.raft, &control.role, control.acks);
     // The network's counters hold the node's fsync figures too (`metrics.rs`).
     let fsync = &control.net.registry.fsync;
+    let disk = &control.net.registry.disk;
     let m = raft.metrics().borrow().clone();
-    let committed = raft
-        .with_raft_state(|st| st.committed.map_or(0, |l| l.index))
-        .await
-        .unwrap_or(0);
+    let applied_index = m.last_applied.map_or(0, |l| l.index);
+    // The committed index lives in the Raft core, which is busy for as long as a log
+    // append waits for space on a full disk: status must answer anyway, so past a short
+    // wait it reports the applied index, which committed is never below.
+    let committed = tokio::time::timeout(
+        Duration::from_millis(control.limits.status_raft_wait_ms),
+        raft.with_raft_state(|st| st.committed.map_or(0, |l| l.index)),
+    )
+    .await
+    .map_or(applied_index, |r| r.unwrap_or(0));
     let members: Vec<u64> = m.membership_config.membership().voter_ids().collect();
     let learners: Vec<u64> = m.membership_config.membership().learner_ids().collect();
     let matched: Vec<(u64, Option<u64>)> = m
@@ -156,9 +170,11 @@ pub async fn collect(control: &Control) -> Status {
         leader_id: m.current_leader,
         last_index,
         committed_index: committed,
-        applied_index: m.last_applied.map_or(0, |l| l.index),
+        applied_index,
         acks,
         writable: role.writable(),
+        disk_refusing_writes: disk.refusing.load(Ordering::Relaxed),
+        disk_waiting: disk.waiting.load(Ordering::Relaxed),
         members,
         learners,
         export_until: control.state_machine.export_until(),
@@ -409,6 +425,8 @@ mod tests {
             applied_index: 39,
             acks: 1,
             writable: true,
+            disk_refusing_writes: false,
+            disk_waiting: 0,
             members: vec![1, 2, 3],
             learners: vec![4],
             export_until: None,
@@ -427,7 +445,7 @@ mod tests {
             j,
             "{\"node_id\":2,\"role\":\"leader\",\"term\":7,\"leader_id\":2,\"last_index\":40,\
              \"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
-             \"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
+             \"disk_refusing_writes\":false,\"disk_waiting\":0,\"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
              \"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
              \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_samples\":12,\
              \"fsync_p50_us\":850,\"fsync_p99_us\":2100}"

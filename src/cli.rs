@@ -248,6 +248,18 @@ pub struct MountArgs {
     /// Shortest election timeout (the longest is 1.25 times this).
     #[arg(long, default_value_t = Limits::default().election_timeout_min_ms)]
     pub election_timeout_min_ms: u64,
+    /// Free space on the data dir below which new writes answer ENOSPC.
+    #[arg(long, default_value_t = Limits::default().disk_reserve_bytes)]
+    pub disk_reserve_bytes: u64,
+    /// How long one free-space reading is reused by that check.
+    #[arg(long, default_value_t = Limits::default().disk_free_check_ms)]
+    pub disk_free_check_ms: u64,
+    /// How often a log append or tree apply that met a full disk is retried.
+    #[arg(long, default_value_t = Limits::default().disk_full_retry_ms)]
+    pub disk_full_retry_ms: u64,
+    /// How long a full disk is waited out before it is a fatal storage error.
+    #[arg(long, default_value_t = Limits::default().disk_full_wait_ms)]
+    pub disk_full_wait_ms: u64,
     /// Test hook: while this file exists the log's fdatasync fails with EIO.
     #[arg(long, hide = true)]
     pub fault_log_sync_file: Option<PathBuf>,
@@ -317,6 +329,10 @@ impl MountArgs {
             "election_timeout_min_ms",
             Value::Int(self.election_timeout_min_ms),
         )?;
+        put("disk_reserve_bytes", Value::Int(self.disk_reserve_bytes))?;
+        put("disk_free_check_ms", Value::Int(self.disk_free_check_ms))?;
+        put("disk_full_retry_ms", Value::Int(self.disk_full_retry_ms))?;
+        put("disk_full_wait_ms", Value::Int(self.disk_full_wait_ms))?;
         put("fault_log_sync_file", path(self.fault_log_sync_file))?;
         for opts in &self.options {
             crate::mount_options::parse(opts, self.sloppy, &mut layer)?;

@@ -60,6 +60,20 @@ pub struct Limits {
     pub member_catchup_timeout_ms: u64,
     /// `transfer-leader`: each of its waits (target catching up, target taking over).
     pub transfer_timeout_ms: u64,
+    /// The writable leader answers ENOSPC to new writes while the data dir's file system
+    /// has less free space than this, so the log and the tree keep room to finish what was
+    /// already accepted.
+    pub disk_reserve_bytes: u64,
+    /// How long a free-space reading (statvfs) is reused by that check.
+    pub disk_free_check_ms: u64,
+    /// A log append, vote or tree apply that met a full disk is retried this often.
+    pub disk_full_retry_ms: u64,
+    /// ...for at most this long; then the failure is fatal, as any other storage error.
+    pub disk_full_wait_ms: u64,
+    /// How long `status` (and a metrics scrape) waits for the Raft core's committed index
+    /// before reporting the applied index instead (the core is busy while the log waits
+    /// for space).
+    pub status_raft_wait_ms: u64,
 }
 
 impl Default for Limits {
@@ -90,6 +104,11 @@ impl Default for Limits {
             fsync_recent_samples_max: 1_024,
             member_catchup_timeout_ms: 600_000,
             transfer_timeout_ms: 10_000,
+            disk_reserve_bytes: 64 << 20,
+            disk_free_check_ms: 100,
+            disk_full_retry_ms: 200,
+            disk_full_wait_ms: 600_000,
+            status_raft_wait_ms: 500,
         }
     }
 }
@@ -227,6 +246,11 @@ impl Limits {
             1_000,
             600_000,
         )?;
+        check("disk_reserve_bytes", self.disk_reserve_bytes, 0, 1 << 40)?;
+        check("disk_free_check_ms", self.disk_free_check_ms, 1, 60_000)?;
+        check("disk_full_retry_ms", self.disk_full_retry_ms, 1, 60_000)?;
+        check("disk_full_wait_ms", self.disk_full_wait_ms, 0, 86_400_000)?;
+        check("status_raft_wait_ms", self.status_raft_wait_ms, 10, 60_000)?;
         Ok(())
     }
 }

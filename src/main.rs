@@ -8,6 +8,7 @@ mod config;
 mod config_file;
 mod daemon;
 mod datadir;
+mod diskfull;
 mod fs;
 mod fuse;
 mod metrics;

@@ -220,6 +220,9 @@ impl PeerCounters {
 /// Everything the daemon counts, shared by the parts that count it.
 pub struct Registry {
     pub fsync: FsyncStats,
+    /// Disk-full state, set by the log store, the state machine and the leader's
+    /// free-space check.
+    pub disk: Arc<crate::diskfull::DiskGauges>,
     /// By node id. Members are known at start; one added later gets its counters on its
     /// first link.
     peers: Mutex<BTreeMap<u64, Arc<PeerCounters>>>,
@@ -229,6 +232,7 @@ impl Registry {
     pub fn new(limits: &Limits, others: impl IntoIterator<Item = u64>) -> Registry {
         Registry {
             fsync: FsyncStats::new(limits.fsync_recent_samples_max),
+            disk: Arc::default(),
             peers: Mutex::new(others.into_iter().map(|id| (id, Arc::default())).collect()),
         }
     }
@@ -367,6 +371,16 @@ pub fn render(st: &Status, reg: &Registry) -> String {
         "seguro_writable",
         "1 while this node's mount accepts writes (the leader, caught up in its term).",
         u64::from(st.writable),
+    );
+    o.gauge(
+        "seguro_disk_refusing_writes",
+        "1 while new writes answer ENOSPC: free space on the data dir is below disk_reserve_bytes.",
+        u64::from(st.disk_refusing_writes),
+    );
+    o.gauge(
+        "seguro_disk_full_waiting",
+        "Log appends, vote saves and tree applies waiting for space on a full data dir.",
+        st.disk_waiting,
     );
     o.gauge("seguro_term", "Current Raft term.", st.term);
     o.gauge(
@@ -706,6 +720,8 @@ mod tests {
             applied_index: 39,
             acks: 1,
             writable: true,
+            disk_refusing_writes: true,
+            disk_waiting: 2,
             members: vec![1, 2, 3],
             learners: vec![],
             export_until: None,
@@ -720,6 +736,8 @@ mod tests {
             "seguro_role{role=\"leader\"} 1",
             "seguro_role{role=\"follower\"} 0",
             "seguro_writable 1",
+            "seguro_disk_refusing_writes 1",
+            "seguro_disk_full_waiting 2",
             "seguro_member_matched_index{member=\"1\"} 40",
             "seguro_member_lag_entries{member=\"3\"} 41",
             "seguro_fsync_ack_seconds_bucket{le=\"0.0001\"} 1",

@@ -79,6 +79,10 @@ pub const KEYS: &[Key] = &[
     key("log_keep_entries", Kind::Int),
     key("heartbeat_ms", Kind::Int),
     key("election_timeout_min_ms", Kind::Int),
+    key("disk_reserve_bytes", Kind::Int),
+    key("disk_free_check_ms", Kind::Int),
+    key("disk_full_retry_ms", Kind::Int),
+    key("disk_full_wait_ms", Kind::Int),
 ];
 
 /// The key naming the config file (`--config`, `-o config=`).
@@ -469,6 +473,10 @@ fn validate(m: &Layer) -> Result<MountConfig, ConfigError> {
         log_keep_entries: int("log_keep_entries", d.log_keep_entries),
         heartbeat_ms: int("heartbeat_ms", d.heartbeat_ms),
         election_timeout_min_ms: int("election_timeout_min_ms", d.election_timeout_min_ms),
+        disk_reserve_bytes: int("disk_reserve_bytes", d.disk_reserve_bytes),
+        disk_free_check_ms: int("disk_free_check_ms", d.disk_free_check_ms),
+        disk_full_retry_ms: int("disk_full_retry_ms", d.disk_full_retry_ms),
+        disk_full_wait_ms: int("disk_full_wait_ms", d.disk_full_wait_ms),
         ..d
     };
     limits

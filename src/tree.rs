@@ -4,7 +4,12 @@
 //! Error policy: an op's outcome that follows from the tree's contents (ENOENT, EEXIST,
 //! ENOTEMPTY, EISDIR, …) is the op's *result*, identical on every replica because their
 //! trees are identical, and goes back to the proposer. A failure that is about this host
-//! (EIO, ENOSPC, EDQUOT, EROFS) is fatal: carrying on would make this replica diverge.
+//! (EIO, ENOSPC, EDQUOT, EROFS) is an `Err`, never an op result: reporting it as one would
+//! make this replica diverge. ENOSPC and EDQUOT keep their errno, so the state machine can
+//! retry the op once space is freed (every op here is one syscall with no effect when it
+//! fails, or a pwrite that a retry simply repeats). A failed fdatasync is never retried:
+//! after it the page cache may hold clean pages that never reached the disk, so it is
+//! reported without an errno, which makes it fatal (restart replays from the checkpoint).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
@@ -88,8 +93,9 @@ impl TreeApplier {
                 // Evict one; a dirty file is synced first so the checkpoint stays honest.
                 let victim = self.files.keys().next().cloned().expect("cache is full");
                 let f = self.files.remove(&victim).expect("key just read");
-                if self.dirty_files.remove(&victim) {
-                    fdatasync(&f)?;
+                if self.dirty_files.contains(&victim) {
+                    fdatasync(&f).map_err(|e| sync_failed(&victim, e))?;
+                    self.dirty_files.remove(&victim);
                 }
             }
             let f = OpenOptions::new().write(true).open(self.abs(rel))?;
@@ -226,27 +232,42 @@ impl TreeApplier {
     /// Make everything applied so far durable: fdatasync written files, fsync directories
     /// whose entries changed. Called before a checkpoint records the applied id.
     pub fn sync(&mut self) -> io::Result<()> {
-        for rel in std::mem::take(&mut self.dirty_files) {
+        // Each name leaves its set only once synced: a checkpoint that failed part-way
+        // (then retried) must still sync what it did not reach.
+        let files: Vec<String> = self.dirty_files.iter().cloned().collect();
+        for rel in files {
             if let Some(f) = self.files.get(&rel) {
-                fdatasync(f)?;
+                fdatasync(f).map_err(|e| sync_failed(&rel, e))?;
             } else {
                 // Closed since it was written (namespace op cleared the cache): reopen.
                 match File::open(self.abs(&rel)) {
-                    Ok(f) => fdatasync(&f)?,
+                    Ok(f) => fdatasync(&f).map_err(|e| sync_failed(&rel, e))?,
                     Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                     Err(e) => return Err(e),
                 }
             }
+            self.dirty_files.remove(&rel);
         }
-        for rel in std::mem::take(&mut self.dirty_dirs) {
+        let dirs: Vec<String> = self.dirty_dirs.iter().cloned().collect();
+        for rel in dirs {
             match fsync_dir(&self.abs(&rel)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(e),
+                Err(e) => return Err(sync_failed(&rel, e)),
             }
+            self.dirty_dirs.remove(&rel);
         }
         Ok(())
     }
+}
+
+/// A failed fsync of the tree, without its errno: not a full disk to wait out, since a
+/// retry could succeed without writing the pages this one failed to write.
+fn sync_failed(rel: &str, e: io::Error) -> io::Error {
+    io::Error::other(format!(
+        "fsync of tree/{rel} failed: {e}; what it covered may not be on disk, so the node \
+         stops (a restart replays the log from the last checkpoint)"
+    ))
 }
 
 #[cfg(test)]

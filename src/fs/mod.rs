@@ -6,6 +6,11 @@
 //!   after the entry is applied, with the errno the tree produced.
 //! - fsync/fsyncdir close the open batch and wait until the log holds every batch accepted
 //!   before them durably (fdatasync'd), or fail with EIO.
+//! - While the data dir's free space is below `disk_reserve_bytes`, ops that add replicated
+//!   bytes (write, fallocate, create, mknod, mkdir, rename, link, symlink) answer ENOSPC at
+//!   once, as a native full disk does, instead of being proposed (`diskfull.rs`); ops that
+//!   free space (unlink, rmdir, truncate) and fsync still run. fsync never answers 0 for
+//!   bytes that are not durable: it waits for them as always, and answers EIO on timeout.
 //! - Files named in `local_names` (lock.mdb) live in `DATA_DIR/local/`, are never
 //!   replicated, and are served with plain syscalls.
 //!
@@ -39,6 +44,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch, Notify};
 
 use crate::config::Limits;
+use crate::diskfull::SpaceGate;
 use crate::metrics::{FsyncOutcome, Registry};
 use crate::op::{Op, Timespec};
 use crate::replication::log_store::FlushState;
@@ -102,6 +108,8 @@ pub struct Fs {
     registry: Arc<Registry>,
     /// Invalidations go to the kernel from their own thread (see `Invalidator`).
     invalidator: Invalidator,
+    /// Free space on the data dir, for refusing new bytes before the disk is full.
+    space: SpaceGate,
 }
 
 /// What `Fs::new` needs from the replication side.
@@ -180,6 +188,7 @@ fn attr_from(ino: u64, m: &Metadata, size: u64) -> FileAttr {
 impl Fs {
     pub fn new(p: FsParts) -> io::Result<Fs> {
         let root_st_ino = fs::metadata(&p.tree_root)?.ino();
+        let space = SpaceGate::new(p.data_dir.clone(), &p.limits, p.registry.disk.clone());
         Ok(Fs {
             rt: p.rt,
             tree_root: p.tree_root,
@@ -201,6 +210,7 @@ impl Fs {
             my_id: p.my_id,
             acks: p.acks,
             acked_seq: AtomicU64::new(0),
+            space,
             registry: p.registry,
             invalidator: Invalidator::default(),
         })
@@ -239,6 +249,16 @@ impl Fs {
             Ok(())
         } else {
             Err(Errno(libc::EROFS))
+        }
+    }
+
+    /// New replicated bytes need room on the data dir: ENOSPC at once, as a native full
+    /// disk answers, rather than an entry the log may have no room for.
+    fn check_room(&self) -> FsResult<()> {
+        if self.space.has_room() {
+            Ok(())
+        } else {
+            Err(Errno(libc::ENOSPC))
         }
     }
 
@@ -342,6 +362,18 @@ impl Fs {
     /// Propose `op` alone and wait until it is applied; returns the tree's errno for it.
     fn propose_and_wait(&self, op: Op) -> FsResult<()> {
         self.check_writable()?;
+        if matches!(
+            op,
+            Op::Create { .. }
+                | Op::Mkdir { .. }
+                | Op::Rename { .. }
+                | Op::Link { .. }
+                | Op::Symlink { .. }
+        ) {
+            // Unlink, rmdir and attribute changes stay possible: they are how space is
+            // freed.
+            self.check_room()?;
+        }
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
@@ -753,6 +785,7 @@ impl Fs {
             return Ok(data.len() as u32);
         }
         self.check_writable()?;
+        self.check_room()?;
         self.wait_for_room()?;
         let _ns = self.ns_lock.read().expect("ns lock poisoned");
         // Re-read the path under the namespace lock: a rename may have just finished.
@@ -1133,6 +1166,7 @@ impl Fs {
             return Ok(());
         }
         self.check_writable()?;
+        self.check_room()?;
         let _ns = self.ns_lock.read().expect("ns lock poisoned");
         let path = self.node(ino)?.path.ok_or(Errno(libc::ENOENT))?;
         // Size check and truncate-to-grow are one step under the pending and overlay

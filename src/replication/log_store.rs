@@ -8,6 +8,12 @@
 //! (measured: see docs/BENCHMARKS.md).
 //! A failed fdatasync is sticky: the page cache's state is unknown after it (the
 //! "fsyncgate" lesson), so every later append fails too and the node must be restarted.
+//! The exception is a full disk (ENOSPC, EDQUOT, see `diskfull.rs`), at any step of an
+//! append (record write, pre-zeroing, rotation, fdatasync) or of a vote save: the batch's
+//! in-memory bookkeeping is rolled back, segments it created are deleted, and the whole
+//! batch is written again from its encoded records every `disk_full_retry_ms`, for at most
+//! `disk_full_wait_ms`. Nothing is reported flushed until an fdatasync after a complete
+//! rewrite succeeds.
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
@@ -26,6 +32,7 @@ use tokio::sync::watch;
 
 use super::record::{self, HEADER_BYTES};
 use super::{Entry, TypeConfig};
+use crate::diskfull::{self, DiskFullPolicy};
 use crate::sync::{fdatasync, fsync_dir, write_file_durably};
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
@@ -50,6 +57,8 @@ pub struct LogOptions {
     pub origin: u64,
     /// Test hook: while this file exists, fdatasync of the log reports EIO.
     pub fault_sync_file: Option<PathBuf>,
+    /// How a full disk is waited out.
+    pub disk: DiskFullPolicy,
 }
 
 struct Segment {
@@ -87,7 +96,8 @@ struct Flush {
 }
 
 impl Flush {
-    /// fdatasync `files`; a failure is sticky.
+    /// fdatasync `files`. A failure is sticky, except a full disk: the caller rewrites
+    /// the batch and syncs again (see [`LogStore::try_append`]).
     fn sync(&self, files: &[Arc<File>]) -> io::Result<()> {
         if self.failed.load(Ordering::Acquire) {
             return Err(io::Error::other("an earlier log fdatasync failed"));
@@ -103,13 +113,49 @@ impl Flush {
                 break;
             }
         }
-        if let Err(e) = &result {
-            tracing::error!(error = %e, "log fdatasync failed; the log is now read-only until restart");
-            self.failed.store(true, Ordering::Release);
-            self.state.send_modify(|s| s.failed = true);
+        match &result {
+            Err(e) if !diskfull::is_full(e) => self.fail(e),
+            _ => {}
         }
         result
     }
+
+    /// Nothing will be reported flushed again.
+    fn fail(&self, e: &io::Error) {
+        tracing::error!(error = %e, "log fdatasync failed; the log is now read-only until restart");
+        self.failed.store(true, Ordering::Release);
+        self.state.send_modify(|s| s.failed = true);
+    }
+}
+
+/// One record of a batch being appended, encoded once and kept until it is durable.
+struct Pending {
+    log_id: LogId<u64>,
+    bytes: Vec<u8>,
+}
+
+/// How one attempt at appending a batch ended badly.
+enum AppendFailure {
+    /// A record write, pre-zeroing or rotation failed: fatal, as before.
+    Write(io::Error),
+    /// The fdatasync failed: reported through the flush callback.
+    Sync(io::Error),
+}
+
+impl AppendFailure {
+    fn error(&self) -> &io::Error {
+        match self {
+            AppendFailure::Write(e) | AppendFailure::Sync(e) => e,
+        }
+    }
+}
+
+/// Where the log ended before a batch: what a failed attempt is rolled back to.
+struct Mark {
+    active_len: u64,
+    zeroed_len: u64,
+    last_log_id: Option<LogId<u64>>,
+    last_segment: Option<u64>,
 }
 
 /// The log store handed to openraft. Cloning shares the same log.
@@ -117,6 +163,7 @@ impl Flush {
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     flush: Arc<Flush>,
+    disk: DiskFullPolicy,
 }
 
 /// Records smaller than this are written into pre-zeroed space (see `Inner::prezero`).
@@ -357,6 +404,37 @@ impl Inner {
         Ok(())
     }
 
+    /// Where the log ends now, to roll a failed append back to.
+    fn mark(&self) -> Mark {
+        Mark {
+            active_len: self.active_len,
+            zeroed_len: self.zeroed_len,
+            last_log_id: self.last_log_id,
+            last_segment: self.segments.keys().next_back().copied(),
+        }
+    }
+
+    /// Forget an attempt that wrote records from index `first` on, and delete the segments
+    /// it created: the retry writes the same records to the same places again. Bytes it
+    /// left past `mark.active_len` are never read as records (the retry overwrites them, or
+    /// recovery cuts them as an unflushed tail).
+    fn rollback(&mut self, mark: &Mark, first: u64) {
+        let created: Vec<u64> = match mark.last_segment {
+            Some(k) => self.segments.range(k + 1..).map(|(k, _)| *k).collect(),
+            None => self.segments.keys().copied().collect(),
+        };
+        for k in created {
+            let seg = self.segments.remove(&k).expect("listed above");
+            if let Err(e) = fs::remove_file(&seg.path) {
+                tracing::warn!(segment = %seg.path.display(), error = %e, "could not remove a log segment of a failed append");
+            }
+        }
+        self.locs.split_off(&first);
+        self.active_len = mark.active_len;
+        self.zeroed_len = mark.zeroed_len;
+        self.last_log_id = mark.last_log_id;
+    }
+
     /// Where the records of `start..end` are: read them with [`read_entries`] after the
     /// lock is released, so replication reads never hold up an append.
     fn locate(&self, start: u64, end: u64) -> Vec<(u64, Arc<File>, PathBuf, u64)> {
@@ -425,6 +503,7 @@ impl LogStore {
                     fault: opts.fault_sync_file,
                     failed: AtomicBool::new(false),
                 }),
+                disk: opts.disk,
             },
             state_rx,
         ))
@@ -432,6 +511,56 @@ impl LogStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("log store mutex poisoned")
+    }
+
+    /// Write `batch` after the log's end and fdatasync the segments it touched. On a full
+    /// disk the attempt is rolled back, so the next one writes every record again: that
+    /// rewrite is what makes a retried fdatasync honest after one that failed with ENOSPC
+    /// (the pages whose writeback failed may be clean and stale now; rewritten, they are
+    /// dirty with the right bytes, so a successful fdatasync covers all of them).
+    fn try_append(&self, batch: &[Pending]) -> Result<(), AppendFailure> {
+        let Some(first) = batch.first().map(|r| r.log_id.index) else {
+            return Ok(());
+        };
+        let mut g = self.lock();
+        let mark = g.mark();
+        let mut files: Vec<Arc<File>> = Vec::new();
+        let mut write = || -> io::Result<()> {
+            for rec in batch {
+                let index = rec.log_id.index;
+                if g.segments.is_empty() || g.active_len >= g.segment_bytes_max {
+                    g.rotate(index)?;
+                }
+                let (&seg_first, seg) = g.segments.last_key_value().expect("a segment exists");
+                let file = seg.file.clone();
+                g.prezero(&file, rec.bytes.len() as u64)?;
+                let offset = g.active_len;
+                file.write_all_at(&rec.bytes, offset)?;
+                if !files.iter().any(|f| Arc::ptr_eq(f, &file)) {
+                    files.push(file);
+                }
+                g.active_len += rec.bytes.len() as u64;
+                g.locs.insert(index, Loc { seg_first, offset });
+                g.last_log_id = Some(rec.log_id);
+            }
+            Ok(())
+        };
+        if let Err(e) = write() {
+            if diskfull::is_full(&e) {
+                g.rollback(&mark, first);
+            }
+            return Err(AppendFailure::Write(e));
+        }
+        // Readers (replication streams) need not wait for the disk. No other append,
+        // truncate or purge can run meanwhile: openraft awaits this one first.
+        drop(g);
+        if let Err(e) = self.flush.sync(&files) {
+            if diskfull::is_full(&e) {
+                self.lock().rollback(&mark, first);
+            }
+            return Err(AppendFailure::Sync(e));
+        }
+        Ok(())
     }
 }
 
@@ -462,17 +591,23 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
-        let mut g = self.lock();
         let text = format!(
             "{} {} {}",
             vote.leader_id.term,
             vote.leader_id.node_id,
             u8::from(vote.committed)
         );
-        write_file_durably(&g.dir.join("vote"), text.as_bytes())
-            .map_err(|e| StorageError::from(StorageIOError::write_vote(AnyError::new(&e))))?;
-        g.vote = Some(*vote);
-        Ok(())
+        // Each try rewrites the temp file whole before its fdatasync and rename, so a
+        // retry after ENOSPC is as durable as a first try.
+        self.disk
+            .retry("raft vote save", || {
+                let mut g = self.lock();
+                write_file_durably(&g.dir.join("vote"), text.as_bytes())?;
+                g.vote = Some(*vote);
+                Ok(())
+            })
+            .await
+            .map_err(|e| StorageError::from(StorageIOError::write_vote(AnyError::new(&e))))
     }
 
     async fn read_vote(&mut self) -> StorageResult<Option<Vote<u64>>> {
@@ -484,38 +619,38 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut g = self.lock();
-        let mut files: Vec<Arc<File>> = Vec::new();
+        let origin = self.lock().origin;
         let mut seq = None;
         let mut last_index = 0;
-        for entry in entries {
-            let index = entry.log_id.index;
-            if g.segments.is_empty() || g.active_len >= g.segment_bytes_max {
-                g.rotate(index).map_err(io_write)?;
-            }
-            let bytes = record::encode(&entry);
-            let (&seg_first, seg) = g.segments.last_key_value().expect("a segment exists");
-            let file = seg.file.clone();
-            g.prezero(&file, bytes.len() as u64).map_err(io_write)?;
-            let offset = g.active_len;
-            file.write_all_at(&bytes, offset).map_err(io_write)?;
-            if !files.iter().any(|f| Arc::ptr_eq(f, &file)) {
-                files.push(file);
-            }
-            g.active_len += bytes.len() as u64;
-            g.locs.insert(index, Loc { seg_first, offset });
-            if let EntryPayload::Normal(b) = &entry.payload {
-                if b.origin == g.origin {
-                    seq = Some(b.seq);
+        let batch: Vec<Pending> = entries
+            .into_iter()
+            .map(|entry| {
+                if let EntryPayload::Normal(b) = &entry.payload {
+                    if b.origin == origin {
+                        seq = Some(b.seq);
+                    }
                 }
+                last_index = entry.log_id.index;
+                Pending {
+                    log_id: entry.log_id,
+                    bytes: record::encode(&entry),
+                }
+            })
+            .collect();
+        let mut wait = self.disk.waiter("raft log append");
+        let failure = loop {
+            match self.try_append(&batch) {
+                Ok(()) => break None,
+                Err(f) if diskfull::is_full(f.error()) => match wait.full(f.error()) {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => break Some(f),
+                },
+                Err(f) => break Some(f),
             }
-            last_index = index;
-            g.last_log_id = Some(entry.log_id);
-        }
-        // Readers (replication streams) need not wait for the disk.
-        drop(g);
-        match self.flush.sync(&files) {
-            Ok(()) => {
+        };
+        drop(wait);
+        match failure {
+            None => {
                 self.flush.state.send_modify(|s| {
                     s.flushed_index = s.flushed_index.max(last_index);
                     if let Some(seq) = seq {
@@ -524,7 +659,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 });
                 callback.log_io_completed(Ok(()));
             }
-            Err(e) => callback.log_io_completed(Err(e)),
+            Some(AppendFailure::Write(e)) => return Err(io_write(e)),
+            Some(AppendFailure::Sync(e)) => {
+                if diskfull::is_full(&e) {
+                    // Waited out: now as sticky as any other failed fdatasync.
+                    self.flush.fail(&e);
+                }
+                callback.log_io_completed(Err(e));
+            }
         }
         Ok(())
     }
@@ -563,11 +705,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> StorageResult<()> {
-        let mut g = self.lock();
         // Record the purge point first: after a crash, recovery skips records at or below
         // it, so deleting segments afterwards can never expose a gap.
-        write_file_durably(&g.dir.join("purged"), encode_log_id(&log_id).as_bytes())
+        let path = self.lock().dir.join("purged");
+        self.disk
+            .retry("raft log purge", || {
+                write_file_durably(&path, encode_log_id(&log_id).as_bytes())
+            })
+            .await
             .map_err(io_write)?;
+        let mut g = self.lock();
         g.purged = Some(log_id);
         let keep = g.locs.split_off(&(log_id.index + 1));
         g.locs = keep;
@@ -605,6 +752,7 @@ mod tests {
                 segment_bytes_max: 4 << 20,
                 origin: 1,
                 fault_sync_file: None,
+                disk: DiskFullPolicy::default(),
             })
             .map_err(io_write)?;
             let sm = StateMachine::for_test(t.path()).map_err(io_write)?;
@@ -625,6 +773,7 @@ mod tests {
             segment_bytes_max: 1000,
             origin: 1,
             fault_sync_file: None,
+            disk: DiskFullPolicy::default(),
         }
     }
 
@@ -759,6 +908,99 @@ mod tests {
         }
         let (mut log, _) = LogStore::open(o).unwrap();
         check(&mut log);
+    }
+
+    /// The log's file system fills up in the middle of a batch that also starts new
+    /// segments: the append waits (nothing reported flushed), then completes once space is
+    /// freed, and every record reads back intact, before and after reopening.
+    #[test]
+    fn a_full_disk_delays_an_append_until_space_returns_and_loses_nothing() {
+        use crate::diskfull::DiskGauges;
+        use crate::op::{Batch, Op};
+        use crate::sync::tests::{wait_until, Tmpfs};
+        use openraft::storage::RaftLogStorageExt;
+        let t = Tmpfs::mount("log-full", "2m");
+        let dir = t.path().join("raft");
+        let gauges = Arc::new(DiskGauges::default());
+        let mut o = opts(&dir);
+        o.disk = DiskFullPolicy {
+            retry: std::time::Duration::from_millis(5),
+            wait: std::time::Duration::from_secs(600),
+            gauges: gauges.clone(),
+        };
+        // 64 KiB each; segments of 1000 bytes: every record starts a segment.
+        let entry = |index: u64| openraft::Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Batch {
+                origin: 1,
+                seq: index,
+                ops: vec![Op::Write {
+                    path: "f".into(),
+                    offset: index * 65536,
+                    data: vec![index as u8; 65536],
+                }],
+            }),
+        };
+        let check = |log: &mut LogStore, rt: &tokio::runtime::Runtime| {
+            let got = rt.block_on(log.try_get_log_entries(1..=10)).unwrap();
+            assert_eq!(got.len(), 10);
+            for (i, e) in got.iter().enumerate() {
+                assert_eq!(e.log_id.index, i as u64 + 1);
+                let EntryPayload::Normal(b) = &e.payload else {
+                    panic!("entry {} is not a batch", i + 1)
+                };
+                let Op::Write { data, .. } = &b.ops[0] else {
+                    panic!()
+                };
+                assert!(data.iter().all(|&x| x == e.log_id.index as u8));
+            }
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (mut log, flush) = LogStore::open(o.clone()).unwrap();
+        rt.block_on(log.blocking_append((1..=5).map(entry)))
+            .unwrap();
+        assert_eq!(flush.borrow().flushed_index, 5);
+
+        let filler = t.fill();
+        let mut writer = log.clone();
+        let appending = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(writer.blocking_append((6..=10).map(entry)))
+                .map_err(|e| e.to_string())
+        });
+        wait_until("the append waits for space", || {
+            gauges.waiting.load(Ordering::Relaxed) == 1
+        });
+        assert!(!appending.is_finished());
+        assert_eq!(
+            flush.borrow().flushed_index,
+            5,
+            "nothing flushed while full"
+        );
+        assert_eq!(flush.borrow().flushed_seq, 5);
+        assert!(!flush.borrow().failed);
+
+        fs::remove_file(filler).unwrap();
+        appending.join().unwrap().unwrap();
+        assert_eq!(gauges.waiting.load(Ordering::Relaxed), 0);
+        assert_eq!(flush.borrow().flushed_index, 10);
+        assert_eq!(flush.borrow().flushed_seq, 10);
+        check(&mut log, &rt);
+        drop(log);
+        let (mut log, _) = LogStore::open(o).unwrap();
+        check(&mut log, &rt);
+        // No segment of a failed attempt was left behind: one per record.
+        let segs = fs::read_dir(&dir)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "seg")
+            })
+            .count();
+        assert_eq!(segs, 10);
     }
 
     /// openraft's storage conformance suite, run against this log store and state machine:

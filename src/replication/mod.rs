@@ -23,6 +23,7 @@ use tokio::sync::watch;
 
 use crate::config::MountConfig;
 use crate::datadir::DataDir;
+use crate::diskfull::DiskFullPolicy;
 use crate::fs::overlay::Overlay;
 use crate::op::{ApplyResult, Batch};
 use log_store::{FlushState, LogOptions, LogStore};
@@ -96,11 +97,13 @@ pub async fn start(
     registry: Arc<crate::metrics::Registry>,
 ) -> Result<Node, StartError> {
     let raft_dir = dir.raft_dir();
+    let disk = DiskFullPolicy::new(&cfg.limits, registry.disk.clone());
     let (log, flush_rx) = LogStore::open(LogOptions {
         dir: raft_dir.clone(),
         segment_bytes_max: cfg.limits.log_segment_bytes_max,
         origin,
         fault_sync_file: cfg.fault_log_sync_file.clone(),
+        disk: disk.clone(),
     })
     .map_err(|source| StartError::Log {
         path: raft_dir,
@@ -111,6 +114,7 @@ pub async fn start(
         cfg.limits.apply_open_files_max,
         Some(OverlayLink { origin, overlay }),
         observer,
+        disk,
     )
     .map_err(StartError::StateMachine)?;
 

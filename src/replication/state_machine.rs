@@ -15,6 +15,15 @@
 //! machine task, so no entry is applied while the tree is walked and the image is exactly
 //! the state at the applied index. openraft also asks once at startup, only to learn the
 //! snapshot's id; that first answer carries no image.
+//!
+//! A full disk (ENOSPC, EDQUOT) while applying or checkpointing is waited out: the entry is
+//! tried again every `disk_full_retry_ms` (`diskfull.rs`), with the lock released between
+//! tries, resuming at the op that failed (`Resume`), so an op that already took effect is
+//! never applied a second time with a different result (an exclusive create coming back as
+//! EEXIST). After `disk_full_wait_ms` the failure is fatal. A checkpoint taken between two
+//! tries (openraft builds snapshots in a task of their own) records the entry before, so a
+//! replay after a crash repeats the whole entry: only data ops can be partly applied then
+//! (a namespace op is proposed alone in its batch), and data ops converge.
 
 use std::collections::VecDeque;
 use std::io;
@@ -33,8 +42,9 @@ use super::checkpoint::{Checkpoint, CheckpointFile};
 use super::elections::Elections;
 use super::snapshot::{self, SnapshotFile};
 use super::{Entry, TypeConfig};
+use crate::diskfull::DiskFullPolicy;
 use crate::fs::overlay::Overlay;
-use crate::op::{ApplyResult, Op};
+use crate::op::{ApplyResult, Batch, Op};
 use crate::tree::TreeApplier;
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
@@ -80,6 +90,17 @@ struct Inner {
     overlay: Option<OverlayLink>,
     applied_tx: watch::Sender<u64>,
     shared: Arc<Shared>,
+    /// How far a batch got before its last try failed with a full disk.
+    resume: Option<Resume>,
+}
+
+/// The part of a batch already applied when a try stopped at a full disk.
+struct Resume {
+    index: u64,
+    /// The checkpoint a namespace op needs before it was written.
+    checkpointed: bool,
+    /// The results of the ops applied so far, in order: the next try starts after them.
+    errnos: Vec<i32>,
 }
 
 /// What admin and peer requests read without the state machine lock, which is held for
@@ -148,12 +169,14 @@ impl Inner {
         Ok(c)
     }
 
-    fn apply_one(&mut self, entry: Entry) -> io::Result<ApplyResult> {
+    /// Apply one entry. After a failure with a full disk the entry is tried again, and
+    /// the try resumes where this one stopped.
+    fn apply_one(&mut self, entry: &Entry) -> io::Result<ApplyResult> {
         let mut result = ApplyResult::default();
-        match entry.payload {
+        match &entry.payload {
             EntryPayload::Blank => {}
             EntryPayload::Membership(m) => {
-                self.membership = StoredMembership::new(Some(entry.log_id), m);
+                self.membership = StoredMembership::new(Some(entry.log_id), m.clone());
             }
             EntryPayload::Normal(_)
                 if self
@@ -161,44 +184,65 @@ impl Inner {
                     .export_until()
                     .is_some_and(|until| entry.log_id.index > until) => {}
             EntryPayload::Normal(batch) => {
-                if batch.ops.iter().any(|op| op.is_namespace()) {
-                    self.checkpoint()?;
+                let index = entry.log_id.index;
+                let mut progress =
+                    self.resume
+                        .take()
+                        .filter(|r| r.index == index)
+                        .unwrap_or(Resume {
+                            index,
+                            checkpointed: false,
+                            errnos: Vec::new(),
+                        });
+                if let Err(e) = self.apply_batch(batch, &mut progress) {
+                    self.resume = Some(progress);
+                    return Err(e);
                 }
-                // Hold the overlay lock across apply + drop so readers never see the bytes
-                // in neither place (or twice with different values).
-                let link = self.overlay.clone().filter(|l| l.origin == batch.origin);
-                let mut guard = link
-                    .as_ref()
-                    .map(|l| l.overlay.lock().expect("overlay mutex poisoned"));
-                for op in &batch.ops {
-                    if matches!(op, Op::Digest) {
-                        let d = snapshot::tree_digest(&self.tree_dir)?;
-                        let mut digests = self.shared.digests.lock().expect("digests mutex");
-                        if digests.len() == DIGESTS_KEPT {
-                            digests.pop_front();
-                        }
-                        digests.push_back((entry.log_id.index, d));
-                        result.errnos.push(0);
-                        continue;
-                    }
-                    result.errnos.push(self.tree.apply(op)?);
-                }
-                if let Some(g) = guard.as_mut() {
-                    g.drop_upto(batch.seq);
-                }
-                drop(guard);
-                if let Some(obs) = self.observer.get() {
-                    for (op, errno) in batch.ops.iter().zip(&result.errnos) {
-                        if *errno == 0 {
-                            obs.applied(op, link.is_some());
-                        }
-                    }
-                }
+                result.errnos = progress.errnos;
             }
         }
         self.applied = Some(entry.log_id);
         self.applied_tx.send_replace(entry.log_id.index);
         Ok(result)
+    }
+
+    /// Apply the ops of `batch` that `progress` does not hold results for yet.
+    fn apply_batch(&mut self, batch: &Batch, progress: &mut Resume) -> io::Result<()> {
+        if !progress.checkpointed && batch.ops.iter().any(|op| op.is_namespace()) {
+            self.checkpoint()?;
+            progress.checkpointed = true;
+        }
+        // Hold the overlay lock across apply + drop so readers never see the bytes
+        // in neither place (or twice with different values).
+        let link = self.overlay.clone().filter(|l| l.origin == batch.origin);
+        let mut guard = link
+            .as_ref()
+            .map(|l| l.overlay.lock().expect("overlay mutex poisoned"));
+        for op in &batch.ops[progress.errnos.len()..] {
+            if matches!(op, Op::Digest) {
+                let d = snapshot::tree_digest(&self.tree_dir)?;
+                let mut digests = self.shared.digests.lock().expect("digests mutex");
+                if digests.len() == DIGESTS_KEPT {
+                    digests.pop_front();
+                }
+                digests.push_back((progress.index, d));
+                progress.errnos.push(0);
+                continue;
+            }
+            progress.errnos.push(self.tree.apply(op)?);
+        }
+        if let Some(g) = guard.as_mut() {
+            g.drop_upto(batch.seq);
+        }
+        drop(guard);
+        if let Some(obs) = self.observer.get() {
+            for (op, errno) in batch.ops.iter().zip(&progress.errnos) {
+                if *errno == 0 {
+                    obs.applied(op, link.is_some());
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -207,6 +251,7 @@ impl Inner {
 pub struct StateMachine {
     inner: Arc<Mutex<Inner>>,
     shared: Arc<Shared>,
+    disk: DiskFullPolicy,
     /// Set once Raft runs: a snapshot install pauses this node's elections.
     elections: Arc<OnceLock<Elections>>,
 }
@@ -219,6 +264,7 @@ impl StateMachine {
         open_files_max: usize,
         overlay: Option<OverlayLink>,
         observer: ObserverSlot,
+        disk: DiskFullPolicy,
     ) -> io::Result<(StateMachine, watch::Receiver<u64>)> {
         let (mut ckpt_file, mut c) = CheckpointFile::open(&data_dir.join("applied"))?;
         if let Some(installed) = snapshot::recover_install(&data_dir, &mut ckpt_file)? {
@@ -236,6 +282,7 @@ impl StateMachine {
         });
         Ok((
             StateMachine {
+                disk,
                 shared: shared.clone(),
                 elections: Arc::default(),
                 inner: Arc::new(Mutex::new(Inner {
@@ -253,6 +300,7 @@ impl StateMachine {
                     overlay,
                     applied_tx,
                     shared,
+                    resume: None,
                 })),
             },
             applied_rx,
@@ -262,7 +310,14 @@ impl StateMachine {
     #[cfg(test)]
     pub fn for_test(dir: &std::path::Path) -> io::Result<StateMachine> {
         std::fs::create_dir_all(dir.join("tree"))?;
-        Ok(Self::open(dir.to_path_buf(), 8, None, Arc::default())?.0)
+        Ok(Self::open(
+            dir.to_path_buf(),
+            8,
+            None,
+            Arc::default(),
+            DiskFullPolicy::default(),
+        )?
+        .0)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -451,8 +506,12 @@ impl StateMachine {
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        let mut g = self.lock();
-        let c = g.checkpoint().map_err(sm_err)?;
+        let c = self
+            .disk
+            .retry("checkpoint", || self.lock().checkpoint())
+            .await
+            .map_err(sm_err)?;
+        let g = self.lock();
         Ok(Snapshot {
             meta: meta_of(&c),
             snapshot: g.no_image().map_err(sm_err)?,
@@ -478,13 +537,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I: IntoIterator<Item = Entry> + Send,
         I::IntoIter: Send,
     {
-        let mut g = self.lock();
         let mut out = Vec::new();
         for entry in entries {
-            let id = entry.log_id;
-            let r = g
-                .apply_one(entry)
-                .map_err(|e| StorageError::from(StorageIOError::apply(id, AnyError::new(&e))))?;
+            // The lock is taken per try and released before a sleep: status and peer
+            // requests never wait for it, and nothing is held across the await. This runs
+            // in openraft's state machine task, so the sleep holds up no runtime thread.
+            let r = self
+                .disk
+                .retry("applying to the tree", || self.lock().apply_one(&entry))
+                .await
+                .map_err(|e| {
+                    StorageError::from(StorageIOError::apply(entry.log_id, AnyError::new(&e)))
+                })?;
             out.push(r);
         }
         Ok(out)
@@ -571,5 +635,73 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         }
         // A member needs the tree.
         self.current_image().map(Some).map_err(sm_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diskfull::DiskGauges;
+    use crate::sync::tests::{wait_until, Tmpfs};
+    use std::time::Duration;
+
+    /// A batch that creates a file exclusively and then writes to it meets a full disk at
+    /// the write, after the create took effect. The retry resumes at the write: the create
+    /// reports 0, not the EEXIST a second create would give, and the data arrives once
+    /// space is freed.
+    #[test]
+    fn a_full_disk_mid_batch_resumes_at_the_failed_op() {
+        let t = Tmpfs::mount("sm-full", "2m");
+        std::fs::create_dir_all(t.path().join("tree")).unwrap();
+        let gauges = Arc::new(DiskGauges::default());
+        let disk = DiskFullPolicy {
+            retry: Duration::from_millis(5),
+            wait: Duration::from_secs(600),
+            gauges: gauges.clone(),
+        };
+        let (sm, applied) =
+            StateMachine::open(t.path().into(), 8, None, Arc::default(), disk).unwrap();
+        // Both checkpoint slots get their pages now, so the checkpoint before the create
+        // needs no new space.
+        sm.checkpoint_now().unwrap();
+        sm.checkpoint_now().unwrap();
+        let entry = openraft::Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), 1),
+            payload: EntryPayload::Normal(Batch {
+                origin: 1,
+                seq: 1,
+                ops: vec![
+                    Op::Create {
+                        path: "a".into(),
+                        mode: 0o644,
+                        excl: true,
+                    },
+                    Op::Write {
+                        path: "a".into(),
+                        offset: 0,
+                        data: vec![7; 256 << 10],
+                    },
+                ],
+            }),
+        };
+        let filler = t.fill();
+        let mut applier = sm.clone();
+        let applying = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(applier.apply([entry]))
+                .map_err(|e| e.to_string())
+        });
+        wait_until("the apply waits for space", || {
+            gauges.waiting.load(Ordering::Relaxed) == 1
+        });
+        assert!(t.path().join("tree/a").exists(), "the create took effect");
+        assert_eq!(*applied.borrow(), 0, "the entry is not applied yet");
+        std::fs::remove_file(filler).unwrap();
+        let out = applying.join().unwrap().unwrap();
+        assert_eq!(out, vec![ApplyResult { errnos: vec![0, 0] }]);
+        assert_eq!(*applied.borrow(), 1);
+        assert_eq!(gauges.waiting.load(Ordering::Relaxed), 0);
+        let data = std::fs::read(t.path().join("tree/a")).unwrap();
+        assert!(data.len() == 256 << 10 && data.iter().all(|&b| b == 7));
     }
 }
