@@ -205,6 +205,8 @@ struct Broken {
     links: bool,
     /// What was done, for the iteration's line.
     done: Vec<String>,
+    /// How `transfer-leader` ended, if it ran.
+    transfer: Option<String>,
 }
 
 fn pick(from: &[usize], draw: u64) -> usize {
@@ -258,6 +260,7 @@ fn inject(c: &mut Cluster, plan: &Plan, leader: usize, broken: &mut Broken) {
                 if c.is_running(leader) {
                     let out = transfer_leader(&c.data_dir(leader));
                     broken.done.push(format!("transfer from {leader}: {out}"));
+                    broken.transfer = Some(out);
                 }
             }
         }
@@ -495,8 +498,7 @@ fn chaos() {
         if new_leader != leader {
             tally.leader_changes += 1;
         }
-        for d in broken.done.iter().filter(|d| d.starts_with("transfer")) {
-            let outcome = d.rsplit(": ").next().unwrap_or_default().to_string();
+        if let Some(outcome) = broken.transfer.take() {
             *tally.transfers.entry(outcome).or_default() += 1;
         }
         eprintln!(
