@@ -17,6 +17,8 @@ mod mount;
 mod proxy;
 #[path = "../bench/suite.rs"]
 mod suite;
+#[path = "../tests/common/tmpfs.rs"]
+mod tmpfs;
 #[path = "../tests/common/vere.rs"]
 mod vere;
 

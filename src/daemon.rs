@@ -1,5 +1,6 @@
 //! `seguro-fs mount`: preflight checks, start the Raft node, mount, serve until unmounted or
-//! signalled, then drain and checkpoint.
+//! signalled, then drain and checkpoint; or, if the Raft core stops on a fatal error, take
+//! the mount down and exit with that error.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};

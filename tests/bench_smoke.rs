@@ -12,6 +12,8 @@ mod proxy;
 #[path = "../bench/suite.rs"]
 #[allow(dead_code)]
 mod suite;
+#[path = "common/tmpfs.rs"]
+mod tmpfs;
 #[path = "common/vere.rs"]
 mod vere;
 

@@ -7,18 +7,16 @@
 //! restart LMDB opens clean with every acknowledged event.
 
 mod common;
-#[path = "common/tmpfs.rs"]
-mod tmpfs;
 
 use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::cluster::Cluster;
+use common::cluster::{pid_alive, Cluster};
 use common::mount::{bin, copy_tree, write_fsync, Daemon, TestDir};
+use common::tmpfs::Tmpfs;
 use common::vere;
-use tmpfs::Tmpfs;
 
 /// The daemon refuses new writes below this much free space.
 const RESERVE_BYTES: &str = "8388608";
@@ -52,11 +50,6 @@ fn status_json(data: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
 }
 
 /// Commits events in batches of `batch`; `last` is the last acknowledged one (a commit
@@ -164,7 +157,7 @@ fn a_full_leader_disk_fails_writes_loses_nothing_and_resumes_when_space_returns(
     // A plain write of new bytes is refused at once with ENOSPC, like a native full disk.
     let e = fs::write(mnt.join("new-file"), b"x").unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
-    assert!(alive(d.pid()), "the daemon died on a full disk");
+    assert!(pid_alive(d.pid()), "the daemon died on a full disk");
     let st = status_json(&data);
     assert!(st.contains("\"disk_refusing_writes\":true"), "{st}");
     assert!(st.contains("\"writable\":true"), "{st}");
@@ -195,7 +188,7 @@ fn a_full_leader_disk_fails_writes_loses_nothing_and_resumes_when_space_returns(
     w.verify().unwrap();
     let st = status_json(&data);
     assert!(st.contains("\"disk_refusing_writes\":false"), "{st}");
-    assert!(alive(d.pid()));
+    assert!(pid_alive(d.pid()));
     let acked = w.close();
 
     // A clean stop, a restart on the same data dir: LMDB opens clean, nothing acked lost.
@@ -292,23 +285,13 @@ fn below_the_reserve_new_bytes_get_enospc_and_space_can_be_freed_through_the_mou
     drop(disk);
 }
 
-fn cp_a(from: &Path, to: &Path) {
-    let st = Command::new("cp")
-        .arg("-a")
-        .arg(from)
-        .arg(to)
-        .status()
-        .unwrap();
-    assert!(st.success(), "cp -a {} {}", from.display(), to.display());
-}
-
 /// Stop node `i`, move its data dir onto a fresh 64 MiB tmpfs mounted at the same path,
 /// start it again and wait for the cluster to converge.
 fn move_onto_tmpfs(c: &mut Cluster, i: usize) -> Tmpfs {
     c.stop(i);
     let data = c.data_dir(i);
     let backup = c.dir().join(&format!("node{i}-backup"));
-    cp_a(&data, &backup);
+    copy_tree(&data, &backup);
     fs::remove_dir_all(&data).unwrap();
     let disk = Tmpfs::mount(&data, "64m");
     let st = Command::new("sh")
@@ -462,4 +445,49 @@ fn a_full_leader_in_a_cluster_loses_nothing_and_the_cluster_writes_again() {
         text.contains("what=\"raft log append\"")
     );
     drop(disk);
+}
+
+/// A disk that stays full past `--disk-full-wait-ms` is a fatal storage error: the daemon
+/// takes its mount down and exits non-zero (so systemd restarts it), and after space
+/// returns a restart has every acknowledged byte.
+#[test]
+fn a_disk_full_past_the_wait_stops_the_daemon_with_an_error() {
+    let t = TestDir::new("diskfull-giveup");
+    let data = t.join("data");
+    let mnt = t.join("mnt");
+    let disk = Tmpfs::mount(&data, "32m");
+    // No reserve: the write is admitted and the log meets the real end of the disk.
+    let args = [
+        "--disk-reserve-bytes",
+        "0",
+        "--disk-full-retry-ms",
+        "20",
+        "--disk-full-wait-ms",
+        "1000",
+        "--ack-timeout-ms",
+        "5000",
+    ];
+    let d = Daemon::start(&data, &mnt, &args);
+    write_fsync(&mnt.join("acked"), b"acknowledged before the disk filled").unwrap();
+    let filler = disk.fill("filler");
+    // Larger than the log's pre-zeroed room, so the append needs new blocks.
+    let big = vec![0x42u8; 4 << 20];
+    let r = write_fsync(&mnt.join("doomed"), &big);
+    assert!(r.is_err(), "an fsync on a disk that stayed full succeeded");
+    let (st, log) = d.wait_exit(Duration::from_secs(60));
+    assert!(!st.success(), "exit status {st}:\n{log}");
+    assert!(log.contains("stayed full"), "{log}");
+    assert!(log.contains("replication stopped"), "{log}");
+    assert!(
+        !common::mount::is_mounted(&mnt),
+        "mount outlived the daemon"
+    );
+
+    fs::remove_file(&filler).unwrap();
+    let d = Daemon::start(&data, &mnt, &args);
+    assert_eq!(
+        fs::read(mnt.join("acked")).unwrap(),
+        b"acknowledged before the disk filled"
+    );
+    d.stop();
 }

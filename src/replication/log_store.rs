@@ -7,7 +7,8 @@
 //! anything else, so a separate flusher thread only added a thread hop to every fsync
 //! (measured: see docs/BENCHMARKS.md).
 //! A failed fdatasync is sticky: the page cache's state is unknown after it (the
-//! "fsyncgate" lesson), so every later append fails too and the node must be restarted.
+//! "fsyncgate" lesson), so every later append fails too; openraft stops on it and the
+//! daemon exits for its service manager to restart it (daemon.rs).
 //! The exception is a full disk (ENOSPC, EDQUOT, see `diskfull.rs`), at any step of an
 //! append (record write, pre-zeroing, rotation, fdatasync) or of a vote save: the batch's
 //! in-memory bookkeeping is rolled back, segments it created are deleted, and the whole
@@ -122,7 +123,7 @@ impl Flush {
 
     /// Nothing will be reported flushed again.
     fn fail(&self, e: &io::Error) {
-        tracing::error!(error = %e, "log fdatasync failed; the log is now read-only until restart");
+        tracing::error!(error = %e, "log fdatasync failed; nothing can be made durable here until a restart");
         self.failed.store(true, Ordering::Release);
         self.state.send_modify(|s| s.failed = true);
     }

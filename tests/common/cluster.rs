@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::mount::{bin, force_unmount, is_mounted, signal, Daemon, TestDir};
 use super::proxy::{advertised_ip, real_ip, Links, Proxy};
+use super::tmpfs::Tmpfs;
 
 /// How long one `seguro-fs status` call may take before it counts as no answer.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(10);
@@ -241,62 +242,6 @@ pub fn pick_port(ips: &[std::net::Ipv4Addr]) -> u16 {
 
 /// The file [`Cluster::fill_disk`] takes a disk's space with.
 const FILLER_NAME: &str = "test-disk-filler";
-/// 64 KiB chunks written after the fallocate, until ENOSPC (whatever the fallocate left):
-/// bounds that loop at 1 GiB.
-const FILL_CHUNKS_MAX: usize = 1 << 14;
-
-/// Mount a tmpfs of `bytes` at `at` (created if absent).
-fn mount_tmpfs(at: &Path, bytes: u64) {
-    fs::create_dir_all(at).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o"])
-        .arg(format!("size={bytes},mode=0755"))
-        .arg("seguro-test")
-        .arg(at)
-        .status()
-        .expect("run mount");
-    assert!(st.success(), "mount tmpfs at {}: {st}", at.display());
-}
-
-/// Take every free byte of the file system holding `filler` (created): fallocate what
-/// statvfs reports free, then append small chunks until ENOSPC.
-fn fill_fs(filler: &Path) -> io::Result<u64> {
-    use std::io::Write;
-    use std::os::fd::AsRawFd;
-    let dir = filler.parent().expect("filler has a parent");
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).unwrap();
-    // SAFETY: statvfs fills the zeroed struct; the path is a valid C string.
-    let mut sv: libc::statvfs = unsafe { std::mem::zeroed() };
-    if unsafe { libc::statvfs(c.as_ptr(), &mut sv) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let free = sv.f_bavail as u64 * sv.f_frsize as u64;
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(filler)?;
-    // All of it at once, or (if the file system keeps some back) a little less; the write
-    // loop takes the rest.
-    for want in [free, free / 16 * 15] {
-        // SAFETY: fallocate on a file we own.
-        if want == 0 || unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, want as libc::off_t) } == 0 {
-            break;
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOSPC) {
-            return Err(e);
-        }
-    }
-    let chunk = vec![0xa5u8; 64 << 10];
-    for _ in 0..FILL_CHUNKS_MAX {
-        match f.write(&chunk) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(f.metadata()?.len())
-}
 
 /// 32 random bytes as 64 hex digits and a newline.
 pub fn write_key_file(path: &Path) {
@@ -322,6 +267,9 @@ pub struct Cluster {
     direct: bool,
     pub port: u16,
     pub key_file: PathBuf,
+    /// The data dirs' tmpfs mounts ([`Cluster::start_on_tmpfs`]), by node; unmounted after
+    /// the daemons stop (field order).
+    disks: Vec<Tmpfs>,
     dir: TestDir,
 }
 
@@ -429,10 +377,14 @@ impl Cluster {
                 a
             })
             .collect();
+        let mut disks = Vec::new();
         for i in 1..=n {
             fs::create_dir_all(dir.join(&format!("node{i}"))).unwrap();
             if let Some(bytes) = disk_bytes {
-                mount_tmpfs(&dir.join(&format!("node{i}/data")), bytes);
+                disks.push(Tmpfs::mount(
+                    &dir.join(&format!("node{i}/data")),
+                    &bytes.to_string(),
+                ));
             }
         }
         let mut c = Cluster {
@@ -444,6 +396,7 @@ impl Cluster {
             direct,
             port,
             key_file,
+            disks,
             dir,
         };
         eprintln!(
@@ -594,8 +547,14 @@ impl Cluster {
     /// Fill node `i`'s data dir tmpfs (see [`Cluster::start_on_tmpfs`]) to the last byte
     /// with a filler file; returns the bytes taken.
     pub fn fill_disk(&self, i: usize) -> u64 {
-        let filler = self.data_dir(i).join(FILLER_NAME);
-        fill_fs(&filler).unwrap_or_else(|e| self.fail(&format!("fill node {i}'s disk: {e}")))
+        let disk = self
+            .disks
+            .get(i - 1)
+            .unwrap_or_else(|| self.fail(&format!("node {i} has no tmpfs to fill")));
+        let filler = disk.fill(FILLER_NAME);
+        fs::metadata(&filler)
+            .unwrap_or_else(|e| self.fail(&format!("{}: {e}", filler.display())))
+            .len()
     }
 
     /// Give node `i`'s disk its space back.
