@@ -7,6 +7,9 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// Cap on one Raft entry's encoded ops (group-commit batch). Larger writes are split.
+    /// The default leaves room for a whole `fuse_write_bytes_max` WRITE and its op header:
+    /// at exactly 1 MiB every 1 MiB write became a full entry plus a ~100-byte one, which
+    /// doubled the log flushes and replication round trips of sequential writes.
     pub entry_bytes_max: usize,
     /// Bytes written but not yet applied to the tree (the overlay). WRITE blocks above it:
     /// this is the backpressure that bounds memory while a multi-GB file streams through.
@@ -79,7 +82,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            entry_bytes_max: 1 << 20,
+            entry_bytes_max: (1 << 20) + (64 << 10),
             inflight_bytes_max: 64 << 20,
             proposals_inflight_max: 8,
             ack_timeout_ms: 10_000,

@@ -147,6 +147,22 @@ impl Pending {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_full_fuse_write_travels_in_one_entry_by_default() {
+        let limits = crate::config::Limits::default();
+        let data = vec![7u8; limits.fuse_write_bytes_max as usize];
+        // The longest path a write can carry (PATH_MAX).
+        let path = "d/".repeat(2047) + "f";
+        let ops = split_write(&path, 0, &data, limits.entry_bytes_max);
+        assert_eq!(ops.len(), 1, "a {}-byte write was split", data.len());
+        let mut p = Pending::new(1, limits.entry_bytes_max);
+        let seq = p.push_data(ops.into_iter().next().unwrap());
+        p.seal();
+        let sealed = p.take_sealed().expect("one batch");
+        assert_eq!((sealed.batch.seq, sealed.batch.ops.len()), (seq, 1));
+        assert!(p.take_sealed().is_none());
+    }
+
     fn w(len: usize) -> Op {
         Op::Write {
             path: "f".into(),
