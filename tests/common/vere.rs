@@ -991,9 +991,17 @@ pub fn verify_through(log: &Path, n: u64) -> Result<(), String> {
 
 /// [`verify_through`] for a log a chopping writer made: the checks start at the oldest
 /// surviving epoch instead of 0i0 (the events below it were deleted by the writer itself,
-/// and an acknowledged event `<= n` that should still be there must be).
+/// and an acknowledged event `<= n` that should still be there must be); a partly
+/// deleted oldest epoch (a chop cut short by kill -9) is skipped when two newer ones exist.
 pub fn verify_surviving(log: &Path, n: u64) -> Result<(), String> {
     verify_log(log, n, true)
+}
+
+/// Whether an epoch dir still has everything a chop deletes.
+fn epoch_files_complete(dir: &Path) -> bool {
+    ["epoc.txt", "vere.txt", "data.mdb"]
+        .iter()
+        .all(|f| dir.join(f).exists())
 }
 
 fn verify_log(log: &Path, n: u64, chopped: bool) -> Result<(), String> {
@@ -1007,7 +1015,15 @@ fn verify_log(log: &Path, n: u64, chopped: bool) -> Result<(), String> {
         _ if n == 0 => return Ok(()),
         other => return Err(format!("top-level META version is {other:?}")),
     }
-    let all = epochs(log).map_err(|e| format!("{}: list epochs: {e}", log.display()))?;
+    let mut all = epochs(log).map_err(|e| format!("{}: list epochs: {e}", log.display()))?;
+    if chopped {
+        // A chop deletes the epochs below the two newest, oldest first, file by file: one
+        // cut short leaves the oldest epoch partly deleted. Only an epoch with two newer
+        // ones can be such a leftover (never opened: that would create data.mdb again).
+        while all.len() > 2 && !epoch_files_complete(&all[0].1) {
+            all.remove(0);
+        }
+    }
     let mut next = match all.first() {
         Some((first, _)) if chopped => first + 1,
         _ => 1,
@@ -1024,7 +1040,10 @@ fn verify_log(log: &Path, n: u64, chopped: bool) -> Result<(), String> {
         if newest && !dir.join("data.mdb").exists() {
             continue;
         }
-        check_epoch_txt(dir)?;
+        check_epoch_txt(dir).map_err(|e| {
+            let names: Vec<String> = all.iter().map(|(n, _)| format!("0i{n}")).collect();
+            format!("{e} (epochs: {})", names.join(" "))
+        })?;
         let range = with_epoch(dir, |e| {
             let range = e
                 .range()
