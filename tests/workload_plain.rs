@@ -334,3 +334,43 @@ fn recording_writer_survives_sigkill() {
         vere::epochs(&log).unwrap().len()
     );
 }
+
+/// The chopping writer's checker: a chop cut short leaves the oldest epoch partly deleted,
+/// which `verify_surviving` skips (without opening it, which would create a data.mdb) only
+/// while two newer epochs exist; a damaged epoch among the two newest is an error.
+#[test]
+fn verify_surviving_skips_only_a_partly_chopped_oldest_epoch() {
+    let tmp = TempDir::new("partial-chop");
+    let log = log_dir(&tmp);
+    vere::create_pier(&log).unwrap();
+    let image = tmp.path().join("image-src");
+    let mut dirs = vec![log.join("0i0")];
+    for (k, n) in [0u64, 100, 200].into_iter().enumerate() {
+        let e = vere::Epoch::open(&dirs[k]).unwrap();
+        e.commit(n + 1, 100).unwrap();
+        e.close().unwrap();
+        if n < 200 {
+            vere::write_image_source(&image, n + 100, 4096).unwrap();
+            dirs.push(vere::create_epoch(&log, n + 100, Some(&image)).unwrap());
+        }
+    }
+    vere::verify_surviving(&log, 300).unwrap();
+
+    // The chop of 0i0 got as far as data.mdb: skipped, and not recreated.
+    fs::remove_file(dirs[0].join("data.mdb")).unwrap();
+    vere::verify_surviving(&log, 300).unwrap();
+    assert!(
+        !dirs[0].join("data.mdb").exists(),
+        "the checker opened a leftover epoch"
+    );
+    // ... or as far as epoc.txt.
+    fs::remove_file(dirs[0].join("epoc.txt")).unwrap();
+    vere::verify_surviving(&log, 300).unwrap();
+    // The non-chopping check still wants 0i0 whole.
+    assert!(vere::verify_through(&log, 300).is_err());
+
+    // An epoch among the two newest is never a chop's leftover.
+    fs::remove_file(dirs[1].join("epoc.txt")).unwrap();
+    let e = vere::verify_surviving(&log, 300).unwrap_err();
+    assert!(e.contains("epoc.txt"), "{e}");
+}
