@@ -260,7 +260,8 @@ pub struct MountArgs {
     /// How long a full disk is waited out before it is a fatal storage error.
     #[arg(long, default_value_t = Limits::default().disk_full_wait_ms)]
     pub disk_full_wait_ms: u64,
-    /// Test hook: while this file exists the log's fdatasync fails with EIO.
+    /// Test hook: while this file exists the log's fdatasync fails with EIO (ENOSPC if
+    /// the file starts with `ENOSPC`).
     #[arg(long, hide = true)]
     pub fault_log_sync_file: Option<PathBuf>,
 }

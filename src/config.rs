@@ -299,7 +299,8 @@ pub struct MountConfig {
     /// Let users other than the mounting one use the mount (FUSE `allow_other`).
     pub allow_other: bool,
     pub limits: Limits,
-    /// Test hook: while this file exists, the log's fdatasync reports an IO error.
+    /// Test hook: while this file exists, the log's fdatasync reports EIO (ENOSPC if the
+    /// file starts with `ENOSPC`).
     pub fault_log_sync_file: Option<PathBuf>,
     /// None: a standalone one-voter node.
     pub cluster: Option<ClusterConfig>,

@@ -455,6 +455,7 @@ fn chaos() {
             }
             sleep_ms(100);
         }
+        let checked = leader_under_faults.map_or("none".to_string(), |l| l.to_string());
         match leader_under_faults {
             Some(l2) => {
                 vere::verify_surviving(&c.mountpoint(l2), acked1).unwrap_or_else(|e| {
@@ -502,8 +503,9 @@ fn chaos() {
             *tally.transfers.entry(outcome).or_default() += 1;
         }
         eprintln!(
-            "=== iteration {it}/{iters} (seed {seed}): {} | leader {leader} → {new_leader} | \
-             acked {acked_before} → {acked} | digest {} | {:?} elapsed",
+            "=== iteration {it}/{iters} (seed {seed}): {} | leader {leader} → {new_leader} \
+             (under the faults: {checked}) | acked {acked_before} → {acked} | digest {} | {:?} \
+             elapsed",
             broken.done.join(", "),
             &hex(&digest)[..12],
             started.elapsed()

@@ -9,6 +9,7 @@
 mod common;
 
 use std::fs;
+use std::os::unix::ffi::OsStringExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -250,6 +251,49 @@ fn below_the_reserve_new_bytes_get_enospc_and_space_can_be_freed_through_the_mou
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
     let e = fs::create_dir(mnt.join("new-dir")).unwrap_err();
     assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+    // Every other op that adds names or bytes is refused the same way.
+    let refused: [(&str, std::io::Result<()>); 5] = [
+        (
+            "rename",
+            fs::rename(mnt.join("spare-a"), mnt.join("renamed")),
+        ),
+        (
+            "link",
+            fs::hard_link(mnt.join("spare-a"), mnt.join("linked")),
+        ),
+        (
+            "symlink",
+            std::os::unix::fs::symlink("spare-a", mnt.join("symlinked")),
+        ),
+        ("mknod", {
+            let c = std::ffi::CString::new(mnt.join("node").into_os_string().into_vec()).unwrap();
+            // SAFETY: mknod of a regular file at a valid NUL-terminated path.
+            let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFREG | 0o644, 0) };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        }),
+        ("fallocate", {
+            use std::os::fd::AsRawFd;
+            let f = fs::OpenOptions::new()
+                .write(true)
+                .open(mnt.join("spare-a"))
+                .unwrap();
+            // SAFETY: fallocate on a file we opened.
+            let r = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, 8 << 20) };
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        }),
+    ];
+    for (op, r) in refused {
+        let e = r.expect_err(op);
+        assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{op}: {e}");
+    }
     // Freeing space through the mount works, and so does an fsync with nothing new.
     let b = fs::OpenOptions::new()
         .write(true)

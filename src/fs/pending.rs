@@ -70,6 +70,10 @@ impl Pending {
     /// Add a data op to the open batch (sealing it first if the op would not fit);
     /// returns the seq of the batch the op travels in.
     pub fn push_data(&mut self, op: Op) -> u64 {
+        // Namespace ops travel alone (`push_alone`): the state machine checkpoints before
+        // applying one, and a full-disk retry may checkpoint again in the middle of a
+        // batch, which is only safe if no other op shares its batch.
+        debug_assert!(!op.is_namespace(), "namespace op {op:?} pushed as data");
         let bytes = op.encoded_bytes_estimate();
         if !self.open.is_empty()
             && self.open_bytes + bytes + BATCH_OVERHEAD_BYTES > self.entry_bytes_max

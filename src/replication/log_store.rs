@@ -56,7 +56,8 @@ pub struct LogOptions {
     pub segment_bytes_max: u64,
     /// This daemon run's batch origin: appends of its batches advance `flushed_seq`.
     pub origin: u64,
-    /// Test hook: while this file exists, fdatasync of the log reports EIO.
+    /// Test hook: while this file exists, fdatasync of the log reports EIO (ENOSPC if
+    /// the file starts with `ENOSPC`).
     pub fault_sync_file: Option<PathBuf>,
     /// How a full disk is waited out.
     pub disk: DiskFullPolicy,
@@ -105,10 +106,13 @@ impl Flush {
         }
         let mut result = Ok(());
         for f in files {
-            result = if self.fault.as_deref().is_some_and(Path::exists) {
-                Err(io::Error::from_raw_os_error(libc::EIO))
-            } else {
-                fdatasync(f)
+            result = match self.fault.as_deref().map(fs::read) {
+                // The hook file says which error; by default EIO.
+                Some(Ok(text)) if text.starts_with(b"ENOSPC") => {
+                    Err(io::Error::from_raw_os_error(libc::ENOSPC))
+                }
+                Some(Ok(_)) => Err(io::Error::from_raw_os_error(libc::EIO)),
+                _ => fdatasync(f),
             };
             if result.is_err() {
                 break;
@@ -424,10 +428,19 @@ impl Inner {
             Some(k) => self.segments.range(k + 1..).map(|(k, _)| *k).collect(),
             None => self.segments.keys().copied().collect(),
         };
+        let removed_any = !created.is_empty();
         for k in created {
             let seg = self.segments.remove(&k).expect("listed above");
             if let Err(e) = fs::remove_file(&seg.path) {
                 tracing::warn!(segment = %seg.path.display(), error = %e, "could not remove a log segment of a failed append");
+            }
+        }
+        // `rotate` made the new segment's name durable; its removal must be too, or after a
+        // power cut during the wait the empty segment would be back as the last one, after
+        // an old one that may end in this attempt's torn record (recovery refuses that).
+        if removed_any {
+            if let Err(e) = fsync_dir(&self.dir) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "could not sync the log dir after removing a failed append's segment");
             }
         }
         self.locs.split_off(&first);
@@ -660,7 +673,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 });
                 callback.log_io_completed(Ok(()));
             }
-            Some(AppendFailure::Write(e)) => return Err(io_write(e)),
+            Some(AppendFailure::Write(e)) => {
+                // Nothing more will be made durable here: fsync waiters fail at once rather
+                // than at their timeout, and the daemon stops (openraft takes this as fatal).
+                self.flush.fail(&e);
+                return Err(io_write(e));
+            }
             Some(AppendFailure::Sync(e)) => {
                 if diskfull::is_full(&e) {
                     // Waited out: now as sticky as any other failed fdatasync.
@@ -1002,6 +1020,61 @@ mod tests {
             })
             .count();
         assert_eq!(segs, 10);
+    }
+
+    /// ENOSPC from fdatasync itself (tmpfs never gives one, so through the test hook):
+    /// nothing is reported flushed while it lasts, the batch is rewritten and synced
+    /// again once it stops, and the records read back intact, also after reopening.
+    #[test]
+    fn an_enospc_from_fdatasync_is_waited_out_and_the_batch_rewritten() {
+        use crate::diskfull::DiskGauges;
+        use crate::sync::tests::wait_until;
+        use openraft::storage::RaftLogStorageExt;
+        let tmp = TempDir::new("log-sync-enospc");
+        let fault = tmp.path().join("fault");
+        let gauges = Arc::new(DiskGauges::default());
+        let mut o = opts(&tmp.path().join("raft"));
+        o.fault_sync_file = Some(fault.clone());
+        o.disk = DiskFullPolicy {
+            retry: std::time::Duration::from_millis(5),
+            wait: std::time::Duration::from_secs(600),
+            gauges: gauges.clone(),
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (log, flush) = LogStore::open(o.clone()).unwrap();
+        rt.block_on(log.clone().blocking_append((1..=3).map(blank)))
+            .unwrap();
+        assert_eq!(flush.borrow().flushed_index, 3);
+
+        fs::write(&fault, b"ENOSPC").unwrap();
+        let mut writer = log.clone();
+        let appending = std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(writer.blocking_append((4..=6).map(blank)))
+                .map_err(|e| e.to_string())
+        });
+        wait_until("the append waits out the ENOSPC", || {
+            gauges.waiting.load(Ordering::Relaxed) == 1
+        });
+        assert!(!appending.is_finished());
+        assert_eq!(flush.borrow().flushed_index, 3, "flushed during ENOSPC");
+        assert!(!flush.borrow().failed, "a full disk is not a failed log");
+
+        fs::remove_file(&fault).unwrap();
+        appending.join().unwrap().unwrap();
+        assert_eq!(flush.borrow().flushed_index, 6);
+        let indexes = |log: &mut LogStore| -> Vec<u64> {
+            rt.block_on(log.try_get_log_entries(1..=6))
+                .unwrap()
+                .iter()
+                .map(|e| e.log_id.index)
+                .collect()
+        };
+        let mut log = log;
+        assert_eq!(indexes(&mut log), (1..=6).collect::<Vec<_>>());
+        drop(log);
+        let (mut log, _) = LogStore::open(o).unwrap();
+        assert_eq!(indexes(&mut log), (1..=6).collect::<Vec<_>>());
     }
 
     /// openraft's storage conformance suite, run against this log store and state machine:
