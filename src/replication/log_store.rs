@@ -779,6 +779,29 @@ mod tests {
         }
     }
 
+    /// Retry every 5 ms, for longer than any test runs.
+    fn patient(gauges: &Arc<crate::diskfull::DiskGauges>) -> DiskFullPolicy {
+        DiskFullPolicy {
+            retry: std::time::Duration::from_millis(5),
+            wait: std::time::Duration::from_secs(600),
+            gauges: gauges.clone(),
+        }
+    }
+
+    /// `blocking_append` of `entries` on a thread of its own (it may wait for space).
+    fn append_in_background(
+        log: &LogStore,
+        entries: Vec<Entry>,
+    ) -> std::thread::JoinHandle<Result<(), String>> {
+        use openraft::storage::RaftLogStorageExt;
+        let mut writer = log.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Runtime::new().unwrap();
+            rt.block_on(writer.blocking_append(entries))
+                .map_err(|e| e.to_string())
+        })
+    }
+
     fn blank(index: u64) -> Entry {
         openraft::Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
@@ -942,11 +965,7 @@ mod tests {
         let dir = t.path().join("raft");
         let gauges = Arc::new(DiskGauges::default());
         let mut o = opts(&dir);
-        o.disk = DiskFullPolicy {
-            retry: std::time::Duration::from_millis(5),
-            wait: std::time::Duration::from_secs(600),
-            gauges: gauges.clone(),
-        };
+        o.disk = patient(&gauges);
         // 64 KiB each; segments of 1000 bytes: every record starts a segment.
         let entry = |index: u64| openraft::Entry::<TypeConfig> {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
@@ -981,12 +1000,7 @@ mod tests {
         assert_eq!(flush.borrow().flushed_index, 5);
 
         let filler = t.fill();
-        let mut writer = log.clone();
-        let appending = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(writer.blocking_append((6..=10).map(entry)))
-                .map_err(|e| e.to_string())
-        });
+        let appending = append_in_background(&log, (6..=10).map(entry).collect());
         wait_until("the append waits for space", || {
             gauges.waiting.load(Ordering::Relaxed) == 1
         });
@@ -1035,11 +1049,7 @@ mod tests {
         let gauges = Arc::new(DiskGauges::default());
         let mut o = opts(&tmp.path().join("raft"));
         o.fault_sync_file = Some(fault.clone());
-        o.disk = DiskFullPolicy {
-            retry: std::time::Duration::from_millis(5),
-            wait: std::time::Duration::from_secs(600),
-            gauges: gauges.clone(),
-        };
+        o.disk = patient(&gauges);
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (log, flush) = LogStore::open(o.clone()).unwrap();
         rt.block_on(log.clone().blocking_append((1..=3).map(blank)))
@@ -1047,12 +1057,7 @@ mod tests {
         assert_eq!(flush.borrow().flushed_index, 3);
 
         fs::write(&fault, b"ENOSPC").unwrap();
-        let mut writer = log.clone();
-        let appending = std::thread::spawn(move || {
-            let rt = tokio::runtime::Runtime::new().unwrap();
-            rt.block_on(writer.blocking_append((4..=6).map(blank)))
-                .map_err(|e| e.to_string())
-        });
+        let appending = append_in_background(&log, (4..=6).map(blank).collect());
         wait_until("the append waits out the ENOSPC", || {
             gauges.waiting.load(Ordering::Relaxed) == 1
         });
