@@ -407,13 +407,14 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
             why = raft_stopped(node.raft.clone()) => Stop::RaftStopped(why),
         }
     });
-    if let Stop::RaftStopped(why) = &stop {
-        tracing::error!(error = %why, "replication stopped: taking the mount down");
+    match &stop {
+        Stop::Signal => tracing::info!("signal received: unmounting"),
+        Stop::RaftStopped(why) => {
+            tracing::error!(error = %why, "replication stopped: taking the mount down")
+        }
+        Stop::Unmounted => {}
     }
     if !matches!(stop, Stop::Unmounted) {
-        if matches!(stop, Stop::Signal) {
-            tracing::info!("signal received: unmounting");
-        }
         // A file still open on the mount (an LMDB env being closed, a shell in it) makes
         // umount answer EBUSY; retry for a while rather than leave the mount behind.
         let deadline = std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);

@@ -81,6 +81,18 @@ impl DiskFullPolicy {
     }
 }
 
+#[cfg(test)]
+impl DiskFullPolicy {
+    /// Retry every 5 ms, for longer than any test runs.
+    pub fn patient(gauges: &Arc<DiskGauges>) -> DiskFullPolicy {
+        DiskFullPolicy {
+            retry: Duration::from_millis(5),
+            wait: Duration::from_secs(600),
+            gauges: gauges.clone(),
+        }
+    }
+}
+
 impl Default for DiskFullPolicy {
     fn default() -> Self {
         DiskFullPolicy::new(&Limits::default(), Arc::default())

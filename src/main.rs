@@ -19,6 +19,11 @@ mod replication;
 mod restore;
 mod settings;
 mod sync;
+/// The integration tests' tmpfs guard, shared with the unit tests that need a file
+/// system that really runs out of space.
+#[cfg(test)]
+#[path = "../tests/common/tmpfs.rs"]
+mod test_tmpfs;
 mod tree;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches};

@@ -92,6 +92,13 @@ impl Op {
         )
     }
 
+    /// Ops that a full data dir refuses on the leader (ENOSPC before proposing): new names
+    /// or a rename's new entry. Unlink, rmdir and attribute changes stay possible, since
+    /// they are how space is freed; writes are checked where they are accepted.
+    pub fn needs_room(&self) -> bool {
+        self.is_namespace() && !matches!(self, Op::Unlink { .. } | Op::Rmdir { .. })
+    }
+
     /// Bytes this op adds to an entry, for the entry size cap (payload plus a fixed
     /// allowance for the archive's framing).
     pub fn encoded_bytes_estimate(&self) -> usize {

@@ -66,53 +66,6 @@ pub mod tests {
         }
     }
 
-    /// A small tmpfs mounted on a fresh temp dir (the tests run as root), unmounted on
-    /// drop: a file system that really runs out of space.
-    pub struct Tmpfs(TempDir);
-
-    impl Tmpfs {
-        pub fn mount(tag: &str, size: &str) -> Tmpfs {
-            let dir = TempDir::new(tag);
-            let status = std::process::Command::new("mount")
-                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-                .arg(dir.path())
-                .status()
-                .expect("running mount");
-            assert!(status.success(), "mount -t tmpfs (needs root): {status}");
-            Tmpfs(dir)
-        }
-
-        pub fn path(&self) -> &Path {
-            self.0.path()
-        }
-
-        /// Write a filler file until the file system answers ENOSPC; returns its path.
-        pub fn fill(&self) -> PathBuf {
-            use std::io::Write;
-            let p = self.path().join("filler");
-            let mut f = std::fs::File::create(&p).unwrap();
-            let chunk = vec![0xa5u8; 4096];
-            // Bounded: a tmpfs of a few MiB takes at most a few thousand chunks.
-            for _ in 0..1 << 20 {
-                match f.write(&chunk) {
-                    Ok(_) => {}
-                    Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return p,
-                    Err(e) => panic!("filling {}: {e}", p.display()),
-                }
-            }
-            panic!("{} never filled up", self.path().display());
-        }
-    }
-
-    impl Drop for Tmpfs {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(self.0.path())
-                .status();
-        }
-    }
-
     /// Poll `cond` every 5 ms for at most 20 s.
     pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

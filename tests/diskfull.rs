@@ -329,39 +329,19 @@ fn below_the_reserve_new_bytes_get_enospc_and_space_can_be_freed_through_the_mou
     drop(disk);
 }
 
-/// Stop node `i`, move its data dir onto a fresh 64 MiB tmpfs mounted at the same path,
-/// start it again and wait for the cluster to converge.
-fn move_onto_tmpfs(c: &mut Cluster, i: usize) -> Tmpfs {
-    c.stop(i);
-    let data = c.data_dir(i);
-    let backup = c.dir().join(&format!("node{i}-backup"));
-    copy_tree(&data, &backup);
-    fs::remove_dir_all(&data).unwrap();
-    let disk = Tmpfs::mount(&data, "64m");
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(format!("cp -a {}/. {}/", backup.display(), data.display()))
-        .status()
-        .unwrap();
-    assert!(st.success());
-    c.restart(i);
-    c.wait_converged(Duration::from_secs(60));
-    disk
-}
-
 /// A follower's data dir fills while the leader keeps acknowledging fsyncs (the other
 /// follower is the ack). The full follower waits, still running and answering status,
 /// and catches up by itself once space is freed: no restart, same tree as the others.
 #[test]
 fn a_full_follower_waits_and_catches_up_when_space_returns() {
-    let mut c = Cluster::start(3, None, &["--disk-full-retry-ms", "20"]);
+    // Above the default 64 MiB disk_reserve_bytes, so the leader takes writes.
+    let mut c = Cluster::start_on_tmpfs(3, None, &["--disk-full-retry-ms", "20"], 256 << 20);
     let leader = c.wait_leader(Duration::from_secs(30));
     let f = c.nodes().find(|i| *i != leader).unwrap();
-    let disk = move_onto_tmpfs(&mut c, f);
     let pid = c.pid(f);
     let data = c.data_dir(f);
 
-    let filler = disk.fill("filler");
+    c.fill_disk(f);
     let mnt = c.mountpoint(leader);
     let payload = |k: u32| vec![k as u8; 256 << 10];
     // 5 MiB: more than the follower's log has pre-zeroed, so its appends must wait.
@@ -382,7 +362,7 @@ fn a_full_follower_waits_and_catches_up_when_space_returns() {
     assert_eq!(c.pid(f), pid);
     assert!(c.status(f).is_some(), "the full follower answers status");
 
-    fs::remove_file(&filler).unwrap();
+    c.free_disk(f);
     c.wait_converged(Duration::from_secs(60));
     assert_eq!(c.pid(f), pid, "the follower was not restarted");
     for k in 0..20 {
@@ -394,7 +374,6 @@ fn a_full_follower_waits_and_catches_up_when_space_returns() {
     }
     let text = c.stop(f);
     assert!(text.contains("done waiting for space"), "{text}");
-    drop(disk);
 }
 
 /// The leader of a 3-node cluster runs out of space under a vere-shaped writer: its
@@ -403,10 +382,9 @@ fn a_full_follower_waits_and_catches_up_when_space_returns() {
 /// while this one's log waited), with every acknowledged event, and all trees converge.
 #[test]
 fn a_full_leader_in_a_cluster_loses_nothing_and_the_cluster_writes_again() {
-    let mut c = Cluster::start(3, None, &daemon_args());
+    let mut c = Cluster::start_on_tmpfs(3, None, &daemon_args(), 64 << 20);
     let first = c.wait_leader(Duration::from_secs(30));
     let l = c.nodes().find(|i| *i != first).unwrap();
-    let disk = move_onto_tmpfs(&mut c, l);
     let st = Command::new(bin())
         .args(["transfer-leader"])
         .arg(c.data_dir(first))
@@ -431,7 +409,7 @@ fn a_full_leader_in_a_cluster_loses_nothing_and_the_cluster_writes_again() {
     for _ in 0..20 {
         w.commit(10).unwrap();
     }
-    let filler = disk.fill("filler");
+    c.fill_disk(l);
     let mut failed = false;
     for _ in 0..200 {
         if w.commit(5).is_err() {
@@ -450,7 +428,7 @@ fn a_full_leader_in_a_cluster_loses_nothing_and_the_cluster_writes_again() {
     let acked = w.close();
     assert!(c.status(l).is_some(), "the full leader answers status");
 
-    fs::remove_file(&filler).unwrap();
+    c.free_disk(l);
     // Whoever leads now (this node, or one elected while its log waited) takes writes.
     let leader = c.wait_leader(Duration::from_secs(60));
     let log = c.mountpoint(leader).join("pier/.urb/log");
@@ -488,7 +466,6 @@ fn a_full_leader_in_a_cluster_loses_nothing_and_the_cluster_writes_again() {
         "node {l} filled up; node {leader} took the writes after; node {l}'s log waited: {}",
         text.contains("what=\"raft log append\"")
     );
-    drop(disk);
 }
 
 /// A disk that stays full past `--disk-full-wait-ms` is a fatal storage error: the daemon

@@ -362,16 +362,7 @@ impl Fs {
     /// Propose `op` alone and wait until it is applied; returns the tree's errno for it.
     fn propose_and_wait(&self, op: Op) -> FsResult<()> {
         self.check_writable()?;
-        if matches!(
-            op,
-            Op::Create { .. }
-                | Op::Mkdir { .. }
-                | Op::Rename { .. }
-                | Op::Link { .. }
-                | Op::Symlink { .. }
-        ) {
-            // Unlink, rmdir and attribute changes stay possible: they are how space is
-            // freed.
+        if op.needs_room() {
             self.check_room()?;
         }
         let (tx, rx) = oneshot::channel();

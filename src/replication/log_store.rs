@@ -779,15 +779,6 @@ mod tests {
         }
     }
 
-    /// Retry every 5 ms, for longer than any test runs.
-    fn patient(gauges: &Arc<crate::diskfull::DiskGauges>) -> DiskFullPolicy {
-        DiskFullPolicy {
-            retry: std::time::Duration::from_millis(5),
-            wait: std::time::Duration::from_secs(600),
-            gauges: gauges.clone(),
-        }
-    }
-
     /// `blocking_append` of `entries` on a thread of its own (it may wait for space).
     fn append_in_background(
         log: &LogStore,
@@ -800,6 +791,23 @@ mod tests {
             rt.block_on(writer.blocking_append(entries))
                 .map_err(|e| e.to_string())
         })
+    }
+
+    /// Entry `index` of term 1: one write of `len` bytes of value `index` at `offset`.
+    fn write_entry(index: u64, offset: u64, len: usize) -> Entry {
+        use crate::op::{Batch, Op};
+        openraft::Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Batch {
+                origin: 1,
+                seq: index,
+                ops: vec![Op::Write {
+                    path: "f".into(),
+                    offset,
+                    data: vec![index as u8; len],
+                }],
+            }),
+        }
     }
 
     fn blank(index: u64) -> Entry {
@@ -902,23 +910,12 @@ mod tests {
 
     #[test]
     fn mixed_large_and_small_records_read_back_intact() {
-        use crate::op::{Batch, Op};
+        use crate::op::Op;
         use openraft::storage::RaftLogStorageExt;
         let rt = tokio::runtime::Runtime::new().unwrap();
         let t = TempDir::new("log-mixed");
         let dir = t.path().join("raft");
-        let entry = |index: u64, len: usize| openraft::Entry::<TypeConfig> {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Batch {
-                origin: 1,
-                seq: index,
-                ops: vec![Op::Write {
-                    path: "f".into(),
-                    offset: 0,
-                    data: vec![index as u8; len],
-                }],
-            }),
-        };
+        let entry = |index: u64, len: usize| write_entry(index, 0, len);
         // Small, large (no pre-zeroing), small again: the small one after the large one
         // must not zero over it.
         let sizes = [100usize, 300 << 10, 100, 200, 1 << 20, 50, 60];
@@ -958,27 +955,18 @@ mod tests {
     #[test]
     fn a_full_disk_delays_an_append_until_space_returns_and_loses_nothing() {
         use crate::diskfull::DiskGauges;
-        use crate::op::{Batch, Op};
-        use crate::sync::tests::{wait_until, Tmpfs};
+        use crate::op::Op;
+        use crate::sync::tests::{wait_until, TempDir};
+        use crate::test_tmpfs::Tmpfs;
         use openraft::storage::RaftLogStorageExt;
-        let t = Tmpfs::mount("log-full", "2m");
+        let tmp = TempDir::new("log-full");
+        let t = Tmpfs::mount(tmp.path(), "2m");
         let dir = t.path().join("raft");
         let gauges = Arc::new(DiskGauges::default());
         let mut o = opts(&dir);
-        o.disk = patient(&gauges);
+        o.disk = DiskFullPolicy::patient(&gauges);
         // 64 KiB each; segments of 1000 bytes: every record starts a segment.
-        let entry = |index: u64| openraft::Entry::<TypeConfig> {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Batch {
-                origin: 1,
-                seq: index,
-                ops: vec![Op::Write {
-                    path: "f".into(),
-                    offset: index * 65536,
-                    data: vec![index as u8; 65536],
-                }],
-            }),
-        };
+        let entry = |index: u64| write_entry(index, index * 65536, 65536);
         let check = |log: &mut LogStore, rt: &tokio::runtime::Runtime| {
             let got = rt.block_on(log.try_get_log_entries(1..=10)).unwrap();
             assert_eq!(got.len(), 10);
@@ -999,7 +987,7 @@ mod tests {
             .unwrap();
         assert_eq!(flush.borrow().flushed_index, 5);
 
-        let filler = t.fill();
+        let filler = t.fill("filler");
         let appending = append_in_background(&log, (6..=10).map(entry).collect());
         wait_until("the append waits for space", || {
             gauges.waiting.load(Ordering::Relaxed) == 1
@@ -1049,7 +1037,7 @@ mod tests {
         let gauges = Arc::new(DiskGauges::default());
         let mut o = opts(&tmp.path().join("raft"));
         o.fault_sync_file = Some(fault.clone());
-        o.disk = patient(&gauges);
+        o.disk = DiskFullPolicy::patient(&gauges);
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (log, flush) = LogStore::open(o.clone()).unwrap();
         rt.block_on(log.clone().blocking_append((1..=3).map(blank)))

@@ -642,8 +642,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 mod tests {
     use super::*;
     use crate::diskfull::DiskGauges;
-    use crate::sync::tests::{wait_until, Tmpfs};
-    use std::time::Duration;
+    use crate::sync::tests::{wait_until, TempDir};
+    use crate::test_tmpfs::Tmpfs;
 
     /// A batch that creates a file exclusively and then writes to it meets a full disk at
     /// the write, after the create took effect. The retry resumes at the write: the create
@@ -651,14 +651,11 @@ mod tests {
     /// space is freed.
     #[test]
     fn a_full_disk_mid_batch_resumes_at_the_failed_op() {
-        let t = Tmpfs::mount("sm-full", "2m");
+        let tmp = TempDir::new("sm-full");
+        let t = Tmpfs::mount(tmp.path(), "2m");
         std::fs::create_dir_all(t.path().join("tree")).unwrap();
         let gauges = Arc::new(DiskGauges::default());
-        let disk = DiskFullPolicy {
-            retry: Duration::from_millis(5),
-            wait: Duration::from_secs(600),
-            gauges: gauges.clone(),
-        };
+        let disk = DiskFullPolicy::patient(&gauges);
         let (sm, applied) =
             StateMachine::open(t.path().into(), 8, None, Arc::default(), disk).unwrap();
         // Both checkpoint slots get their pages now, so the checkpoint before the create
@@ -684,7 +681,7 @@ mod tests {
                 ],
             }),
         };
-        let filler = t.fill();
+        let filler = t.fill("filler");
         let mut applier = sm.clone();
         let applying = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
