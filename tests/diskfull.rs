@@ -65,6 +65,20 @@ struct Writer {
 }
 
 impl Writer {
+    /// Create the pier at `log` and commit 200 events in batches of 10, all acknowledged.
+    fn on_new_pier(log: &Path) -> Writer {
+        vere::create_pier(log).unwrap();
+        let mut w = Writer {
+            dir: log.join("0i0"),
+            epoch: None,
+            last: 0,
+        };
+        for _ in 0..20 {
+            w.commit(10).unwrap();
+        }
+        w
+    }
+
     fn open(&mut self) -> Result<&vere::Epoch, String> {
         if self.epoch.is_none() {
             let e = vere::Epoch::open(&self.dir).map_err(|e| e.to_string())?;
@@ -116,15 +130,7 @@ fn a_full_leader_disk_fails_writes_loses_nothing_and_resumes_when_space_returns(
     let disk = Tmpfs::mount(&data, "64m");
     let d = Daemon::start(&data, &mnt, &daemon_args());
     let log = mnt.join("pier/.urb/log");
-    vere::create_pier(&log).unwrap();
-    let mut w = Writer {
-        dir: log.join("0i0"),
-        epoch: None,
-        last: 0,
-    };
-    for _ in 0..20 {
-        w.commit(10).unwrap();
-    }
+    let mut w = Writer::on_new_pier(&log);
     let acked_before = w.last;
 
     // Take every free byte. The first writes after this may still succeed (the log keeps
@@ -222,15 +228,7 @@ fn below_the_reserve_new_bytes_get_enospc_and_space_can_be_freed_through_the_mou
     args.extend(["--disk-free-check-ms", "1"]);
     let d = Daemon::start(&data, &mnt, &args);
     let log = mnt.join("pier/.urb/log");
-    vere::create_pier(&log).unwrap();
-    let mut w = Writer {
-        dir: log.join("0i0"),
-        epoch: None,
-        last: 0,
-    };
-    for _ in 0..20 {
-        w.commit(10).unwrap();
-    }
+    let mut w = Writer::on_new_pier(&log);
     write_fsync(&mnt.join("spare-a"), &vec![1u8; 1 << 20]).unwrap();
     write_fsync(&mnt.join("spare-b"), &vec![2u8; 1 << 20]).unwrap();
     let acked_before = w.last;
@@ -400,15 +398,7 @@ fn a_full_leader_in_a_cluster_loses_nothing_and_the_cluster_writes_again() {
     assert_eq!(leader, l, "leadership went elsewhere");
 
     let log = c.mountpoint(l).join("pier/.urb/log");
-    vere::create_pier(&log).unwrap();
-    let mut w = Writer {
-        dir: log.join("0i0"),
-        epoch: None,
-        last: 0,
-    };
-    for _ in 0..20 {
-        w.commit(10).unwrap();
-    }
+    let mut w = Writer::on_new_pier(&log);
     c.fill_disk(l);
     let mut failed = false;
     for _ in 0..200 {
