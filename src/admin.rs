@@ -60,6 +60,8 @@ pub struct Status {
     pub fsync_failures: u64,
     /// Ack latency percentiles over the most recent successful waits.
     pub fsync_recent: Option<RecentLatency>,
+    /// The supervised ship (`ship.rs`).
+    pub ship: crate::ship::Status,
 }
 
 /// Entries up to `last_index` a member that holds up to `matched` lacks; one not known to
@@ -86,12 +88,23 @@ impl Status {
         let matched = object(&mut self.matched.iter().map(|(id, m)| (*id, opt(*m))));
         let lag = object(&mut self.lag.iter().map(|(id, l)| (*id, l.to_string())));
         let recent = self.fsync_recent;
+        let text = |v: &Option<String>| v.as_deref().map_or("null".to_string(), json_str);
+        let sh = &self.ship;
+        let ship = format!(
+            "{{\"state\":\"{}\",\"pid\":{},\"starts\":{},\"last_exit\":{},             \"last_failover_downtime_ms\":{},\"gave_up\":{}}}",
+            sh.state.name(),
+            opt(sh.pid.map(u64::from)),
+            sh.starts,
+            text(&sh.last_exit),
+            opt(sh.last_failover_downtime_ms),
+            text(&sh.gave_up),
+        );
         format!(
             "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
              \"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
              \"disk_refusing_writes\":{},\"disk_waiting\":{},\"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}},\
              \"lag\":{{{}}},\"fsync_acks\":{},\"fsync_failures\":{},\"fsync_samples\":{},\
-             \"fsync_p50_us\":{},\"fsync_p99_us\":{}}}",
+             \"fsync_p50_us\":{},\"fsync_p99_us\":{},\"ship\":{}}}",
             self.node_id,
             self.role,
             self.term,
@@ -113,6 +126,7 @@ impl Status {
             recent.map_or(0, |r| r.samples),
             opt(recent.map(|r| r.p50_us)),
             opt(recent.map(|r| r.p99_us)),
+            ship,
         )
     }
 }
@@ -183,6 +197,7 @@ pub async fn collect(control: &Control) -> Status {
         fsync_acks: fsync.count(FsyncOutcome::Ok),
         fsync_failures: fsync.failures(),
         fsync_recent: fsync.recent(),
+        ship: control.ship.status(),
     }
 }
 
@@ -439,6 +454,14 @@ mod tests {
                 p50_us: 850,
                 p99_us: 2100,
             }),
+            ship: crate::ship::Status {
+                state: crate::ship::State::Running,
+                pid: Some(4242),
+                starts: 3,
+                last_exit: Some("exit code 1".into()),
+                last_failover_downtime_ms: Some(1800),
+                gave_up: None,
+            },
         };
         let j = s.to_json();
         assert_eq!(
@@ -448,7 +471,7 @@ mod tests {
              \"disk_refusing_writes\":false,\"disk_waiting\":0,\"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
              \"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
              \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_samples\":12,\
-             \"fsync_p50_us\":850,\"fsync_p99_us\":2100}"
+             \"fsync_p50_us\":850,\"fsync_p99_us\":2100,\"ship\":{\"state\":\"running\",\"pid\":4242,             \"starts\":3,\"last_exit\":\"exit code 1\",\"last_failover_downtime_ms\":1800,\"gave_up\":null}}"
         );
         assert!(!j.contains('\n'), "one line");
         let t = table_from_json(&j);
@@ -463,6 +486,6 @@ mod tests {
         };
         assert!(none
             .to_json()
-            .ends_with("\"fsync_samples\":0,\"fsync_p50_us\":null,\"fsync_p99_us\":null}"));
+            .contains("\"fsync_samples\":0,\"fsync_p50_us\":null,\"fsync_p99_us\":null,"));
     }
 }

@@ -51,6 +51,9 @@ pub enum Command {
     /// Write man pages and shell completions (used by packaging/build).
     #[command(hide = true)]
     GenerateAssets(crate::assets::GenerateAssetsArgs),
+    /// Internal: the process between the daemon and its ship (see src/ship.rs).
+    #[command(hide = true)]
+    ShipGuard,
 }
 
 #[derive(Debug, Subcommand)]
@@ -260,6 +263,30 @@ pub struct MountArgs {
     /// How long a full disk is waited out before it is a fatal storage error.
     #[arg(long, default_value_t = Limits::default().disk_full_wait_ms)]
     pub disk_full_wait_ms: u64,
+    /// Run the ship on this node while it is the writable leader: a command for
+    /// /bin/sh -c (e.g. "urbit -t /srv/zod"), started in the mountpoint with
+    /// SEGURO_MOUNTPOINT, SEGURO_NODE_ID and SEGURO_TERM set. See docs/OPERATIONS.md.
+    #[arg(long, value_name = "CMD")]
+    pub ship_command: Option<String>,
+    /// Run the ship as this user and its groups (default: the daemon's user).
+    #[arg(long, value_name = "USER")]
+    pub ship_user: Option<String>,
+    /// Grace between SIGTERM and SIGKILL when the ship is stopped; the same on every
+    /// member (a new leader's ship waits it out before starting).
+    #[arg(long, default_value_t = Limits::default().ship_stop_grace_ms)]
+    pub ship_stop_grace_ms: u64,
+    /// First delay before restarting a ship that exited by itself (doubles each time).
+    #[arg(long, default_value_t = Limits::default().ship_restart_backoff_ms)]
+    pub ship_restart_backoff_ms: u64,
+    /// Longest delay between ship restarts.
+    #[arg(long, default_value_t = Limits::default().ship_restart_backoff_max_ms)]
+    pub ship_restart_backoff_max_ms: u64,
+    /// Ship failures tolerated within --ship-failures-window-ms before this node hands
+    /// leadership (and the ship) to another member.
+    #[arg(long, default_value_t = Limits::default().ship_failures_max)]
+    pub ship_failures_max: u64,
+    #[arg(long, default_value_t = Limits::default().ship_failures_window_ms)]
+    pub ship_failures_window_ms: u64,
     /// Test hook: while this file exists the log's fdatasync fails with EIO (ENOSPC if
     /// the file starts with `ENOSPC`).
     #[arg(long, hide = true)]
@@ -334,6 +361,25 @@ impl MountArgs {
         put("disk_free_check_ms", Value::Int(self.disk_free_check_ms))?;
         put("disk_full_retry_ms", Value::Int(self.disk_full_retry_ms))?;
         put("disk_full_wait_ms", Value::Int(self.disk_full_wait_ms))?;
+        put(
+            "ship_command",
+            Value::Text(self.ship_command.unwrap_or_default()),
+        )?;
+        put("ship_user", Value::Text(self.ship_user.unwrap_or_default()))?;
+        put("ship_stop_grace_ms", Value::Int(self.ship_stop_grace_ms))?;
+        put(
+            "ship_restart_backoff_ms",
+            Value::Int(self.ship_restart_backoff_ms),
+        )?;
+        put(
+            "ship_restart_backoff_max_ms",
+            Value::Int(self.ship_restart_backoff_max_ms),
+        )?;
+        put("ship_failures_max", Value::Int(self.ship_failures_max))?;
+        put(
+            "ship_failures_window_ms",
+            Value::Int(self.ship_failures_window_ms),
+        )?;
         put("fault_log_sync_file", path(self.fault_log_sync_file))?;
         for opts in &self.options {
             crate::mount_options::parse(opts, self.sloppy, &mut layer)?;

@@ -77,6 +77,20 @@ pub struct Limits {
     /// before reporting the applied index instead (the core is busy while the log waits
     /// for space).
     pub status_raft_wait_ms: u64,
+    /// How often pre-vote (a follower's campaign condition) and check-quorum (the
+    /// leader's) are evaluated; part of the failover freeze.
+    pub liveness_check_ms: u64,
+    /// The supervised ship gets SIGTERM, then SIGKILL after this long. Every member must
+    /// use the same value: a new leader's ship waits it out (the freeze) before starting.
+    pub ship_stop_grace_ms: u64,
+    /// The first wait before restarting a ship that exited while this node leads; doubled
+    /// after each failure up to `ship_restart_backoff_max_ms`.
+    pub ship_restart_backoff_ms: u64,
+    pub ship_restart_backoff_max_ms: u64,
+    /// More ship failures than this within `ship_failures_window_ms` and this node hands
+    /// leadership (and the ship) to another member.
+    pub ship_failures_max: u64,
+    pub ship_failures_window_ms: u64,
 }
 
 impl Default for Limits {
@@ -112,6 +126,12 @@ impl Default for Limits {
             disk_full_retry_ms: 200,
             disk_full_wait_ms: 600_000,
             status_raft_wait_ms: 500,
+            liveness_check_ms: 25,
+            ship_stop_grace_ms: 1_000,
+            ship_restart_backoff_ms: 500,
+            ship_restart_backoff_max_ms: 30_000,
+            ship_failures_max: 5,
+            ship_failures_window_ms: 60_000,
         }
     }
 }
@@ -254,9 +274,34 @@ impl Limits {
         check("disk_full_retry_ms", self.disk_full_retry_ms, 1, 60_000)?;
         check("disk_full_wait_ms", self.disk_full_wait_ms, 0, 86_400_000)?;
         check("status_raft_wait_ms", self.status_raft_wait_ms, 10, 60_000)?;
+        check("liveness_check_ms", self.liveness_check_ms, 5, 1_000)?;
+        check("ship_stop_grace_ms", self.ship_stop_grace_ms, 0, 600_000)?;
+        check(
+            "ship_restart_backoff_ms",
+            self.ship_restart_backoff_ms,
+            10,
+            600_000,
+        )?;
+        check(
+            "ship_restart_backoff_max_ms",
+            self.ship_restart_backoff_max_ms,
+            self.ship_restart_backoff_ms,
+            3_600_000,
+        )?;
+        check("ship_failures_max", self.ship_failures_max, 0, 1_000)?;
+        check(
+            "ship_failures_window_ms",
+            self.ship_failures_window_ms,
+            1_000,
+            86_400_000,
+        )?;
         Ok(())
     }
 }
+
+/// Added to the failover freeze for scheduling delays on a loaded host (a new leader's
+/// ship starts `liveness_check_ms + ship_stop_grace_ms` plus this after it took over).
+pub const SHIP_FREEZE_MARGIN_MS: u64 = 200;
 
 /// A background daemon's log file (`--log-file`) larger than this when the daemon starts
 /// is renamed to `LOG.1` (replacing an older one) and a new log is begun, so a node that is
@@ -313,6 +358,11 @@ pub struct MountConfig {
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// Where a `--background` daemon appends its stdout and stderr.
     pub log_file: PathBuf,
+    /// The command that runs the ship on the writable leader (`/bin/sh -c`); None: no
+    /// ship is supervised.
+    pub ship_command: Option<String>,
+    /// The user the ship runs as (with its groups); None: the daemon's own user.
+    pub ship_user: Option<String>,
 }
 
 impl MountConfig {

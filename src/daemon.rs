@@ -21,6 +21,7 @@ use crate::replication::control::Control;
 use crate::replication::role::{self, Role};
 use crate::replication::state_machine::ObserverSlot;
 use crate::replication::{self, proposer::Proposer, StartError};
+use crate::ship::{Ship, ShipConfig};
 
 /// Why `mount` failed; each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,8 @@ pub enum MountError {
          down so the service manager restarts this node"
     )]
     RaftStopped(String),
+    #[error("{0}")]
+    ShipUser(String),
     #[error("{0}")]
     Io(#[from] std::io::Error),
 }
@@ -274,6 +277,18 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         &cfg.limits,
         others.filter(|id| *id != cfg.node_id),
     ));
+    if let Some(user) = &cfg.ship_user {
+        crate::ship::check_user(user).map_err(MountError::ShipUser)?;
+    }
+    let ship = Ship::new(cfg.ship_command.clone().map(|command| {
+        ShipConfig::new(
+            command,
+            cfg.ship_user.clone(),
+            cfg.mountpoint.clone(),
+            cfg.node_id,
+            &cfg.limits,
+        )
+    }));
     let node = rt.block_on(replication::start(
         &cfg,
         &data_dir,
@@ -281,6 +296,7 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         overlay.clone(),
         observer.clone(),
         registry.clone(),
+        ship.clone(),
     ))?;
     let role = Arc::new(Role::default());
     let control = Arc::new(Control {
@@ -292,11 +308,12 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         net: node.net.clone(),
         acks: cfg.acks,
         limits: cfg.limits.clone(),
+        ship: ship.clone(),
     });
     rt.block_on(async { admin::serve(&data_dir.root, control.clone()) })
         .map_err(|e| MountError::Io(std::io::Error::other(format!("admin socket: {e}"))))?;
     if let Some(addr) = cfg.metrics_addr {
-        rt.block_on(metrics::serve(addr, &cfg.limits, control))
+        rt.block_on(metrics::serve(addr, &cfg.limits, control.clone()))
             .map_err(|e| MountError::Io(std::io::Error::other(e.to_string())))?;
     }
 
@@ -326,6 +343,11 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         cfg.node_id,
         role.clone(),
         fs.clone(),
+        node.liveness.clone(),
+        role::QuorumCheck {
+            lease_ms: replication::election_timeout_max_ms(&cfg.limits),
+            tick_ms: cfg.limits.liveness_check_ms,
+        },
     ));
     rt.spawn(
         Proposer {
@@ -389,6 +411,12 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
     fs.set_notifier(session.notifier())?;
     tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %data_dir.root.display(), "mounted");
     ready.mounted();
+    // Only now: the ship needs the mount.
+    let supervisor = rt.spawn(ship.clone().supervise(
+        role.clone(),
+        node.liveness.clone(),
+        control.clone(),
+    ));
 
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let fuse_thread = std::thread::Builder::new()
@@ -407,6 +435,9 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
             why = raft_stopped(node.raft.clone()) => Stop::RaftStopped(why),
         }
     });
+    // The ship goes first: it must not outlive the mount, nor see it fail under it.
+    rt.block_on(ship.shutdown());
+    supervisor.abort();
     match &stop {
         Stop::Signal => tracing::info!("signal received: unmounting"),
         Stop::RaftStopped(why) => {

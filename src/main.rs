@@ -18,6 +18,7 @@ mod ready;
 mod replication;
 mod restore;
 mod settings;
+mod ship;
 mod sync;
 /// The integration tests' tmpfs guard, shared with the unit tests that need a file
 /// system that really runs out of space.
@@ -103,6 +104,7 @@ fn main() {
         cli::Command::Restore(a) => restore::run(&a.from, &a.cluster_key_file, &a.dest).map(print),
         cli::Command::Rekey(a) => rekey(&a),
         cli::Command::GenerateAssets(args) => assets::generate(&args.out).map(|_| ()),
+        cli::Command::ShipGuard => std::process::exit(ship::guard_main()),
     };
     if let Err(msg) = result {
         eprintln!("seguro-fs: error: {msg}");

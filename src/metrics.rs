@@ -382,6 +382,29 @@ pub fn render(st: &Status, reg: &Registry) -> String {
         "Log appends, vote saves and tree applies waiting for space on a full data dir.",
         st.disk_waiting,
     );
+    o.family(
+        "seguro_ship_state",
+        "gauge",
+        "The supervised ship's state: 1 for the current one, 0 for the others.",
+    );
+    for state in crate::ship::State::ALL {
+        o.sample(
+            "seguro_ship_state",
+            &[("state", state.name())],
+            u64::from(st.ship.state == state),
+        );
+    }
+    o.family(
+        "seguro_ship_starts_total",
+        "counter",
+        "Times this daemon started the ship.",
+    );
+    o.sample("seguro_ship_starts_total", &[], st.ship.starts);
+    o.gauge(
+        "seguro_ship_last_failover_downtime_ms",
+        "At the latest leadership's first ship start: ms since this node last heard the previous leader (or since the daemon started).",
+        st.ship.last_failover_downtime_ms.unwrap_or(0),
+    );
     o.gauge("seguro_term", "Current Raft term.", st.term);
     o.gauge(
         "seguro_last_log_index",
@@ -730,6 +753,14 @@ mod tests {
             fsync_acks: 4,
             fsync_failures: 1,
             fsync_recent: None,
+            ship: crate::ship::Status {
+                state: crate::ship::State::Backoff,
+                pid: None,
+                starts: 7,
+                last_exit: None,
+                last_failover_downtime_ms: Some(2100),
+                gave_up: None,
+            },
         };
         let text = render(&st, &reg);
         for line in [
@@ -738,6 +769,10 @@ mod tests {
             "seguro_writable 1",
             "seguro_disk_refusing_writes 1",
             "seguro_disk_full_waiting 2",
+            "seguro_ship_state{state=\"backoff\"} 1",
+            "seguro_ship_state{state=\"running\"} 0",
+            "seguro_ship_starts_total 7",
+            "seguro_ship_last_failover_downtime_ms 2100",
             "seguro_member_matched_index{member=\"1\"} 40",
             "seguro_member_lag_entries{member=\"3\"} 41",
             "seguro_fsync_ack_seconds_bucket{le=\"0.0001\"} 1",

@@ -67,6 +67,8 @@ pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
         connections_max: 1,
         // A tool's link counts into a registry nobody scrapes.
         registry: std::sync::Arc::new(crate::metrics::Registry::new(&limits, [])),
+        // A tool neither leads nor follows.
+        liveness: std::sync::Arc::default(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -83,6 +83,13 @@ pub const KEYS: &[Key] = &[
     key("disk_free_check_ms", Kind::Int),
     key("disk_full_retry_ms", Kind::Int),
     key("disk_full_wait_ms", Kind::Int),
+    key("ship_command", Kind::Text),
+    key("ship_user", Kind::Text),
+    key("ship_stop_grace_ms", Kind::Int),
+    key("ship_restart_backoff_ms", Kind::Int),
+    key("ship_restart_backoff_max_ms", Kind::Int),
+    key("ship_failures_max", Kind::Int),
+    key("ship_failures_window_ms", Kind::Int),
 ];
 
 /// The key naming the config file (`--config`, `-o config=`).
@@ -477,6 +484,14 @@ fn validate(m: &Layer) -> Result<MountConfig, ConfigError> {
         disk_free_check_ms: int("disk_free_check_ms", d.disk_free_check_ms),
         disk_full_retry_ms: int("disk_full_retry_ms", d.disk_full_retry_ms),
         disk_full_wait_ms: int("disk_full_wait_ms", d.disk_full_wait_ms),
+        ship_stop_grace_ms: int("ship_stop_grace_ms", d.ship_stop_grace_ms),
+        ship_restart_backoff_ms: int("ship_restart_backoff_ms", d.ship_restart_backoff_ms),
+        ship_restart_backoff_max_ms: int(
+            "ship_restart_backoff_max_ms",
+            d.ship_restart_backoff_max_ms,
+        ),
+        ship_failures_max: int("ship_failures_max", d.ship_failures_max),
+        ship_failures_window_ms: int("ship_failures_window_ms", d.ship_failures_window_ms),
         ..d
     };
     limits
@@ -576,6 +591,8 @@ fn validate(m: &Layer) -> Result<MountConfig, ConfigError> {
         node_id,
         local_names,
         allow_other: m.bool("allow_other"),
+        ship_command: m.text("ship_command").filter(|c| !c.trim().is_empty()),
+        ship_user: m.text("ship_user").filter(|u| !u.is_empty()),
         limits,
         fault_log_sync_file: m.path("fault_log_sync_file"),
         cluster,

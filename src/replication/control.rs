@@ -28,6 +28,7 @@ use super::wire::{self, ControlRequest, ControlResponse, Request, Response};
 use super::TypeConfig;
 use crate::config::Limits;
 use crate::op::{Batch, Op};
+use crate::ship::{self, Ship};
 
 /// The origin of batches proposed by admin commands (daemon runs use odd random ids).
 const ADMIN_ORIGIN: u64 = 0;
@@ -128,6 +129,7 @@ pub struct ControlServer {
     pub state_machine: StateMachine,
     pub chunk_bytes_max: u64,
     elections: Elections,
+    ship: Arc<Ship>,
 }
 
 impl ControlServer {
@@ -136,6 +138,7 @@ impl ControlServer {
         state_machine: StateMachine,
         limits: &Limits,
         elections: Elections,
+        ship: Arc<Ship>,
     ) -> Self {
         if state_machine.export_until().is_some() {
             // An export's tree is frozen: it must never lead.
@@ -146,6 +149,7 @@ impl ControlServer {
             state_machine,
             chunk_bytes_max: limits.snapshot_chunk_bytes,
             elections,
+            ship,
         }
     }
 
@@ -246,6 +250,16 @@ impl ControlServer {
                 *image = Some(OpenImage { file, len });
                 Ok(ControlResponse::Image { index, len })
             }
+            ControlRequest::PreVote { last } => Ok(ControlResponse::PreVote {
+                granted: self.elections.answer_pre_vote(last.as_ref().map(wire::rl)),
+            }),
+            ControlRequest::ShipState => {
+                let s = self.ship.status();
+                Ok(ControlResponse::Ship {
+                    state: s.state.name().to_string(),
+                    starts: s.starts,
+                })
+            }
             ControlRequest::ImageRead { offset, len } => {
                 let img = image.as_mut().ok_or("no image is open on this link")?;
                 if offset > img.len {
@@ -279,6 +293,7 @@ pub struct Control {
     pub net: NetConfig,
     pub acks: u64,
     pub limits: Limits,
+    pub ship: Arc<Ship>,
 }
 
 /// One member's answer in a `verify`.
@@ -547,7 +562,18 @@ impl Control {
         let timeout_ms = l.transfer_timeout_ms;
         let started = Instant::now();
 
+        // The ship stops first (its mount turns read-only now): the new leader's ship must
+        // not start while this one runs.
+        let ship_stop = Instant::now();
         self.role.begin_transfer();
+        if self.ship.enabled()
+            && !self
+                .ship
+                .wait_not_running(self.ship.grace_ms() + l.ack_timeout_ms)
+                .await
+        {
+            tracing::warn!("the ship did not stop in time; transferring anyway (it was killed)");
+        }
         self.raft.runtime_config().heartbeat(false);
         // Off until the transfer is over, then for a grace period: this node must not
         // campaign against the target it is handing over to.
@@ -606,10 +632,37 @@ impl Control {
         drop(pause);
         self.role.end_transfer();
         result?;
+        let moved_ms = started.elapsed().as_millis();
+        let downtime = match self.ship.enabled() {
+            true => self.ship_downtime(&addr, ship_stop).await,
+            false => None,
+        };
         Ok(format!(
-            "{{\"leader\":{to},\"ms\":{}}}",
-            started.elapsed().as_millis()
+            "{{\"leader\":{to},\"ms\":{moved_ms},\"ship_downtime_ms\":{}}}",
+            downtime.map_or("null".into(), |d| d.to_string())
         ))
+    }
+
+    /// Wait for the new leader's ship to run; ms since this node's ship began to stop.
+    /// None if it does not run within `transfer_timeout_ms`.
+    async fn ship_downtime(&self, addr: &str, stopped_at: Instant) -> Option<u64> {
+        let deadline = Instant::now() + Duration::from_millis(self.limits.transfer_timeout_ms);
+        while Instant::now() < deadline {
+            let r = call(
+                &self.net,
+                addr,
+                ControlRequest::ShipState,
+                self.limits.peer_io_timeout_ms,
+            )
+            .await;
+            if let Ok(ControlResponse::Ship { state, .. }) = r {
+                if state == ship::State::Running.name() {
+                    return Some(stopped_at.elapsed().as_millis() as u64);
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
     }
 
     /// Propose a digest barrier and collect every member's digest at its index.

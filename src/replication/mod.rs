@@ -8,6 +8,7 @@ pub mod elections;
 pub mod log_store;
 pub mod network;
 pub mod proposer;
+pub mod quorum;
 pub mod record;
 pub mod role;
 pub mod snapshot;
@@ -77,6 +78,8 @@ pub struct Node {
     pub net: NetConfig,
     pub flush_rx: watch::Receiver<FlushState>,
     pub applied_rx: watch::Receiver<u64>,
+    /// Who heard whom: pre-vote and check-quorum read it.
+    pub liveness: Arc<quorum::Liveness>,
 }
 
 /// The longest election timeout: openraft's leader lease too (see `start`).
@@ -95,7 +98,9 @@ pub async fn start(
     overlay: Arc<Mutex<Overlay>>,
     observer: ObserverSlot,
     registry: Arc<crate::metrics::Registry>,
+    ship: Arc<crate::ship::Ship>,
 ) -> Result<Node, StartError> {
+    let liveness = Arc::new(quorum::Liveness::default());
     let raft_dir = dir.raft_dir();
     let disk = DiskFullPolicy::new(&cfg.limits, registry.disk.clone());
     let (log, flush_rx) = LogStore::open(LogOptions {
@@ -150,6 +155,7 @@ pub async fn start(
         idle_ms: l.peer_io_timeout_ms * 6,
         connections_max: l.peer_connections_max,
         registry,
+        liveness: liveness.clone(),
     };
     let listener = match &cfg.cluster {
         Some(c) => Some(
@@ -173,12 +179,28 @@ pub async fn start(
     .map_err(|e| StartError::Raft(e.to_string()))?;
     // After a pause (a snapshot install, a transfer) elections stay off for two of the
     // longest election timeouts: the leader's heartbeats reset the timer meanwhile.
-    let elections = elections::Elections::new(raft.clone(), election_timeout_max_ms(l) * 2);
+    let timing = elections::Timing {
+        lease_ms: election_timeout_max_ms(l),
+        spread_ms: election_timeout_max_ms(l) - l.election_timeout_min_ms,
+        tick_ms: l.liveness_check_ms,
+    };
+    let elections = elections::Elections::new(
+        raft.clone(),
+        election_timeout_max_ms(l) * 2,
+        liveness.clone(),
+        timing,
+    );
     state_machine.set_elections(elections.clone());
-    let control =
-        control::ControlServer::new(raft.clone(), state_machine.clone(), l, elections.clone());
+    let control = control::ControlServer::new(
+        raft.clone(),
+        state_machine.clone(),
+        l,
+        elections.clone(),
+        ship,
+    );
     if let Some(listener) = listener {
         tokio::spawn(network::serve(listener, raft.clone(), net.clone(), control));
+        tokio::spawn(elections.clone().run(net.clone()));
     }
 
     let initialized = raft
@@ -212,5 +234,6 @@ pub async fn start(
         net,
         flush_rx,
         applied_rx,
+        liveness,
     })
 }

@@ -8,7 +8,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
@@ -21,6 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::control::{ControlServer, OpenImage};
+use super::quorum::Liveness;
 use super::transport::{ClusterKey, Link, LinkError, LinkLimits};
 use super::wire::{self, RaftRequest, Request, Response};
 use super::TypeConfig;
@@ -39,6 +40,9 @@ pub struct NetConfig {
     pub idle_ms: u64,
     pub connections_max: usize,
     pub registry: Arc<Registry>,
+    /// Fed here (acks as leader, leader traffic as follower), read by pre-vote and
+    /// check-quorum.
+    pub liveness: Arc<Liveness>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -161,9 +165,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     ) -> Result<AppendEntriesResponse<u64>, CallError> {
         let req = wire::append_request(&rpc);
         let (entries, bytes) = entry_bytes(&req);
+        let sent = Instant::now();
         let resp = self.rpc(req, option, wire::to_append_response).await;
-        if resp.is_ok() {
+        if let Ok(r) = &resp {
             self.counters.sent_entries(entries, bytes);
+            if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
+                let term = rpc.vote.leader_id().term;
+                self.cfg.liveness.acked(self.target, term, sent);
+            }
         }
         resp
     }
@@ -214,13 +223,20 @@ fn entry_bytes(req: &Request) -> (u64, u64) {
 async fn handle(
     raft: &Raft<TypeConfig>,
     control: &ControlServer,
+    liveness: &Liveness,
     image: &mut Option<OpenImage>,
     req: RaftRequest,
 ) -> Response {
     match req {
         RaftRequest::Control(c) => control.handle(c, image).await,
         RaftRequest::Append(r) => match raft.append_entries(r).await {
-            Ok(resp) => wire::append_response(&resp),
+            Ok(resp) => {
+                // Anything but "higher vote" means openraft took the sender as its leader.
+                if !matches!(resp, AppendEntriesResponse::HigherVote(_)) {
+                    liveness.heard_leader();
+                }
+                wire::append_response(&resp)
+            }
             Err(e) => Response::Error {
                 message: e.to_string(),
             },
@@ -231,12 +247,20 @@ async fn handle(
                 message: e.to_string(),
             },
         },
-        RaftRequest::Snapshot(r) => match raft.install_snapshot(r).await {
-            Ok(resp) => wire::snapshot_response(&resp),
-            Err(e) => Response::Error {
-                message: e.to_string(),
-            },
-        },
+        RaftRequest::Snapshot(r) => {
+            let sender = r.vote;
+            match raft.install_snapshot(r).await {
+                Ok(resp) => {
+                    if resp.vote.leader_id() == sender.leader_id() {
+                        liveness.heard_leader();
+                    }
+                    wire::snapshot_response(&resp)
+                }
+                Err(e) => Response::Error {
+                    message: e.to_string(),
+                },
+            }
+        }
     }
 }
 
@@ -296,7 +320,7 @@ async fn serve_link(
                 return;
             }
         };
-        let resp = handle(&raft, &control, &mut image, req).await;
+        let resp = handle(&raft, &control, &cfg.liveness, &mut image, req).await;
         let mut peer_counters = || {
             counters
                 .get_or_insert_with(|| cfg.registry.peer(link.peer_id))

@@ -78,6 +78,10 @@ pub enum ControlRequest {
     ImageOpen,
     /// `len` bytes of the open image from `offset` (fewer only at its end).
     ImageRead { offset: u64, len: u64 },
+    /// May the sender campaign? (our pre-vote: `elections.rs`). `last` is its last log id.
+    PreVote { last: Option<WLogId> },
+    /// The state of this member's supervised ship (`ship.rs`).
+    ShipState,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -102,6 +106,14 @@ pub enum ControlResponse {
     },
     ImageData {
         data: Vec<u8>,
+    },
+    PreVote {
+        granted: bool,
+    },
+    Ship {
+        /// `ship::State`'s name ("running", "disabled", …).
+        state: String,
+        starts: u64,
     },
 }
 
@@ -128,7 +140,7 @@ pub enum Response {
     },
 }
 
-fn wl(id: &LogId<u64>) -> WLogId {
+pub(crate) fn wl(id: &LogId<u64>) -> WLogId {
     WLogId {
         term: id.leader_id.term,
         node: id.leader_id.node_id,
@@ -136,7 +148,7 @@ fn wl(id: &LogId<u64>) -> WLogId {
     }
 }
 
-fn rl(w: &WLogId) -> LogId<u64> {
+pub(crate) fn rl(w: &WLogId) -> LogId<u64> {
     LogId::new(openraft::CommittedLeaderId::new(w.term, w.node), w.index)
 }
 

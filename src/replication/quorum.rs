@@ -1,0 +1,190 @@
+//! Who has heard whom, and when: the evidence behind pre-vote and check-quorum.
+//!
+//! Owns two clocks that openraft 0.9 does not expose in a form we can rely on:
+//!
+//! - on a follower, when it last *accepted* an AppendEntries (or snapshot chunk) from a
+//!   leader, taken after openraft handled it, so it is never earlier than openraft's own
+//!   vote-lease timestamp;
+//! - on a leader, per peer, the *send* time of the latest AppendEntries that peer answered
+//!   as a follower of this leader's term (success, partial success or conflict — anything
+//!   but "higher vote"). A send time, not a receive time, so the quorum time computed from
+//!   it is never later than the moment the followers really heard us.
+//!
+//! The quorum arithmetic is pure ([`quorum_time`], [`granted`]) and table-tested, as raft-rs
+//! tests its majority code.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+/// The latest instant that a majority of every voter set holds (a joint configuration has
+/// two sets; each needs its own majority). `heard(id)` is when voter `id` last acknowledged
+/// us; `me` counts as `now`. None if some set has no majority that ever answered.
+pub fn quorum_time(
+    sets: &[Vec<u64>],
+    me: u64,
+    now: Instant,
+    heard: impl Fn(u64) -> Option<Instant>,
+) -> Option<Instant> {
+    let mut result: Option<Instant> = None;
+    for set in sets {
+        if set.is_empty() {
+            continue;
+        }
+        let mut times: Vec<Option<Instant>> = set
+            .iter()
+            .map(|id| if *id == me { Some(now) } else { heard(*id) })
+            .collect();
+        // Newest first; None (never heard) sorts last.
+        times.sort_by(|a, b| b.cmp(a));
+        let majority = set.len() / 2 + 1;
+        let t = times[majority - 1]?;
+        result = Some(result.map_or(t, |r| r.min(t)));
+    }
+    result
+}
+
+/// Whether the voters in `yes` (this node included by the caller if it votes for itself)
+/// form a majority of every voter set.
+pub fn granted(sets: &[Vec<u64>], yes: &[u64]) -> bool {
+    sets.iter()
+        .filter(|s| !s.is_empty())
+        .all(|set| set.iter().filter(|id| yes.contains(id)).count() > set.len() / 2)
+}
+
+/// The two clocks, shared by the network (which feeds them) and elections and roles (which
+/// read them).
+#[derive(Debug)]
+pub struct Liveness {
+    /// When this node last accepted traffic from a leader (its start counts as that: a
+    /// member that just started must wait a whole lease before it campaigns).
+    heard_leader: Mutex<Instant>,
+    /// Per peer: (leader term of the request, its send time).
+    acked: Mutex<BTreeMap<u64, (u64, Instant)>>,
+}
+
+impl Default for Liveness {
+    fn default() -> Self {
+        Liveness {
+            heard_leader: Mutex::new(Instant::now()),
+            acked: Mutex::default(),
+        }
+    }
+}
+
+impl Liveness {
+    pub fn heard_leader(&self) {
+        *self.heard_leader.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    /// When this node last accepted traffic from a leader.
+    pub fn last_heard_leader(&self) -> Instant {
+        *self.heard_leader.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Peer `id` answered, as a follower of `term`, a request sent at `sent`.
+    pub fn acked(&self, id: u64, term: u64, sent: Instant) {
+        let mut m = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(id).or_insert((term, sent));
+        if (term, sent) > *e {
+            *e = (term, sent);
+        }
+    }
+
+    /// The latest instant a majority of `sets` acknowledged this node as leader of `term`.
+    pub fn quorum_acked_at(&self, sets: &[Vec<u64>], me: u64, term: u64) -> Option<Instant> {
+        let m = self.acked.lock().unwrap_or_else(|e| e.into_inner());
+        quorum_time(sets, me, Instant::now(), |id| {
+            m.get(&id).filter(|(t, _)| *t == term).map(|(_, at)| *at)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// `ago[i]`: how many ms ago voter i+1 acked (None: never).
+    fn qt(sets: &[Vec<u64>], me: u64, ago: &[Option<u64>]) -> Option<u64> {
+        let now = Instant::now() + Duration::from_secs(100);
+        quorum_time(sets, me, now, |id| {
+            ago[(id - 1) as usize].map(|ms| now - Duration::from_millis(ms))
+        })
+        .map(|t| (now - t).as_millis() as u64)
+    }
+
+    #[test]
+    fn quorum_time_is_the_majority_th_newest_ack() {
+        let three = vec![vec![1, 2, 3]];
+        let five = vec![vec![1, 2, 3, 4, 5]];
+        // (sets, me, acks ms ago per voter, expected ms ago)
+        let table: &[(&[Vec<u64>], u64, &[Option<u64>], Option<u64>)] = &[
+            // Leader alone is not a majority of 3.
+            (&three, 1, &[None, None, None], None),
+            // One follower is enough with the leader.
+            (&three, 1, &[None, Some(40), None], Some(40)),
+            (&three, 1, &[None, Some(40), Some(10)], Some(0)),
+            (&three, 1, &[None, Some(900), Some(700)], Some(700)),
+            // Five: the leader plus the two newest followers.
+            (
+                &five,
+                1,
+                &[None, Some(5), Some(50), Some(500), None],
+                Some(50),
+            ),
+            (&five, 1, &[None, Some(5), None, None, None], None),
+            // A leader outside the voter set counts for nothing.
+            (&three, 9, &[Some(30), Some(20), Some(10)], Some(20)),
+            // Single voter: itself.
+            (&[vec![1]], 1, &[None], Some(0)),
+        ];
+        for (sets, me, ago, want) in table {
+            assert_eq!(
+                qt(sets, *me, ago),
+                *want,
+                "sets {sets:?} me {me} acks {ago:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_joint_configuration_needs_both_majorities() {
+        let joint = vec![vec![1, 2, 3], vec![1, 4, 5]];
+        // Old set fresh (2 at 10 ms), new set only at 300 ms (4): the older one counts.
+        assert_eq!(
+            qt(&joint, 1, &[None, Some(10), None, Some(300), None]),
+            Some(300)
+        );
+        assert_eq!(qt(&joint, 1, &[None, Some(10), None, None, None]), None);
+    }
+
+    #[test]
+    fn granted_needs_a_majority_of_every_set() {
+        let table: &[(&[Vec<u64>], &[u64], bool)] = &[
+            (&[vec![1, 2, 3]], &[1], false),
+            (&[vec![1, 2, 3]], &[1, 3], true),
+            (&[vec![1, 2, 3, 4]], &[1, 3], false),
+            (&[vec![1, 2, 3, 4]], &[1, 3, 4], true),
+            (&[vec![1, 2, 3], vec![1, 4, 5]], &[1, 2], false),
+            (&[vec![1, 2, 3], vec![1, 4, 5]], &[1, 2, 4], true),
+            (&[vec![1]], &[1], true),
+        ];
+        for (sets, yes, want) in table {
+            assert_eq!(granted(sets, yes), *want, "sets {sets:?} yes {yes:?}");
+        }
+    }
+
+    #[test]
+    fn acks_of_another_term_do_not_count() {
+        let l = Liveness::default();
+        let sets = vec![vec![1, 2, 3]];
+        l.acked(2, 4, Instant::now());
+        assert!(l.quorum_acked_at(&sets, 1, 5).is_none());
+        assert!(l.quorum_acked_at(&sets, 1, 4).is_some());
+        // A later term replaces the earlier one.
+        l.acked(2, 5, Instant::now());
+        assert!(l.quorum_acked_at(&sets, 1, 5).is_some());
+        assert!(l.quorum_acked_at(&sets, 1, 4).is_none());
+    }
+}
