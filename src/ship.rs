@@ -448,6 +448,10 @@ impl Ship {
         };
         // The group may hold stragglers of a ship whose main process exited.
         kill_group(pid, libc::SIGKILL);
+        if !leads() || self.shutting_down() {
+            // Its commits failed because this node stopped leading: not the ship's fault.
+            return Outcome::Stopped("exited after this node stopped leading");
+        }
         Outcome::Exited(match exited {
             Ok(st) => describe(st),
             Err(e) => format!("wait failed: {e}"),

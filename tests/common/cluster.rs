@@ -46,6 +46,9 @@ pub struct Status {
     pub acks: Option<u64>,
     pub writable: bool,
     pub members: Vec<u64>,
+    /// The supervised ship's state ("disabled", "running", …) and how often it started.
+    pub ship_state: String,
+    pub ship_starts: u64,
     /// The line as printed, for messages.
     pub raw: String,
 }
@@ -88,6 +91,8 @@ impl Status {
             members: json_field(line, "members")
                 .map(|m| m.split(',').filter_map(|x| x.trim().parse().ok()).collect())
                 .unwrap_or_default(),
+            ship_state: json_field(line, "state").unwrap_or("").to_string(),
+            ship_starts: json_u64(line, "starts").unwrap_or(0),
             raw: line.to_string(),
         })
     }
