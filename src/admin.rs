@@ -91,7 +91,8 @@ impl Status {
         let text = |v: &Option<String>| v.as_deref().map_or("null".to_string(), json_str);
         let sh = &self.ship;
         let ship = format!(
-            "{{\"state\":\"{}\",\"pid\":{},\"starts\":{},\"last_exit\":{},             \"last_failover_downtime_ms\":{},\"gave_up\":{}}}",
+            "{{\"state\":\"{}\",\"pid\":{},\"starts\":{},\"last_exit\":{},\
+             \"last_failover_downtime_ms\":{},\"gave_up\":{}}}",
             sh.state.name(),
             opt(sh.pid.map(u64::from)),
             sh.starts,
@@ -471,7 +472,8 @@ mod tests {
              \"disk_refusing_writes\":false,\"disk_waiting\":0,\"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
              \"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
              \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_samples\":12,\
-             \"fsync_p50_us\":850,\"fsync_p99_us\":2100,\"ship\":{\"state\":\"running\",\"pid\":4242,             \"starts\":3,\"last_exit\":\"exit code 1\",\"last_failover_downtime_ms\":1800,\"gave_up\":null}}"
+             \"fsync_p50_us\":850,\"fsync_p99_us\":2100,\"ship\":{\"state\":\"running\",\"pid\":4242,\
+             \"starts\":3,\"last_exit\":\"exit code 1\",\"last_failover_downtime_ms\":1800,\"gave_up\":null}}"
         );
         assert!(!j.contains('\n'), "one line");
         let t = table_from_json(&j);

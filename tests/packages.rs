@@ -51,7 +51,7 @@ const DEB_FILES: &[&str] = &[
     "/usr/share/doc/seguro-fs/TROUBLESHOOTING.md",
     "/usr/share/doc/seguro-fs/examples/fstab",
     "/usr/share/doc/seguro-fs/examples/zod.toml",
-    "/usr/share/doc/seguro-fs/examples/urbit@.service",
+    "/usr/share/doc/seguro-fs/examples/urbit-ship",
     "/usr/share/doc/seguro-fs/examples/srv-zod-.urb-log.mount",
 ];
 
@@ -75,7 +75,7 @@ const RPM_FILES: &[&str] = &[
     "/usr/share/doc/seguro-fs/TROUBLESHOOTING.md",
     "/usr/share/doc/seguro-fs/examples/fstab",
     "/usr/share/doc/seguro-fs/examples/zod.toml",
-    "/usr/share/doc/seguro-fs/examples/urbit@.service",
+    "/usr/share/doc/seguro-fs/examples/urbit-ship",
     "/usr/share/doc/seguro-fs/examples/srv-zod-.urb-log.mount",
 ];
 

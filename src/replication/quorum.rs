@@ -124,7 +124,7 @@ mod tests {
             (&three, 1, &[None, None, None], None),
             // One follower is enough with the leader.
             (&three, 1, &[None, Some(40), None], Some(40)),
-            (&three, 1, &[None, Some(40), Some(10)], Some(0)),
+            (&three, 1, &[None, Some(40), Some(10)], Some(10)),
             (&three, 1, &[None, Some(900), Some(700)], Some(700)),
             // Five: the leader plus the two newest followers.
             (
