@@ -20,6 +20,14 @@
 //! The writer chops (keeps the two newest epochs) after each roll, like vere, so a long run
 //! stays within the tmpfs; the checks start at the oldest surviving epoch.
 //!
+//! Supervised runs (`chaos_supervised`): every daemon gets a `--ship-command` and the
+//! writer is the supervised stand-in ship (`tests/common/ships.rs`) that seguro-fs starts
+//! on whichever node leads. Instead of the test spawning writers, the ships commit by
+//! themselves through every fault; each ship checks at boot that every event an earlier
+//! ship acknowledged is there, no two ships may ever be alive at once (sampled every few
+//! ms), event numbers only grow from ship to ship, and the run counts ship starts per
+//! leader change. `SEGURO_CHAOS_SHIP_ITERS` sets its length (10).
+//!
 //! Run: `SEGURO_CHAOS_SEED=<u64> SEGURO_CHAOS_ITERS=<n> SEGURO_CHAOS_NODES=<3|5>
 //! cargo test --test chaos -- --nocapture`; `SEGURO_CHAOS_FAULTS=KillLeader,Latency` narrows
 //! the mix (names as in [`Fault`]). Without a seed one is drawn from the clock; it is
@@ -38,6 +46,7 @@ use std::time::{Duration, Instant};
 
 use common::cluster::{hex, pid_alive, Cluster};
 use common::mount::{bin, copy_tree, ChildTest, TestDir};
+use common::ships::{self, ship_command, tempdir, Ships};
 use common::vere::{self, SplitMix64, WriterOptions};
 
 /// Waits for a writable leader: elections take ~1 s, a debug build on a loaded 2-core
@@ -53,6 +62,8 @@ const DISK_BYTES: u64 = 768 << 20;
 const TRANSFER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Iterations when `SEGURO_CHAOS_ITERS` is not set (the CI run).
 const ITERS_DEFAULT: u64 = 20;
+/// Supervised iterations when `SEGURO_CHAOS_SHIP_ITERS` is not set (the CI run).
+const SHIP_ITERS_DEFAULT: u64 = 10;
 /// Daemon log line that marks a node's mount becoming writable, with its `term=` field.
 const WRITABLE_LINE: &str = "this node leads: the mount is writable";
 
@@ -86,6 +97,13 @@ fn chaos_writer_child() {
     let seed = env_u64("SEGURO_CHAOS_WRITER_SEED").unwrap();
     let r = vere::run_recording_writer_with(Path::new(&log), &record, seed, &writer_options());
     eprintln!("chaos writer on {log} ended: {r:?}");
+}
+
+/// The supervised stand-in ship (`chaos_supervised`), started by the daemons.
+#[test]
+#[ignore = "the ship that seguro-fs supervises in the supervised chaos runs"]
+fn chaos_ship_child() {
+    ships::ship_main();
 }
 
 fn spawn_writer(log: &Path, record: &Path, seed: u64) -> ChildTest {
@@ -365,6 +383,10 @@ struct Tally {
     no_leader_under_faults: u64,
     transfers: BTreeMap<String, u64>,
     writer_exits_early: u64,
+    /// Supervised runs: ships started, and leaderships (terms in which a node became
+    /// writable, from the daemons' logs).
+    ship_starts: u64,
+    leaderships: u64,
 }
 
 impl fmt::Display for Tally {
@@ -378,7 +400,15 @@ impl fmt::Display for Tally {
             self.no_leader_under_faults,
             self.transfers,
             self.writer_exits_early
-        )
+        )?;
+        if self.ship_starts > 0 {
+            write!(
+                f,
+                "; ship starts {} in {} leaderships",
+                self.ship_starts, self.leaderships
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -391,13 +421,47 @@ fn stop_writer(w: ChildTest) -> bool {
 
 #[test]
 fn chaos() {
+    run(false);
+}
+
+#[test]
+fn chaos_supervised() {
+    run(true);
+}
+
+/// The writers: spawned by this test on the leader, or ships supervised by the daemons.
+enum Writers {
+    Spawned(PathBuf),
+    Supervised(Ships),
+}
+
+impl Writers {
+    /// The highest event any writer saw acknowledged.
+    fn acked(&self) -> u64 {
+        match self {
+            Writers::Spawned(record) => recorded(record),
+            Writers::Supervised(ships) => ships.last_acknowledged(),
+        }
+    }
+}
+
+fn run(supervised: bool) {
     let seed = env_u64("SEGURO_CHAOS_SEED").unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos() as u64
     });
-    let iters = env_u64("SEGURO_CHAOS_ITERS").unwrap_or(ITERS_DEFAULT);
+    let (iters_var, iters_default) = match supervised {
+        false => ("SEGURO_CHAOS_ITERS", ITERS_DEFAULT),
+        true => ("SEGURO_CHAOS_SHIP_ITERS", SHIP_ITERS_DEFAULT),
+    };
+    let iters = env_u64(iters_var).unwrap_or(iters_default);
+    let test_name = if supervised {
+        "chaos_supervised"
+    } else {
+        "chaos"
+    };
     let nodes = env_u64("SEGURO_CHAOS_NODES").unwrap_or(3) as usize;
     assert!(
         nodes == 3 || nodes == 5,
@@ -408,15 +472,33 @@ fn chaos() {
         .map(|m| format!("SEGURO_CHAOS_FAULTS={m} "))
         .unwrap_or_default();
     let replay = format!(
-        "{mix_env}SEGURO_CHAOS_SEED={seed} SEGURO_CHAOS_ITERS={iters} \
-         SEGURO_CHAOS_NODES={nodes} cargo test --test chaos -- --nocapture"
+        "{mix_env}SEGURO_CHAOS_SEED={seed} {iters_var}={iters} \
+         SEGURO_CHAOS_NODES={nodes} cargo test --test chaos -- --exact {test_name} --nocapture"
     );
     let _hint = ReplayHint(replay.clone());
-    eprintln!("=== chaos: seed {seed}, {iters} iterations, {nodes} nodes\n=== replay: {replay}");
+    eprintln!(
+        "=== {test_name}: seed {seed}, {iters} iterations, {nodes} nodes\n=== replay: {replay}"
+    );
 
     let mut rng = SplitMix64::new(seed);
-    let mut c = Cluster::start_on_tmpfs(nodes, None, &[], DISK_BYTES);
-    let record = c.dir().join("record.txt");
+    let ship_dir = tempdir();
+    // A slower ship than the spawned writers: it commits through every fault, and the
+    // members it outruns must catch up after each heal.
+    let cmd = ship_command(&ship_dir, "chaos_ship_child", 25);
+    let ship_args: &[&str] = match supervised {
+        true => &["--ship-command", &cmd],
+        false => &[],
+    };
+    let mut c = Cluster::start_on_tmpfs(nodes, None, ship_args, DISK_BYTES);
+    let writers = match supervised {
+        true => Writers::Supervised(Ships::new(&ship_dir)),
+        false => Writers::Spawned(c.dir().join("record.txt")),
+    };
+    // Only the spawned writers have a record file of the test's own.
+    let record = match &writers {
+        Writers::Spawned(r) => Some(r.clone()),
+        Writers::Supervised(_) => None,
+    };
     let mut tally = Tally::default();
     let mut leader = c.wait_leader(ELECTION);
     let started = Instant::now();
@@ -431,19 +513,21 @@ fn chaos() {
         for f in &plan.faults {
             *tally.faults.entry(*f).or_default() += 1;
         }
-        let acked_before = recorded(&record);
+        let acked_before = writers.acked();
         eprintln!("=== iteration {it}/{iters} (seed {seed}) starts, leader {leader}: {plan:?}");
 
         // The writer commits on the leader; the faults land while it does.
-        let w1 = spawn_writer(&c.mountpoint(leader), &record, plan.writer_seeds[0]);
+        let w1 = record
+            .as_ref()
+            .map(|r| spawn_writer(&c.mountpoint(leader), r, plan.writer_seeds[0]));
         sleep_ms(plan.before_ms);
         let mut broken = Broken::default();
         inject(&mut c, &plan, leader, &mut broken);
         sleep_ms(plan.hold_ms);
-        if stop_writer(w1) {
+        if w1.is_some_and(stop_writer) {
             tally.writer_exits_early += 1;
         }
-        let acked1 = recorded(&record);
+        let acked1 = writers.acked();
 
         // (a) under the faults: a leader that a majority follows has every acked event.
         let mut leader_under_faults = None;
@@ -457,19 +541,23 @@ fn chaos() {
         }
         let checked = leader_under_faults.map_or("none".to_string(), |l| l.to_string());
         match leader_under_faults {
+            // A supervised ship checks this itself when it boots on a new leader (and keeps
+            // the log changing under any outside reader).
+            Some(_) if supervised => {}
             Some(l2) => {
+                let record = record.as_ref().expect("spawned writers");
                 vere::verify_surviving(&c.mountpoint(l2), acked1).unwrap_or_else(|e| {
                     fail(
                         &c,
                         format!("under the faults, leader {l2} lacks acked events: {e}"),
                     )
                 });
-                let w2 = spawn_writer(&c.mountpoint(l2), &record, plan.writer_seeds[1]);
+                let w2 = spawn_writer(&c.mountpoint(l2), record, plan.writer_seeds[1]);
                 sleep_ms(plan.second_ms);
                 if stop_writer(w2) {
                     tally.writer_exits_early += 1;
                 }
-                let acked2 = recorded(&record);
+                let acked2 = recorded(record);
                 vere::verify_surviving(&c.mountpoint(l2), acked2).unwrap_or_else(|e| {
                     fail(
                         &c,
@@ -489,13 +577,34 @@ fn chaos() {
         }
         let digest = c.wait_converged(CONVERGE);
         let new_leader = c.wait_leader(ELECTION);
-        let acked = recorded(&record);
-        vere::verify_surviving(&c.mountpoint(new_leader), acked).unwrap_or_else(|e| {
-            fail(
-                &c,
-                format!("after healing, leader {new_leader} lacks acked events: {e}"),
-            )
-        });
+        let acked = writers.acked();
+        match &writers {
+            Writers::Spawned(_) => vere::verify_surviving(&c.mountpoint(new_leader), acked)
+                .unwrap_or_else(|e| {
+                    fail(
+                        &c,
+                        format!("after healing, leader {new_leader} lacks acked events: {e}"),
+                    )
+                }),
+            Writers::Supervised(ships) => {
+                // The iteration ends with the ship running and committing on the leader,
+                // so the next faults land mid-commit.
+                c.wait_for("a ship committing on the healed cluster", ELECTION, || {
+                    let alive = ships.alive();
+                    (alive.len() == 1 && ships.last_acknowledged() > acked).then_some(())
+                });
+                if let Err(e) = ships.check() {
+                    fail(&c, e);
+                }
+                if ships.max_alive() > 1 {
+                    fail(
+                        &c,
+                        format!("{} ships were alive at once", ships.max_alive()),
+                    );
+                }
+                tally.ship_starts = ships.started().len() as u64;
+            }
+        }
         if new_leader != leader {
             tally.leader_changes += 1;
         }
@@ -513,7 +622,9 @@ fn chaos() {
         leader = new_leader;
 
         // (c) after every iteration, so a violation names the iteration it happened in.
-        if let Some((term, who)) = writable_terms(&c).into_iter().find(|(_, n)| n.len() > 1) {
+        let terms = writable_terms(&c);
+        tally.leaderships = terms.len() as u64;
+        if let Some((term, who)) = terms.into_iter().find(|(_, n)| n.len() > 1) {
             fail(
                 &c,
                 format!("nodes {who:?} were all writable in term {term}"),
@@ -523,7 +634,7 @@ fn chaos() {
 
     // (d) on every node: stop them all cleanly, then open a copy of each tree with LMDB (a
     // copy, because opening writes lock.mdb and the trees must stay as replicated).
-    let acked = recorded(&record);
+    let acked = writers.acked();
     assert!(
         acked > 0,
         "no commit was acknowledged in {iters} iterations\n{}",
@@ -538,8 +649,9 @@ fn chaos() {
             .unwrap_or_else(|e| panic!("node {i}'s tree after the run: {e}\nreplay: {replay}"));
     }
     eprintln!(
-        "=== chaos passed: seed {seed}, {iters} iterations, {nodes} nodes, {acked} events \
+        "=== {test_name} passed: seed {seed}, {iters} iterations, {nodes} nodes, {acked} events \
          acknowledged and present on every node, {:?}; {tally}",
         started.elapsed()
     );
+    drop(writers);
 }

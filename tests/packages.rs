@@ -430,10 +430,17 @@ fn deb_installs_mounts_from_fstab_runs_vere_and_purges() {
         .find_map(|l| l.strip_prefix("ExecStart="))
         .expect("the unit has an ExecStart=")
         .replace("%i", UNIT_INSTANCE);
+    // With a ship: the unit runs it too (a standalone node leads, so it starts), and
+    // `systemctl stop` (SIGTERM) stops it before the daemon exits.
+    let ship_out = t.join("ship.out");
     let etc_config = EtcConfig::write(&format!(
-        "data_dir = \"{}\"\nmountpoint = \"{}\"\nnode_id = 1\n",
+        "data_dir = \"{}\"\nmountpoint = \"{}\"\nnode_id = 1\n\
+         ship_command = \"echo $$ $SEGURO_NODE_ID > {}.tmp && mv {}.tmp {}; exec sleep 600\"\n",
         data.display(),
-        log.display()
+        log.display(),
+        ship_out.display(),
+        ship_out.display(),
+        ship_out.display()
     ));
     let notify_path = t.join("notify.sock");
     let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
@@ -460,6 +467,21 @@ fn deb_installs_mounts_from_fstab_runs_vere_and_purges() {
     assert!(message.lines().any(|l| l == "READY=1"), "{message:?}");
     assert!(is_mounted(&log), "READY=1 before the log was mounted");
     vere::verify_workload(&log, &summary, IMAGE_BYTES).expect("verify under the unit");
+    let deadline = Instant::now() + MOUNT_TIMEOUT;
+    let ship = loop {
+        if let Ok(text) = fs::read_to_string(&ship_out) {
+            break text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the unit's daemon never started the ship:\n{}",
+            fs::read_to_string(t.join("unit.log")).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let (ship_pid, node) = ship.trim().split_once(' ').expect("PID NODE");
+    assert_eq!(node, "1", "SEGURO_NODE_ID in the ship's environment");
+    let ship_pid: u32 = ship_pid.parse().unwrap();
     common::mount::signal(child.id(), libc::SIGTERM);
     let deadline = Instant::now() + EXIT_TIMEOUT;
     // Bounded by the deadline; on timeout the guard SIGKILLs the daemon by PID.
@@ -480,6 +502,15 @@ fn deb_installs_mounts_from_fstab_runs_vere_and_purges() {
         fs::read_to_string(t.join("unit.log")).unwrap_or_default()
     );
     assert!(!is_mounted(&log), "still mounted after SIGTERM");
+    // Orphans are reparented to this test (a subreaper): gone means absent or a zombie.
+    let ship_alive = fs::read_to_string(format!("/proc/{ship_pid}/stat"))
+        .ok()
+        .and_then(|st| st.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
+        .unwrap_or(false);
+    assert!(
+        !ship_alive,
+        "the ship (pid {ship_pid}) outlived its unit's daemon"
+    );
     drop(etc_config);
 
     // The replicated tree is itself the pier's log: LMDB opens it and every event is there

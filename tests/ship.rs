@@ -1,13 +1,9 @@
 //! The supervised ship (`--ship-command`, src/ship.rs) on clusters of real daemons.
 //!
-//! The ship is a stand-in for vere ([`ship_child`], this test binary re-executed by each
-//! daemon's ship command): it boots as vere does — opens the LMDB event log on the mount
-//! (flags 0, 1 TiB map), finds the last event, checks that every event any earlier ship
-//! recorded as acknowledged is there, and continues committing — and exits non-zero when
-//! a commit fails. Each ship records its acknowledged events in a file of its own outside
-//! the mount (`ships/START-NODE-PID.rec`, START in ns so names sort by start), so the test
-//! can tell which ship committed what, and registers its pid so a sampler thread can count
-//! the ships alive at any moment ([`Ships`]).
+//! The ship is a stand-in for vere (`tests/common/ships.rs`, run by [`ship_child`]: this
+//! test binary re-executed by each daemon's ship command), which boots as vere does, checks
+//! that every event an earlier ship acknowledged is there, and records what it
+//! acknowledges; `Ships` watches them all.
 //!
 //! What is checked: exactly one ship runs, on the writable leader; after kill -9 of the
 //! leader, a partition of the leader, a crashing ship, follower restarts and a leadership
@@ -18,13 +14,16 @@
 mod common;
 
 use std::fs;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
+use common::ships::{self, ship_command, tempdir, unix_ns, Ships};
 use common::vere;
+
+/// Longest any one wait here may take before the test fails with the cluster's state.
+const WAIT: Duration = Duration::from_secs(60);
 
 /// Ship-test clusters are heavy (three daemons and a ship on two cores): one at a time.
 fn serial() -> MutexGuard<'static, ()> {
@@ -32,238 +31,25 @@ fn serial() -> MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-const SHIP_DIR_ENV: &str = "SEGURO_TEST_SHIP_DIR";
-/// Exit code of a ship that found an acknowledged event missing at boot.
-const LOST_EXIT: i32 = 42;
-/// Longest any one wait here may take before the test fails with the cluster's state.
-const WAIT: Duration = Duration::from_secs(60);
-
 fn env_u64(name: &str) -> Option<u64> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())
 }
 
-fn unix_ns() -> u128 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos()
-}
-
-/// The stand-in ship, run by a daemon's ship command (never by the test runner itself).
+/// The stand-in ship, run by the daemons' ship command (never by the test runner itself).
 #[test]
 #[ignore = "the ship that seguro-fs supervises in these tests"]
 fn ship_child() {
-    let Ok(dir) = std::env::var(SHIP_DIR_ENV) else {
-        return;
-    };
-    let dir = PathBuf::from(dir);
-    let log = PathBuf::from(std::env::var("SEGURO_MOUNTPOINT").expect("SEGURO_MOUNTPOINT"));
-    let node: u64 = env_u64("SEGURO_NODE_ID").expect("SEGURO_NODE_ID");
-    let term: u64 = env_u64("SEGURO_TERM").expect("SEGURO_TERM");
-    let start = unix_ns();
-    let name = format!("{start:024}-{node}-{}", std::process::id());
-    fs::write(dir.join("ships").join(&name), term.to_string()).unwrap();
-    // Boot as vere does: every event an earlier ship saw acknowledged must be here.
-    let acked = Ships::at(&dir).last_acknowledged();
-    if acked > 0 {
-        if let Err(e) = vere::verify_surviving(&log, acked) {
-            fs::write(
-                dir.join("LOST"),
-                format!("ship {name} booted without acknowledged event {acked}: {e}"),
-            )
-            .unwrap();
-            std::process::exit(LOST_EXIT);
-        }
-    }
-    let opts = vere::WriterOptions {
-        roll_every: 300,
-        batch_events_max: 20,
-        commit_gap: Duration::from_millis(5),
-        chop: true,
-    };
-    let record = dir.join("ships").join(format!("{name}.rec"));
-    let r = vere::run_recording_writer_with(&log, &record, start as u64, &opts);
-    eprintln!("ship {name} stopped: {r:?}");
-    std::process::exit(1);
-}
-
-/// The ships' shared directory, and a sampler of how many run at once.
-struct Ships {
-    dir: PathBuf,
-    stop: Arc<AtomicBool>,
-    /// Most ships seen alive at once, and for how long (ms, summed) two or more were.
-    max_alive: Arc<AtomicU64>,
-    overlap_ms: Arc<AtomicU64>,
-    sampler: Option<std::thread::JoinHandle<()>>,
-}
-
-fn alive(pid: u32) -> bool {
-    // A zombie has exited; only its parent has not reaped it yet.
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-impl Ships {
-    /// Read-only view (for the ship itself).
-    fn at(dir: &Path) -> Ships {
-        Ships {
-            dir: dir.to_path_buf(),
-            stop: Arc::default(),
-            max_alive: Arc::default(),
-            overlap_ms: Arc::default(),
-            sampler: None,
-        }
-    }
-
-    fn new(dir: &Path) -> Ships {
-        fs::create_dir_all(dir.join("ships")).unwrap();
-        let mut s = Ships::at(dir);
-        let (d, stop, max, overlap) = (
-            dir.to_path_buf(),
-            s.stop.clone(),
-            s.max_alive.clone(),
-            s.overlap_ms.clone(),
-        );
-        s.sampler = Some(std::thread::spawn(move || {
-            let view = Ships::at(&d);
-            let mut last = Instant::now();
-            while !stop.load(Ordering::Relaxed) {
-                let n = view.alive().len() as u64;
-                max.fetch_max(n, Ordering::Relaxed);
-                if n >= 2 {
-                    overlap.fetch_add(last.elapsed().as_millis() as u64, Ordering::Relaxed);
-                }
-                last = Instant::now();
-                std::thread::sleep(Duration::from_millis(3));
-            }
-        }));
-        s
-    }
-
-    /// Every ship that ever started, oldest first: (name, node, pid).
-    fn started(&self) -> Vec<(String, u64, u32)> {
-        let mut v: Vec<(String, u64, u32)> = fs::read_dir(self.dir.join("ships"))
-            .map(|rd| {
-                rd.filter_map(|e| e.ok())
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !n.ends_with(".rec"))
-                    .filter_map(|n| {
-                        let mut it = n.split('-');
-                        let _start = it.next()?;
-                        let node = it.next()?.parse().ok()?;
-                        let pid = it.next()?.parse().ok()?;
-                        Some((n.clone(), node, pid))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        v.sort();
-        v
-    }
-
-    /// Ships alive now: (node, pid).
-    fn alive(&self) -> Vec<(u64, u32)> {
-        self.started()
-            .into_iter()
-            .filter(|(_, _, pid)| alive(*pid))
-            .map(|(_, node, pid)| (node, pid))
-            .collect()
-    }
-
-    /// Every ship's acknowledged events, in start order.
-    fn records(&self) -> Vec<(String, Vec<u64>)> {
-        self.started()
-            .into_iter()
-            .map(|(name, _, _)| {
-                let text = fs::read_to_string(self.dir.join("ships").join(format!("{name}.rec")))
-                    .unwrap_or_default();
-                // A torn last line (no newline) was never acknowledged.
-                let complete = text.rfind('\n').map_or("", |i| &text[..i]);
-                let events = complete.lines().filter_map(|l| l.parse().ok()).collect();
-                (name, events)
-            })
-            .collect()
-    }
-
-    fn last_acknowledged(&self) -> u64 {
-        self.records()
-            .iter()
-            .flat_map(|(_, e)| e.last().copied())
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// No acknowledged event lost at any boot, and event numbers that only grow from one
-    /// ship to the next: two ships committing at once would reuse numbers.
-    fn check(&self) -> Result<(), String> {
-        if let Ok(lost) = fs::read_to_string(self.dir.join("LOST")) {
-            return Err(lost);
-        }
-        let mut prev = 0;
-        for (name, events) in self.records() {
-            for e in events {
-                if e <= prev {
-                    return Err(format!(
-                        "ship {name} acknowledged event {e} after event {prev} was acknowledged: \
-                         two ships committed"
-                    ));
-                }
-                prev = e;
-            }
-        }
-        Ok(())
-    }
-
-    fn max_alive(&self) -> u64 {
-        self.max_alive.load(Ordering::Relaxed)
-    }
-}
-
-impl Drop for Ships {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.sampler.take() {
-            let _ = t.join();
-            let _ = fs::remove_dir_all(&self.dir);
-        }
-    }
-}
-
-/// The ship command every member gets: `fail-NODE` in the ship dir makes that node's ship
-/// exit at once with code 3 (a host that cannot run the ship).
-fn ship_command(dir: &Path) -> String {
-    let exe = std::env::current_exe().unwrap();
-    format!(
-        "[ -e {d}/fail-$SEGURO_NODE_ID ] && exit 3; \
-         exec env {SHIP_DIR_ENV}={d} {exe} ship_child --exact --ignored --nocapture --test-threads=1",
-        d = dir.display(),
-        exe = exe.display()
-    )
+    ships::ship_main();
 }
 
 fn start(n: usize, extra: &[&str]) -> (Cluster, Ships) {
     let dir = tempdir();
     let ships = Ships::new(&dir);
-    let cmd = ship_command(&dir);
+    let cmd = ship_command(&dir, "ship_child", 5);
     let mut args = vec!["--ship-command", cmd.as_str()];
     args.extend_from_slice(extra);
     let c = Cluster::start(n, Some(1), &args);
     (c, ships)
-}
-
-/// A directory for the ships, outside every mount (removed when its [`Ships`] drops).
-fn tempdir() -> PathBuf {
-    static N: AtomicU64 = AtomicU64::new(0);
-    let d = std::env::temp_dir().join(format!(
-        "seguro-test-ships-{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = fs::remove_dir_all(&d);
-    fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// Wait until exactly one ship is alive, on the node that is the writable leader, whose
