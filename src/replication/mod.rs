@@ -200,8 +200,10 @@ pub async fn start(
     );
     if let Some(listener) = listener {
         tokio::spawn(network::serve(listener, raft.clone(), net.clone(), control));
-        tokio::spawn(elections.clone().run(net.clone()));
     }
+    // Standalone too: a lone voter whose vote was not committed when it stopped must be
+    // able to elect itself (its pre-vote needs no one else).
+    tokio::spawn(elections.clone().run(net.clone()));
 
     let initialized = raft
         .is_initialized()

@@ -105,6 +105,11 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
+    /// (voter sets, this node, ms ago each voter acked, the expected quorum time's age).
+    type QuorumRow<'a> = (&'a [Vec<u64>], u64, &'a [Option<u64>], Option<u64>);
+    /// (voter sets, the voters that said yes, granted).
+    type GrantRow<'a> = (&'a [Vec<u64>], &'a [u64], bool);
+
     /// `ago[i]`: how many ms ago voter i+1 acked (None: never).
     fn qt(sets: &[Vec<u64>], me: u64, ago: &[Option<u64>]) -> Option<u64> {
         let now = Instant::now() + Duration::from_secs(100);
@@ -119,7 +124,7 @@ mod tests {
         let three = vec![vec![1, 2, 3]];
         let five = vec![vec![1, 2, 3, 4, 5]];
         // (sets, me, acks ms ago per voter, expected ms ago)
-        let table: &[(&[Vec<u64>], u64, &[Option<u64>], Option<u64>)] = &[
+        let table: &[QuorumRow] = &[
             // Leader alone is not a majority of 3.
             (&three, 1, &[None, None, None], None),
             // One follower is enough with the leader.
@@ -161,7 +166,7 @@ mod tests {
 
     #[test]
     fn granted_needs_a_majority_of_every_set() {
-        let table: &[(&[Vec<u64>], &[u64], bool)] = &[
+        let table: &[GrantRow] = &[
             (&[vec![1, 2, 3]], &[1], false),
             (&[vec![1, 2, 3]], &[1, 3], true),
             (&[vec![1, 2, 3, 4]], &[1, 3], false),

@@ -134,7 +134,12 @@ pub async fn watch(
             role.writable.store(false, Ordering::Release);
             role.generation.fetch_add(1, Ordering::AcqRel);
             role.changed();
-            if leads && term == role.term() {
+            if leads && role.transferring() {
+                tracing::info!(
+                    term,
+                    "leadership transfer: this node no longer sends heartbeats and stops leading"
+                );
+            } else if leads && term == role.term() {
                 tracing::warn!(
                     term,
                     lease_ms = check.lease_ms,
