@@ -383,9 +383,10 @@ struct Tally {
     no_leader_under_faults: u64,
     transfers: BTreeMap<String, u64>,
     writer_exits_early: u64,
-    /// Supervised runs: ships started, and leaderships (terms in which a node became
-    /// writable, from the daemons' logs).
+    /// Supervised runs: ships started, the leaderships (node, term) they started in, and
+    /// all leaderships (terms in which a node became writable, from the daemons' logs).
     ship_starts: u64,
+    ship_leaderships: u64,
     leaderships: u64,
 }
 
@@ -404,8 +405,8 @@ impl fmt::Display for Tally {
         if self.ship_starts > 0 {
             write!(
                 f,
-                "; ship starts {} in {} leaderships",
-                self.ship_starts, self.leaderships
+                "; ship starts {} in {} leaderships with a ship ({} leaderships in all)",
+                self.ship_starts, self.ship_leaderships, self.leaderships
             )?;
         }
         Ok(())
@@ -602,7 +603,9 @@ fn run(supervised: bool) {
                         format!("{} ships were alive at once", ships.max_alive()),
                     );
                 }
-                tally.ship_starts = ships.started().len() as u64;
+                let starts = ships.leaderships();
+                tally.ship_starts = starts.len() as u64;
+                tally.ship_leaderships = starts.iter().collect::<BTreeSet<_>>().len() as u64;
             }
         }
         if new_leader != leader {

@@ -149,6 +149,17 @@ impl Ships {
         v
     }
 
+    /// The leadership (node, term) each ship started in, in start order.
+    pub fn leaderships(&self) -> Vec<(u64, u64)> {
+        self.started()
+            .into_iter()
+            .filter_map(|(name, node, _)| {
+                let term = fs::read_to_string(self.dir.join("ships").join(&name)).ok()?;
+                Some((node, term.trim().parse().ok()?))
+            })
+            .collect()
+    }
+
     /// Ships alive now: (node, pid).
     pub fn alive(&self) -> Vec<(u64, u32)> {
         self.started()
