@@ -266,7 +266,11 @@ fn follower_restarts_and_isolation_change_no_leader() {
     c.partition(&[follower]);
     std::thread::sleep(Duration::from_secs(4));
     let isolated = c.status(follower).unwrap();
-    assert_eq!(isolated.term, term, "the isolated follower raised its term: {}", isolated.raw);
+    assert_eq!(
+        isolated.term, term,
+        "the isolated follower raised its term: {}",
+        isolated.raw
+    );
     c.heal();
     caught_up(&c);
     // A campaign would come within a lease or two: look after several.
