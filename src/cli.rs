@@ -209,9 +209,10 @@ pub struct MountArgs {
     #[arg(long, value_delimiter = ',', default_value = "lock.mdb")]
     pub local_names: Vec<String>,
     /// Allow other users to access the mount (needs user_allow_other in /etc/fuse.conf
-    /// unless running as root).
-    #[arg(long)]
-    pub allow_other: bool,
+    /// unless running as root). Default: true when running as root, false otherwise;
+    /// `--allow-other=false` turns it off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_other: Option<bool>,
     /// Address (IP:PORT) of the metrics endpoint (default: none).
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_addr: Option<String>,
@@ -305,7 +306,7 @@ impl MountArgs {
         put("acks", Value::Int(self.acks.unwrap_or_default()))?;
         put("join", Value::Bool(self.join))?;
         put("local_names", Value::List(self.local_names))?;
-        put("allow_other", Value::Bool(self.allow_other))?;
+        put("allow_other", Value::Bool(self.allow_other.unwrap_or(true)))?;
         put(
             "metrics_addr",
             Value::Text(self.metrics_addr.unwrap_or_default()),
@@ -415,7 +416,15 @@ mod tests {
         assert_eq!(c.local_names, vec!["lock.mdb".to_string()]);
         assert_eq!(c.node_id, 1);
         assert_eq!(c.limits, Limits::default());
-        assert!(!c.join && !c.allow_other);
+        assert!(!c.join);
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            c.allow_other,
+            unsafe { libc::geteuid() } == 0,
+            "on for root only"
+        );
+        assert!(mount(&["--allow-other"]).unwrap().allow_other);
+        assert!(!mount(&["--allow-other=false"]).unwrap().allow_other);
         assert_eq!(c.metrics_addr, None);
         assert_eq!(c.log_file, std::path::Path::new("/d/seguro-fs.log"));
     }

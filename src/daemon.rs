@@ -22,6 +22,9 @@ use crate::replication::role::{self, Role};
 use crate::replication::state_machine::ObserverSlot;
 use crate::replication::{self, proposer::Proposer, StartError};
 
+/// The daemon's umask: files it makes for itself are 0600, directories 0700.
+pub const PRIVATE_UMASK: libc::mode_t = 0o077;
+
 /// Why `mount` failed; each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -247,11 +250,12 @@ pub fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
 /// checkpointed.
 pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
     preflight(&cfg)?;
-    let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id, &cfg.cluster_label())?;
-    // From here on the tree must hold exactly the modes the application asked for (the
-    // kernel already applied the caller's umask).
+    // Everything the daemon creates for itself (log, vote, checkpoints, snapshots) is
+    // private to it. The tree's files get exactly the modes their callers asked for from
+    // tree.rs, which sets them explicitly.
     // SAFETY: umask has no preconditions.
-    unsafe { libc::umask(0) };
+    unsafe { libc::umask(PRIVATE_UMASK) };
+    let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id, &cfg.cluster_label())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         // More workers than cores: the state machine and the log do blocking IO on them,
         // and FUSE handlers waiting for Raft need the rest to make progress.

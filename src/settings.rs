@@ -195,6 +195,14 @@ impl Layer {
         matches!(self.value(key), Some(Value::Bool(true)))
     }
 
+    /// A boolean that was given, either way.
+    fn given_bool(&self, key: &str) -> Option<bool> {
+        match self.value(key) {
+            Some(Value::Bool(b)) => Some(*b),
+            _ => None,
+        }
+    }
+
     fn text(&self, key: &str) -> Option<String> {
         match self.value(key) {
             Some(Value::Text(v)) => Some(v.clone()),
@@ -575,7 +583,12 @@ fn validate(m: &Layer) -> Result<MountConfig, ConfigError> {
         mountpoint,
         node_id,
         local_names,
-        allow_other: m.bool("allow_other"),
+        // A root daemon serves every local user by default, as bindfs does: the kernel
+        // checks modes and owners (default_permissions), which are the callers' own.
+        // SAFETY: geteuid has no preconditions.
+        allow_other: m
+            .given_bool("allow_other")
+            .unwrap_or(unsafe { libc::geteuid() } == 0),
         limits,
         fault_log_sync_file: m.path("fault_log_sync_file"),
         cluster,

@@ -46,7 +46,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::config::Limits;
 use crate::diskfull::SpaceGate;
 use crate::metrics::{FsyncOutcome, Registry};
-use crate::op::{Op, Timespec};
+use crate::op::{NodeKind, Op, Owner, Timespec};
 use crate::replication::log_store::FlushState;
 use crate::replication::role::{LeadershipHooks, Role};
 use crate::replication::state_machine::ApplyObserver;
@@ -908,7 +908,7 @@ impl Fs {
         Ok(st)
     }
 
-    fn create_local(&self, path: &str, mode: u32, excl: bool) -> FsResult<()> {
+    fn create_local(&self, path: &str, mode: u32, excl: bool, owner: Owner) -> FsResult<()> {
         let p = self.abs(Area::Local, path);
         if let Some(parent) = p.parent() {
             // The local mirror of a tree directory is made on demand, only if the tree
@@ -925,7 +925,18 @@ impl Fs {
         } else {
             o.create(true);
         }
-        o.open(&p)?;
+        // Whether the open made the file: only a new file takes the caller's mode and ids.
+        let existed = p.exists();
+        let f = o.open(&p)?;
+        if !existed {
+            // The daemon's umask (077) must not narrow what the caller asked for, and the
+            // file is the caller's (LMDB run by another user opens lock.mdb again).
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid))?;
+            }
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        }
         Ok(())
     }
 
@@ -935,17 +946,21 @@ impl Fs {
         name: &OsStr,
         mode: u32,
         flags: i32,
+        owner: Owner,
     ) -> FsResult<(FileAttr, u64)> {
         let (area, path) = self.child(parent, name)?;
         let excl = flags & libc::O_EXCL != 0;
         let attr = {
             let _ns = self.ns_lock.write().expect("ns lock poisoned");
             match area {
-                Area::Local => self.create_local(&path, mode & 0o7777, excl)?,
-                Area::Tree => self.propose_and_wait(Op::Create {
+                Area::Local => self.create_local(&path, mode & 0o7777, excl, owner)?,
+                Area::Tree => self.propose_and_wait(Op::Make {
                     path: path.clone(),
-                    mode: mode & 0o7777,
-                    excl,
+                    kind: NodeKind::File {
+                        mode: mode & 0o7777,
+                        excl,
+                    },
+                    owner,
                 })?,
             }
             self.entry(area, &path)?
@@ -962,33 +977,55 @@ impl Fs {
         Ok((self.getattr(ino)?, fh))
     }
 
-    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32) -> FsResult<FileAttr> {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // Device nodes, FIFOs and sockets have no place in an event log.
-            return Err(Errno(libc::EPERM));
-        }
+    /// mknod: a regular file as an exclusive create; a FIFO, socket or device node as a
+    /// node in the tree (what passes through it is never replicated: the kernel serves
+    /// FIFOs and sockets itself, and the mount is `nodev`).
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        owner: Owner,
+    ) -> FsResult<FileAttr> {
         let (area, path) = self.child(parent, name)?;
         let _ns = self.ns_lock.write().expect("ns lock poisoned");
+        let regular = mode & libc::S_IFMT == libc::S_IFREG;
         match area {
-            Area::Local => self.create_local(&path, mode & 0o7777, true)?,
-            Area::Tree => self.propose_and_wait(Op::Create {
+            Area::Local if regular => self.create_local(&path, mode & 0o7777, true, owner)?,
+            // Host-local names are files LMDB shares per host; nothing else belongs there.
+            Area::Local => return Err(Errno(libc::EPERM)),
+            Area::Tree => self.propose_and_wait(Op::Make {
                 path: path.clone(),
-                mode: mode & 0o7777,
-                excl: true,
+                kind: if regular {
+                    NodeKind::File {
+                        mode: mode & 0o7777,
+                        excl: true,
+                    }
+                } else {
+                    NodeKind::Special {
+                        mode: mode & (libc::S_IFMT | 0o7777),
+                        rdev: u64::from(rdev),
+                    }
+                },
+                owner,
             })?,
         }
         self.entry(area, &path)
     }
 
-    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32) -> FsResult<FileAttr> {
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, owner: Owner) -> FsResult<FileAttr> {
         let (area, path) = self.child(parent, name)?;
         if area == Area::Local {
             return Err(Errno(libc::EPERM));
         }
         let _ns = self.ns_lock.write().expect("ns lock poisoned");
-        self.propose_and_wait(Op::Mkdir {
+        self.propose_and_wait(Op::Make {
             path: path.clone(),
-            mode: mode & 0o7777,
+            kind: NodeKind::Dir {
+                mode: mode & 0o7777,
+            },
+            owner,
         })?;
         self.entry(Area::Tree, &path)
     }
@@ -1122,6 +1159,7 @@ impl Fs {
         parent: u64,
         name: &OsStr,
         target: &std::path::Path,
+        owner: Owner,
     ) -> FsResult<FileAttr> {
         let (area, path) = self.child(parent, name)?;
         if area == Area::Local {
@@ -1129,9 +1167,10 @@ impl Fs {
         }
         let target = target.to_str().ok_or(Errno(libc::EINVAL))?.to_string();
         let _ns = self.ns_lock.write().expect("ns lock poisoned");
-        self.propose_and_wait(Op::Symlink {
-            target,
+        self.propose_and_wait(Op::Make {
             path: path.clone(),
+            kind: NodeKind::Symlink { target },
+            owner,
         })?;
         self.entry(area, &path)
     }
@@ -1288,6 +1327,7 @@ impl ApplyObserver for Fs {
                 Op::Create { path, .. }
                 | Op::Mkdir { path, .. }
                 | Op::Symlink { path, .. }
+                | Op::Make { path, .. }
                 | Op::Link { to: path, .. } => self.name_entry(&inodes, path, &mut inv),
                 Op::Unlink { path } | Op::Rmdir { path } => {
                     self.name_entry(&inodes, path, &mut inv);
