@@ -1029,7 +1029,10 @@ fn exec(base: &Path, step: &Step) -> Outcome {
             std::thread::spawn(move || {
                 // SAFETY: plain syscalls on this thread's credentials.
                 unsafe {
-                    assert_eq!(libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()), 0);
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                        0
+                    );
                     libc::syscall(libc::SYS_setfsgid, gid);
                     libc::syscall(libc::SYS_setfsuid, uid);
                     assert_eq!(libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32, uid);
@@ -1039,7 +1042,9 @@ fn exec(base: &Path, step: &Step) -> Outcome {
                 let c = cpath(&base);
                 // SAFETY: valid path.
                 assert_eq!(
-                    unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::X_OK, libc::AT_EACCESS) },
+                    unsafe {
+                        libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::X_OK, libc::AT_EACCESS)
+                    },
                     0,
                     "uid {uid} cannot reach {}",
                     base.display()
@@ -2651,19 +2656,38 @@ fn data_dir_is_private_file_by_file() {
     };
     assert_eq!(perm(&data), 0o700, "the data dir itself");
     let own = check_private("after a first run");
-    for must in ["identity", "lock", "applied", "raft", "raft/vote", "snapshots", "local"] {
+    for must in [
+        "identity",
+        "lock",
+        "applied",
+        "raft",
+        "raft/vote",
+        "snapshots",
+        "local",
+    ] {
         assert!(
             own.iter().any(|(rel, _, _)| rel == must),
             "DATA_DIR/{must} missing from {own:?}"
         );
     }
-    assert!(own.iter().any(|(rel, _, _)| rel.ends_with(".seg")), "{own:?}");
+    assert!(
+        own.iter().any(|(rel, _, _)| rel.ends_with(".seg")),
+        "{own:?}"
+    );
 
     // An earlier release's data dir: loose modes everywhere.
-    let loosen = [(".", 0o755), ("raft", 0o777), ("raft/vote", 0o666), ("applied", 0o644)];
+    let loosen = [
+        (".", 0o755),
+        ("raft", 0o777),
+        ("raft/vote", 0o666),
+        ("applied", 0o644),
+    ];
     for (rel, mode) in loosen {
-        fs::set_permissions(data.join(rel), std::os::unix::fs::PermissionsExt::from_mode(mode))
-            .unwrap();
+        fs::set_permissions(
+            data.join(rel),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .unwrap();
     }
     let daemon = Daemon::start(&data, &mnt, &[]);
     let log = daemon.stop();
@@ -2671,10 +2695,18 @@ fn data_dir_is_private_file_by_file() {
         log.contains("raft/vote 0666->0600") && log.contains(". 0755->0700"),
         "the daemon must log what it tightened:\n{log}"
     );
-    assert_eq!(log.matches("made them private").count(), 1, "logged once:\n{log}");
+    assert_eq!(
+        log.matches("made them private").count(),
+        1,
+        "logged once:\n{log}"
+    );
     check_private("after tightening");
     assert_eq!(perm(&data), 0o700);
-    assert_eq!(perm(&data.join("tree/open")), 0o777, "callers' modes untouched");
+    assert_eq!(
+        perm(&data.join("tree/open")),
+        0o777,
+        "callers' modes untouched"
+    );
     assert_eq!(perm(&data.join("local/0i0/lock.mdb")), 0o640);
 }
 
