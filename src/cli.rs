@@ -48,6 +48,10 @@ pub enum Command {
     /// After the cluster key file was replaced: make the stopped node's data dir accept
     /// the new key, keeping its log and tree (run on every member, all stopped).
     Rekey(RekeyArgs),
+    /// Copy an existing pier's .urb/log (urbit stopped) into a new data dir as its first
+    /// committed state, verified with blake3; the source is left as it was. In a cluster,
+    /// import on one member only: the others start empty and catch up.
+    Import(ImportArgs),
     /// Write man pages and shell completions (used by packaging/build).
     #[command(hide = true)]
     GenerateAssets(crate::assets::GenerateAssetsArgs),
@@ -143,6 +147,47 @@ pub struct RekeyArgs {
     /// The cluster's new key file.
     #[arg(long)]
     pub cluster_key_file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The pier's event log directory (PIER/.urb/log), with urbit stopped.
+    pub pier_log_dir: PathBuf,
+    /// A new (or empty) data dir for this node.
+    pub data_dir: PathBuf,
+    /// This node's id, as it will be mounted.
+    #[arg(long, default_value_t = 1)]
+    pub node_id: u64,
+    /// The cluster's members, ID=HOST:PORT, as every member will be started (none:
+    /// standalone).
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// The cluster's key file (required with --peers).
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Host-local names left out of the copy (LMDB makes them again).
+    #[arg(long, value_delimiter = ',', default_value = "lock.mdb")]
+    pub local_names: Vec<String>,
+}
+
+impl ImportArgs {
+    /// The node this data dir is for, validated as `mount` validates it (the pier log dir
+    /// stands in for the mountpoint, which an import does not use).
+    pub fn into_config(self) -> Result<MountConfig, ConfigError> {
+        let mut layer = Layer::default();
+        let flag = Origin::Flag;
+        layer.set("data_dir", Value::Path(self.data_dir), flag.clone())?;
+        layer.set("mountpoint", Value::Path(self.pier_log_dir), flag.clone())?;
+        layer.set("node_id", Value::Int(self.node_id), flag.clone())?;
+        layer.set("local_names", Value::List(self.local_names), flag.clone())?;
+        if !self.peers.is_empty() {
+            layer.set("peers", Value::List(self.peers), flag.clone())?;
+        }
+        if let Some(k) = self.cluster_key_file {
+            layer.set("cluster_key_file", Value::Path(k), flag)?;
+        }
+        crate::settings::resolve(layer)
+    }
 }
 
 #[derive(Debug, Args)]
