@@ -384,13 +384,15 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
             signal(SignalKind::interrupt())?,
         )
     };
-    let session = fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
-        MountError::Mount {
-            path: cfg.mountpoint.display().to_string(),
-            source,
-        }
-    })?;
+    let mut session =
+        fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
+            MountError::Mount {
+                path: cfg.mountpoint.display().to_string(),
+                source,
+            }
+        })?;
     fs.set_notifier(session.notifier())?;
+    let mut unmounter = session.unmount_callable();
     tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %data_dir.root.display(), "mounted");
     ready.mounted();
 
@@ -419,10 +421,14 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         Stop::Unmounted => {}
     }
     if !matches!(stop, Stop::Unmounted) {
+        // fuser's own unmount first: fuser then never tries again when the session ends,
+        // which logged "Failed to umount filesystem: Invalid argument" on every clean stop.
+        // Its error (EBUSY) is handled by the loop below.
+        let _ = unmounter.unmount();
         // A file still open on the mount (an LMDB env being closed, a shell in it) makes
         // umount answer EBUSY; retry for a while rather than leave the mount behind.
         let deadline = std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);
-        loop {
+        while is_mount_point(&cfg.mountpoint).unwrap_or(false) {
             match unmount_path(&cfg.mountpoint) {
                 Ok(()) => break,
                 Err(e)

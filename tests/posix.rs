@@ -2636,7 +2636,12 @@ fn data_dir_is_private_file_by_file() {
         exec(&mnt, &st).unwrap_or_else(|e| panic!("{st:?}: {e:?}\n{}", daemon.log_text()));
     }
     exec(&mnt, &fsync_dir("")).expect("fsyncdir");
-    daemon.stop();
+    // A clean stop (SIGTERM, handled like Ctrl-C's SIGINT) has nothing to warn about.
+    let log = daemon.stop();
+    assert!(
+        !log.contains(" WARN "),
+        "a clean stop logged a warning:\n{log}"
+    );
 
     // The caller's modes, under the test's umask 027.
     let perm = |p: &Path| fs::symlink_metadata(p).unwrap().mode() & 0o7777;
