@@ -2494,6 +2494,13 @@ fn documented_limits_answer_as_documented() {
             link(LOCK, "alias"),
             libc::EXDEV,
         ),
+        // Host-local names are LMDB's per-host files: regular files only.
+        (
+            "a FIFO named lock.mdb",
+            vec![],
+            mknod(LOCK, libc::S_IFIFO | 0o644, 0),
+            libc::EPERM,
+        ),
     ];
     for (what, setup, step, errno) in cases {
         for st in &setup {
