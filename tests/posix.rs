@@ -2497,8 +2497,8 @@ fn documented_limits_answer_as_documented() {
         // Host-local names are LMDB's per-host files: regular files only.
         (
             "a FIFO named lock.mdb",
-            vec![],
-            mknod(LOCK, libc::S_IFIFO | 0o644, 0),
+            vec![mkdir("fifos", 0o755)],
+            mknod("fifos/lock.mdb", libc::S_IFIFO | 0o644, 0),
             libc::EPERM,
         ),
     ];
