@@ -2750,3 +2750,68 @@ fn daemons_own_files(data: &Path) -> Vec<(String, char, u32)> {
     out.sort();
     out
 }
+
+/// mtime and ctime after a write, a truncate, an ftruncate and an O_TRUNC open: right
+/// after the call they are the moment of the call (not the old times, nor a later apply
+/// time), and they stay so once the change is applied and cached attributes expire —
+/// checked on a local directory and on the mount alike.
+#[test]
+fn times_after_write_and_truncate_show_at_once_and_stay() {
+    // SAFETY: umask has no preconditions; every test of this file uses the same one.
+    unsafe { libc::umask(TEST_UMASK) };
+    let td = TestDir::new("posix-times");
+    let (data, mnt, reference) = (td.join("data"), td.join("mnt"), td.join("ref"));
+    fs::create_dir_all(&reference).unwrap();
+    let daemon = Daemon::start(&data, &mnt, &[]);
+    let times = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        (
+            Duration::new(m.mtime() as u64, m.mtime_nsec() as u32),
+            Duration::new(m.ctime() as u64, m.ctime_nsec() as u32),
+        )
+    };
+    let changes: Vec<(&str, Step)> = vec![
+        ("write", write("f", 10, 100, 1)),
+        ("truncate", truncate("f", 30)),
+        ("ftruncate", ftruncate("f", 5)),
+        ("O_TRUNC open", open("f", libc::O_WRONLY | libc::O_TRUNC)),
+    ];
+    let mut problems = Vec::new();
+    for (what, step) in &changes {
+        for root in [&reference, &mnt] {
+            // An old file with some bytes, settled (applied, attributes cached).
+            exec(root, &create("f", false, false, 0o644)).unwrap();
+            exec(root, &write("f", 0, 50, 2)).unwrap();
+            exec(root, &utimes("f", 1_000_000, 0)).unwrap();
+            exec(root, &fsync("f")).unwrap();
+            let before = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            exec(root, step).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            let at_once = times(&root.join("f"));
+            exec(root, &fsync("f")).unwrap();
+            // Past the kernel's attribute cache (1 s) and the apply.
+            std::thread::sleep(Duration::from_millis(1500));
+            let later = times(&root.join("f"));
+            // Coarse file-system clocks may stamp up to a tick before `before`.
+            let slack = Duration::from_millis(20);
+            for (name, t) in [("mtime", at_once.0), ("ctime", at_once.1)] {
+                if t + slack < before || t > before + Duration::from_secs(1) {
+                    problems.push(format!(
+                        "{what} on {}: {name} right after is {t:?}, the call was at {before:?}",
+                        root.display()
+                    ));
+                }
+            }
+            if later != at_once {
+                problems.push(format!(
+                    "{what} on {}: times right after {at_once:?}, 1.5 s later {later:?}",
+                    root.display()
+                ));
+            }
+            exec(root, &unlink("f")).unwrap();
+        }
+    }
+    daemon.stop();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}

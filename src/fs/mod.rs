@@ -110,6 +110,11 @@ pub struct Fs {
     invalidator: Invalidator,
     /// Free space on the data dir, for refusing new bytes before the disk is full.
     space: SpaceGate,
+    /// When this leader last accepted a write or truncate of each inode: its mtime and
+    /// ctime as callers see them at once. The mtime is replicated with the data (a
+    /// stamp), so the tree catches up with it; ctime cannot be set, so it is shown from
+    /// here until an attribute change (or the end of this run) replaces it with the tree's.
+    stamps: Mutex<HashMap<u64, Timespec>>,
 }
 
 /// What `Fs::new` needs from the replication side.
@@ -213,6 +218,7 @@ impl Fs {
             space,
             registry: p.registry,
             invalidator: Invalidator::default(),
+            stamps: Mutex::default(),
         })
     }
 
@@ -334,7 +340,12 @@ impl Fs {
         } else {
             m.len()
         };
-        Ok((attr_from(ino, &m, size), m))
+        let mut attr = attr_from(ino, &m, size);
+        if let Some(t) = self.stamps.lock().expect("stamps mutex poisoned").get(&ino) {
+            let t = system_time(t.sec, i64::from(t.nsec));
+            (attr.mtime, attr.ctime) = (t, t);
+        }
+        Ok((attr, m))
     }
 
     /// Register `path` (which must exist) and return its attributes.
@@ -551,8 +562,14 @@ impl Fs {
         }
     }
 
-    /// Accept data ops for `ino` at `path` into the open batch and the overlay.
+    /// Accept data ops for `ino` at `path` into the open batch and the overlay; from now
+    /// on the file shows this moment as its mtime and ctime, as a local file system would.
     fn accept_data(&self, ino: u64, ops: Vec<(Op, PieceKind)>) {
+        let now = to_timespec(SystemTime::now());
+        self.stamps
+            .lock()
+            .expect("stamps mutex poisoned")
+            .insert(ino, now);
         let mut p = self.pending.lock().expect("pending mutex poisoned");
         // Lock order: pending, then overlay (the proposer never holds both; the state
         // machine holds only the overlay). Pieces must enter the overlay under the pending
@@ -560,7 +577,7 @@ impl Fs {
         // be dropped.
         let mut o = self.overlay.lock().expect("overlay mutex poisoned");
         for (op, kind) in ops {
-            let seq = p.push_data(op);
+            let seq = p.push_data_stamped(op, now);
             o.push(ino, Piece { seq, kind });
         }
         drop(o);
@@ -674,6 +691,12 @@ impl Fs {
                 atime,
                 mtime,
             })?;
+            // The tree's times are right now: this change set its ctime (and any time
+            // asked for), after every stamp accepted before it.
+            self.stamps
+                .lock()
+                .expect("stamps mutex poisoned")
+                .remove(&ino);
         }
         self.getattr(ino)
     }
@@ -1208,7 +1231,12 @@ impl Fs {
             o.pieces(ino),
         );
         if end > size {
-            let seq = p.push_data(Op::Truncate { path, size: end });
+            let now = to_timespec(SystemTime::now());
+            self.stamps
+                .lock()
+                .expect("stamps mutex poisoned")
+                .insert(ino, now);
+            let seq = p.push_data_stamped(Op::Truncate { path, size: end }, now);
             o.push(
                 ino,
                 Piece {
@@ -1319,9 +1347,16 @@ impl ApplyObserver for Fs {
                         inv.inodes.push((ino, *offset as i64, data.len() as i64));
                     }
                 }
-                Op::Truncate { path, .. } | Op::SetAttr { path, .. } => {
+                Op::Truncate { path, .. } => {
                     if let Some(ino) = inodes.find(Area::Tree, path) {
                         inv.inodes.push((ino, 0, 0));
+                    }
+                }
+                // Attributes only (a negative offset): a stamp follows every run of
+                // writes, and must not drop the pages LMDB readers have cached.
+                Op::SetAttr { path, .. } => {
+                    if let Some(ino) = inodes.find(Area::Tree, path) {
+                        inv.inodes.push((ino, -1, 0));
                     }
                 }
                 Op::Create { path, .. }
@@ -1355,6 +1390,7 @@ impl LeadershipHooks for Fs {
         // None of this was acknowledged: fsyncs covering it fail (generation changed).
         self.pending.lock().expect("pending mutex poisoned").clear();
         self.overlay.lock().expect("overlay mutex poisoned").clear();
+        self.stamps.lock().expect("stamps mutex poisoned").clear();
         // The page cache may hold those unacknowledged writes: drop it, so reads come
         // from the committed tree.
         self.invalidate_all();
