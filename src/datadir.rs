@@ -67,6 +67,15 @@ pub enum DataDirError {
     },
     #[error("data dir {path} is not a seguro-fs data dir (it is non-empty and has no identity file); choose an empty or new directory")]
     NotOurs { path: PathBuf },
+    #[error(
+        "data dir {path} has a path of {bytes} bytes, longer than {max}: the tree's paths \
+         must fit PATH_MAX below it on every member; choose a shorter path"
+    )]
+    PathTooLong {
+        path: PathBuf,
+        bytes: usize,
+        max: usize,
+    },
     #[error("data dir {path} has no identity file: it is not a seguro-fs data dir")]
     NoIdentity { path: PathBuf },
     #[error("data dir {path} belongs to a standalone node, which has no cluster key to replace")]
@@ -196,6 +205,14 @@ impl DataDir {
             .create(root)
             .map_err(io_err(root))?;
         let root = root.canonicalize().map_err(io_err(root))?;
+        let bytes = root.as_os_str().len();
+        if bytes > crate::config::DATA_DIR_PATH_BYTES_MAX {
+            return Err(DataDirError::PathTooLong {
+                path: root,
+                bytes,
+                max: crate::config::DATA_DIR_PATH_BYTES_MAX,
+            });
+        }
         let lock_path = root.join("lock");
         let identity_path = root.join("identity");
         if !identity_path.exists() && !lock_path.exists() {
@@ -348,6 +365,13 @@ mod tests {
             DataDir::open(&other, 1, "standalone"),
             Err(DataDirError::NotOurs { .. })
         ));
+        // A data dir whose path leaves the tree's paths no room under PATH_MAX.
+        let deep = (0..5).fold(t.path().to_path_buf(), |p, i| {
+            p.join(format!("{i}{}", "x".repeat(199)))
+        });
+        let e = DataDir::open(&deep, 1, "standalone").unwrap_err();
+        assert!(matches!(e, DataDirError::PathTooLong { .. }), "{e}");
+        assert!(e.to_string().contains("choose a shorter path"), "{e}");
     }
 
     #[test]

@@ -2494,6 +2494,31 @@ fn documented_limits_answer_as_documented() {
             link(LOCK, "alias"),
             libc::EXDEV,
         ),
+        // Paths from the mount's root are capped (TREE_PATH_BYTES_MAX, 3072 bytes), so
+        // every member can apply them below its data dir within PATH_MAX.
+        (
+            "a path of 3073 bytes",
+            (1..=11)
+                .map(|i| mkdir(&deep_path(i), 0o755))
+                .chain([
+                    // 2815 + 1 + 254 = 3070 bytes, and a file at exactly 3072.
+                    mkdir(&format!("{}/{}", deep_path(11), "e".repeat(254)), 0o755),
+                    create(
+                        &format!("{}/{}/f", deep_path(11), "e".repeat(254)),
+                        true,
+                        false,
+                        0o644,
+                    ),
+                ])
+                .collect(),
+            create(
+                &format!("{}/{}/gg", deep_path(11), "e".repeat(254)),
+                true,
+                false,
+                0o644,
+            ),
+            libc::ENAMETOOLONG,
+        ),
         // Host-local names are LMDB's per-host files: regular files only.
         (
             "a FIFO named lock.mdb",
@@ -2512,6 +2537,14 @@ fn documented_limits_answer_as_documented() {
         }
     }
     daemon.stop();
+}
+
+/// `i` nested directories whose names are 255 bytes: a path of 256 * i - 1 bytes.
+fn deep_path(i: usize) -> String {
+    (0..i)
+        .map(|j| format!("{j:02}{}", "d".repeat(253)))
+        .collect::<Vec<_>>()
+        .join("/")
 }
 
 /// Two unprivileged users next to root: who owns what they create, what an owner and a

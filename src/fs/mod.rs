@@ -314,6 +314,9 @@ impl Fs {
             return Err(Errno(libc::ENAMETOOLONG));
         }
         let dir = self.dir_path(parent)?;
+        if dir.len() + 1 + name.len() > crate::config::TREE_PATH_BYTES_MAX {
+            return Err(Errno(libc::ENAMETOOLONG));
+        }
         let area = if self.is_local_name(OsStr::new(name)) {
             Area::Local
         } else {
