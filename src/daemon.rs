@@ -325,7 +325,7 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         registry,
     })?);
     let _ = observer.set(fs.clone());
-    rt.spawn(role::watch(
+    let role_watcher = rt.spawn(role::watch(
         node.raft.clone(),
         cfg.node_id,
         role.clone(),
@@ -473,6 +473,9 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let ckpt = node.state_machine.checkpoint_now();
+    // The mount is gone and everything accepted is durable: the watcher would only report
+    // the Raft shutdown as a lost leadership (a WARN on every clean stop).
+    role_watcher.abort();
     let _ = rt.block_on(node.raft.shutdown());
     drained.map_err(|_| {
         MountError::Io(std::io::Error::other(

@@ -195,14 +195,6 @@ impl Layer {
         matches!(self.value(key), Some(Value::Bool(true)))
     }
 
-    /// A boolean that was given, either way.
-    fn given_bool(&self, key: &str) -> Option<bool> {
-        match self.value(key) {
-            Some(Value::Bool(b)) => Some(*b),
-            _ => None,
-        }
-    }
-
     fn text(&self, key: &str) -> Option<String> {
         match self.value(key) {
             Some(Value::Text(v)) => Some(v.clone()),
@@ -410,7 +402,20 @@ pub fn resolve(command_line: Layer) -> Result<MountConfig, ConfigError> {
         }
         None => command_line,
     };
-    validate(&merged)
+    validate(&merged.over(built_in_defaults()))
+}
+
+/// Defaults that depend on the host rather than being constants: a root daemon serves
+/// every local user (`allow_other`), as bindfs does; the kernel then checks modes and
+/// owners (`default_permissions`), which are the callers' own. (The origin is never shown:
+/// a boolean has no range to violate.)
+fn built_in_defaults() -> Layer {
+    let mut d = Layer::default();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    d.values
+        .insert("allow_other", (Value::Bool(root), Origin::Flag));
+    d
 }
 
 fn parse_peers(
@@ -583,12 +588,7 @@ fn validate(m: &Layer) -> Result<MountConfig, ConfigError> {
         mountpoint,
         node_id,
         local_names,
-        // A root daemon serves every local user by default, as bindfs does: the kernel
-        // checks modes and owners (default_permissions), which are the callers' own.
-        // SAFETY: geteuid has no preconditions.
-        allow_other: m
-            .given_bool("allow_other")
-            .unwrap_or(unsafe { libc::geteuid() } == 0),
+        allow_other: m.bool("allow_other"),
         limits,
         fault_log_sync_file: m.path("fault_log_sync_file"),
         cluster,

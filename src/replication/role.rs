@@ -83,15 +83,10 @@ pub async fn watch(
         if writable && (!leads || term != role.term()) {
             role.writable.store(false, Ordering::Release);
             role.generation.fetch_add(1, Ordering::AcqRel);
-            if metrics.borrow().state == ServerState::Shutdown {
-                // A clean stop: the daemon made everything accepted durable before it.
-                tracing::info!(term, "replication stopped: the mount is read-only");
-            } else {
-                tracing::warn!(
-                    term,
-                    "leadership lost: the mount is read-only; unacknowledged writes are dropped"
-                );
-            }
+            tracing::warn!(
+                term,
+                "leadership lost: the mount is read-only; unacknowledged writes are dropped"
+            );
             hooks.lost();
         }
         if !writable && leads {
