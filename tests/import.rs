@@ -259,4 +259,20 @@ fn an_empty_member_catches_up_to_an_imported_tree() {
         started.elapsed()
     );
     c.wait_converged(Duration::from_secs(60));
+    // The mtime the leader showed for the commit's writes is replicated with them.
+    let rel = last_dir
+        .strip_prefix(c.mountpoint(leader))
+        .unwrap()
+        .join("data.mdb");
+    let mtime = |i: usize| {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(c.data_dir(i).join("tree").join(&rel)).unwrap();
+        (m.mtime(), m.mtime_nsec())
+    };
+    assert_eq!(
+        mtime(1),
+        mtime(2),
+        "{} has the same mtime on both members",
+        rel.display()
+    );
 }
