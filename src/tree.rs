@@ -242,8 +242,13 @@ impl TreeApplier {
     fn make(&mut self, path: &str, kind: &NodeKind, owner: Option<Owner>) -> io::Result<()> {
         let target = self.abs(path);
         if let NodeKind::File { excl: false, .. } = kind {
-            // O_CREAT without O_EXCL opens an existing file as it is.
-            match OpenOptions::new().write(true).open(&target) {
+            // O_CREAT without O_EXCL opens an existing file as it is. O_NONBLOCK: a FIFO
+            // there must answer (ENXIO), not block the state machine for a reader.
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&target)
+            {
                 Ok(_) => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(e),
