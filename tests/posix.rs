@@ -2663,7 +2663,13 @@ fn data_dir_is_private_file_by_file() {
     unsafe { libc::umask(TEST_UMASK) };
     let td = TestDir::new("posix-private");
     let (data, mnt) = (td.join("data"), td.join("mnt"));
-    let daemon = Daemon::start(&data, &mnt, &[]);
+    // Checkpoints every 16 entries and no log kept below them: `raft/purged` is written.
+    let args = ["--checkpoint-entries", "16", "--log-keep-entries", "0"];
+    let daemon = Daemon::start(&data, &mnt, &args);
+    exec(&mnt, &touch("log")).unwrap();
+    for i in 0..40 {
+        exec(&mnt, &pwrite_fsync("log", i * 100, 100, i)).unwrap();
+    }
     for st in [
         mkdir("0i0", 0o775),
         create("0i0/data.mdb", true, false, 0o664),
@@ -2707,8 +2713,11 @@ fn data_dir_is_private_file_by_file() {
         "applied",
         "raft",
         "raft/vote",
+        "raft/purged",
         "snapshots",
         "local",
+        "tree.staging",
+        "admin.sock",
     ] {
         assert!(
             own.iter().any(|(rel, _, _)| rel == must),
@@ -2734,7 +2743,7 @@ fn data_dir_is_private_file_by_file() {
         )
         .unwrap();
     }
-    let daemon = Daemon::start(&data, &mnt, &[]);
+    let daemon = Daemon::start(&data, &mnt, &args);
     let log = daemon.stop();
     assert!(
         log.contains("raft/vote 0666->0600") && log.contains(". 0755->0700"),
