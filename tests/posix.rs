@@ -2519,6 +2519,26 @@ fn documented_limits_answer_as_documented() {
             ),
             libc::ENAMETOOLONG,
         ),
+        // ... also for the paths below a directory that a rename would lengthen.
+        (
+            "a rename that makes a path below it 3073 bytes",
+            [mkdir("s", 0o755)]
+                .into_iter()
+                .chain((1..=11).map(|i| mkdir(&format!("s/{}", deep_path(i)), 0o755)))
+                .chain([
+                    // 2 + 2815 + 1 + 252 + 2 = 3072 bytes.
+                    mkdir(&format!("s/{}/{}", deep_path(11), "e".repeat(252)), 0o755),
+                    create(
+                        &format!("s/{}/{}/f", deep_path(11), "e".repeat(252)),
+                        true,
+                        false,
+                        0o644,
+                    ),
+                ])
+                .collect(),
+            rename("s", "ss"),
+            libc::ENAMETOOLONG,
+        ),
         // Host-local names are LMDB's per-host files: regular files only.
         (
             "a FIFO named lock.mdb",

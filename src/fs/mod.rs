@@ -1129,6 +1129,13 @@ impl Fs {
                 fs::rename(self.abs(area, &from), self.abs(area, &to))?;
             }
             Area::Tree => {
+                // Paths below a directory move with it: none may outgrow the cap.
+                if to.len() > from.len() {
+                    let below = longest_below(&self.abs(Area::Tree, &from))?;
+                    if to.len() + below > crate::config::TREE_PATH_BYTES_MAX {
+                        return Err(Errno(libc::ENAMETOOLONG));
+                    }
+                }
                 // A directory still holding a host-local file is not empty, so it cannot
                 // be replaced.
                 if let Ok(mut it) = fs::read_dir(self.abs(Area::Local, &to)) {
@@ -1253,6 +1260,29 @@ impl Fs {
         }
         Ok(())
     }
+}
+
+/// The longest relative path below `dir`, counting its leading '/' (0 when `dir` is not a
+/// directory or is empty). Walks the subtree: only a directory rename to a longer name
+/// needs it.
+fn longest_below(dir: &std::path::Path) -> io::Result<usize> {
+    let mut longest = 0;
+    // Never through a symlink: its target's paths do not move.
+    if !fs::symlink_metadata(dir)?.is_dir() {
+        return Ok(0);
+    }
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, depth_bytes)) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let bytes = depth_bytes + 1 + e.file_name().len();
+            longest = longest.max(bytes);
+            if e.file_type()?.is_dir() {
+                stack.push((e.path(), bytes));
+            }
+        }
+    }
+    Ok(longest)
 }
 
 /// Parent directory of a relative path.
