@@ -26,6 +26,10 @@ use crate::sync::{fsync_dir, write_file_durably};
 
 const FORMAT: &str = "seguro-fs data dir v1";
 
+/// Present while `seguro-fs import` fills a new data dir: its tree is not a committed
+/// state until the import's checkpoint is written, so a mount refuses it.
+pub const IMPORT_PENDING: &str = "import.pending";
+
 /// The default log file of a `--background` daemon, which is opened before the data dir
 /// is: it (and its rotated `.1`) does not make a new data dir count as someone else's.
 pub const LOG_FILE_NAME: &str = "seguro-fs.log";
@@ -76,6 +80,11 @@ pub enum DataDirError {
         bytes: usize,
         max: usize,
     },
+    #[error(
+        "data dir {path}: an import into it did not finish (it holds {IMPORT_PENDING}); \
+         remove the data dir and run seguro-fs import again"
+    )]
+    ImportUnfinished { path: PathBuf },
     #[error("data dir {path} has no identity file: it is not a seguro-fs data dir")]
     NoIdentity { path: PathBuf },
     #[error("data dir {path} belongs to a standalone node, which has no cluster key to replace")]
@@ -224,6 +233,9 @@ impl DataDir {
             }
         }
         let lock = lock(&root)?;
+        if root.join(IMPORT_PENDING).exists() {
+            return Err(DataDirError::ImportUnfinished { path: root });
+        }
         let expected = identity(node_id, cluster);
         match fs::read_to_string(&identity_path) {
             Ok(found) if found == expected => {}
@@ -365,6 +377,12 @@ mod tests {
             DataDir::open(&other, 1, "standalone"),
             Err(DataDirError::NotOurs { .. })
         ));
+        // A data dir an import did not finish is refused.
+        fs::write(d.join(IMPORT_PENDING), b"").unwrap();
+        let e = DataDir::open(&d, 1, "standalone").unwrap_err();
+        assert!(matches!(e, DataDirError::ImportUnfinished { .. }), "{e}");
+        fs::remove_file(d.join(IMPORT_PENDING)).unwrap();
+        drop(DataDir::open(&d, 1, "standalone").unwrap());
         // A data dir whose path leaves the tree's paths no room under PATH_MAX.
         let deep = (0..5).fold(t.path().to_path_buf(), |p, i| {
             p.join(format!("{i}{}", "x".repeat(199)))

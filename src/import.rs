@@ -26,11 +26,11 @@ use std::time::Instant;
 use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, StoredMembership};
 
 use crate::config::MountConfig;
-use crate::datadir::DataDir;
+use crate::datadir::{DataDir, IMPORT_PENDING};
 use crate::replication::checkpoint::{Checkpoint, CheckpointFile};
 use crate::replication::control::hex;
 use crate::replication::snapshot::tree_digest;
-use crate::sync::{fdatasync, fsync_dir};
+use crate::sync::{fdatasync, fsync_dir, write_file_durably};
 
 /// Bytes read and written per step of a file copy.
 const COPY_CHUNK_BYTES: usize = 1 << 20;
@@ -59,9 +59,64 @@ pub fn run(source: &Path, cfg: &MountConfig) -> Result<String, String> {
     }
     let items = walk(source, &cfg.local_names)?;
     refuse_live_lmdb(source, &items, &cfg.local_names)?;
-    refuse_used_data_dir(&cfg.data_dir)?;
+    let existed = refuse_used_data_dir(&cfg.data_dir)?;
     let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id, &cfg.cluster_label())
         .map_err(|e| e.to_string())?;
+    // Until the checkpoint is written, the tree is not a committed state: a mount would
+    // take it for an empty node's and never send it to the other members. The marker
+    // makes a mount refuse such a data dir, even after a crash of this command.
+    let marker = data_dir.root.join(IMPORT_PENDING);
+    write_file_durably(&marker, b"seguro-fs import in progress\n")
+        .map_err(|e| format!("{}: {e}", marker.display()))?;
+    match copy_and_commit(source, cfg, &data_dir, &src_meta, &items) {
+        Ok(summary) => {
+            fs::remove_file(&marker).map_err(|e| format!("{}: {e}", marker.display()))?;
+            fsync_dir(&data_dir.root).map_err(|e| format!("{}: {e}", data_dir.root.display()))?;
+            Ok(summary)
+        }
+        Err(why) => {
+            let root = data_dir.root.clone();
+            drop(data_dir);
+            // The data dir was new or empty: nothing of anyone else's is in it.
+            let cleaned = if existed {
+                fs::read_dir(&root).and_then(|entries| {
+                    entries.into_iter().try_for_each(|e| {
+                        let p = e?.path();
+                        if p.is_dir() && !p.is_symlink() {
+                            fs::remove_dir_all(&p)
+                        } else {
+                            fs::remove_file(&p)
+                        }
+                    })
+                })
+            } else {
+                fs::remove_dir_all(&root)
+            };
+            Err(match cleaned {
+                Ok(()) => format!(
+                    "{why}; the partly made data dir {} was emptied",
+                    root.display()
+                ),
+                Err(e) => format!(
+                    "{why}; emptying the partly made data dir {} failed ({e}): remove it \
+                     before importing again (a mount refuses it meanwhile)",
+                    root.display()
+                ),
+            })
+        }
+    }
+}
+
+/// Copy the pier into the tree, verify it and record it as applied at index 0; the
+/// summary for the operator.
+fn copy_and_commit(
+    source: &Path,
+    cfg: &MountConfig,
+    data_dir: &DataDir,
+    src_meta: &fs::Metadata,
+    items: &[Item],
+) -> Result<String, String> {
+    let shown = source.display();
     let tree = data_dir.tree_dir();
 
     let total_bytes: u64 = items
@@ -72,7 +127,7 @@ pub fn run(source: &Path, cfg: &MountConfig) -> Result<String, String> {
     let mut progress = Progress::new(total_bytes);
     let mut dirs = vec![(tree.clone(), src_meta.clone())];
     let mut files = 0u64;
-    for item in &items {
+    for item in items {
         let (from, to) = (source.join(&item.rel), tree.join(&item.rel));
         let m = &item.meta;
         let ft = m.file_type();
@@ -99,7 +154,7 @@ pub fn run(source: &Path, cfg: &MountConfig) -> Result<String, String> {
         fsync_dir(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
     // A writer that started while we copied has changed what we read.
-    refuse_live_lmdb(source, &items, &cfg.local_names)?;
+    refuse_live_lmdb(source, items, &cfg.local_names)?;
 
     let zero = LogId::new(CommittedLeaderId::new(0, 0), 0);
     let voters: BTreeSet<u64> = members(cfg).keys().copied().collect();
@@ -224,15 +279,16 @@ fn refuse_live_lmdb(source: &Path, items: &[Item], local_names: &[String]) -> Re
 }
 
 /// The data dir must not exist yet or be empty: an import is a new node's first state.
-fn refuse_used_data_dir(dir: &Path) -> Result<(), String> {
+/// Returns whether it exists (empty).
+fn refuse_used_data_dir(dir: &Path) -> Result<bool, String> {
     match fs::read_dir(dir).map(|mut entries| entries.next().is_some()) {
         Ok(true) => Err(format!(
             "data dir {} is not empty; import into a new or empty directory (an imported \
              pier becomes the first state of a new node)",
             dir.display()
         )),
-        Ok(false) => Ok(()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Ok(false) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(format!("data dir {}: {e}", dir.display())),
     }
 }
