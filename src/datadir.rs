@@ -8,6 +8,8 @@
 //!   raft/         log segments, vote, committed (log_store.rs)
 //!   applied       the applied-index checkpoint (checkpoint.rs)
 //!   tree/         the committed file tree, a plain directory
+//!   tree.staging/ where new names are made before they enter tree/ (tree.rs)
+//!   import.pending while `seguro-fs import` fills a new data dir (a mount refuses it)
 //!   local/        per-host files that are never replicated (lock.mdb)
 //!   seguro-fs.log the default log of a `--background` daemon (and .log.1, the one before)
 //! ```
