@@ -276,6 +276,10 @@ pub const TREE_PATH_BYTES_MAX: usize = 3072;
 /// [`TREE_PATH_BYTES_MAX`], every path the daemon hands the kernel fits PATH_MAX.
 pub const DATA_DIR_PATH_BYTES_MAX: usize = 960;
 
+/// Bytes `seguro-fs import` reads and writes per step of a file copy (and per step of
+/// reading the copy back to verify it): its whole buffer.
+pub const IMPORT_COPY_CHUNK_BYTES: usize = 1 << 20;
+
 /// Membership and link settings of a replicated node.
 #[derive(Clone)]
 pub struct ClusterConfig {

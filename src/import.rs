@@ -32,8 +32,6 @@ use crate::replication::control::hex;
 use crate::replication::snapshot::tree_digest;
 use crate::sync::{fdatasync, fsync_dir, write_file_durably};
 
-/// Bytes read and written per step of a file copy.
-const COPY_CHUNK_BYTES: usize = 1 << 20;
 /// Progress lines when stderr is not a terminal: one per this share of the bytes.
 const PROGRESS_LINES: u64 = 10;
 
@@ -311,7 +309,7 @@ fn copy_file(
         .mode(0o600)
         .open(to)
         .map_err(err(to))?;
-    let mut buf = vec![0u8; COPY_CHUNK_BYTES];
+    let mut buf = vec![0u8; crate::config::IMPORT_COPY_CHUNK_BYTES];
     let mut read_hash = blake3::Hasher::new();
     let mut copied = 0u64;
     loop {
