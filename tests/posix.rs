@@ -2749,7 +2749,14 @@ fn data_dir_is_private_file_by_file() {
         "{own:?}"
     );
 
-    // An earlier release's data dir: loose modes everywhere.
+    // An earlier release's data dir: loose modes everywhere, and a background daemon's
+    // log file made readable by all.
+    fs::write(data.join("seguro-fs.log"), b"an earlier run\n").unwrap();
+    fs::set_permissions(
+        data.join("seguro-fs.log"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
     let loosen = [
         (".", 0o755),
         ("raft", 0o777),
@@ -2766,7 +2773,9 @@ fn data_dir_is_private_file_by_file() {
     let daemon = Daemon::start(&data, &mnt, &args);
     let log = daemon.stop();
     assert!(
-        log.contains("raft/vote 0666->0600") && log.contains(". 0755->0700"),
+        log.contains("raft/vote 0666->0600")
+            && log.contains(". 0755->0700")
+            && log.contains("seguro-fs.log 0644->0600"),
         "the daemon must log what it tightened:\n{log}"
     );
     assert_eq!(
