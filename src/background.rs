@@ -42,7 +42,8 @@ fn rotated(log: &Path) -> PathBuf {
 fn open_log(cfg: &MountConfig) -> Result<File, String> {
     // The default log lives in the data dir, which may not exist yet; the daemon creates
     // it the same way (DataDir::open).
-    std::fs::create_dir_all(&cfg.data_dir)
+    std::os::unix::fs::DirBuilderExt::mode(std::fs::DirBuilder::new().recursive(true), 0o700)
+        .create(&cfg.data_dir)
         .map_err(|e| format!("data dir {}: {e}", cfg.data_dir.display()))?;
     let log = &cfg.log_file;
     let shown = || log.display().to_string();
@@ -52,7 +53,8 @@ fn open_log(cfg: &MountConfig) -> Result<File, String> {
     OpenOptions::new()
         .append(true)
         .create(true)
-        .mode(0o640)
+        // The log names paths and peers: for the daemon's user only, like the data dir.
+        .mode(0o600)
         .open(log)
         .map_err(|e| format!("log file {}: {e}", shown()))
 }

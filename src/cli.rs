@@ -48,6 +48,10 @@ pub enum Command {
     /// After the cluster key file was replaced: make the stopped node's data dir accept
     /// the new key, keeping its log and tree (run on every member, all stopped).
     Rekey(RekeyArgs),
+    /// Copy an existing pier's .urb/log (urbit stopped) into a new data dir as its first
+    /// committed state, verified with blake3; the source is left as it was. In a cluster,
+    /// import on one member only: the others start empty and catch up.
+    Import(ImportArgs),
     /// Write man pages and shell completions (used by packaging/build).
     #[command(hide = true)]
     GenerateAssets(crate::assets::GenerateAssetsArgs),
@@ -149,6 +153,47 @@ pub struct RekeyArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The pier's event log directory (PIER/.urb/log), with urbit stopped.
+    pub pier_log_dir: PathBuf,
+    /// A new (or empty) data dir for this node.
+    pub data_dir: PathBuf,
+    /// This node's id, as it will be mounted.
+    #[arg(long, default_value_t = 1)]
+    pub node_id: u64,
+    /// The cluster's members, ID=HOST:PORT, as every member will be started (none:
+    /// standalone).
+    #[arg(long, value_delimiter = ',')]
+    pub peers: Vec<String>,
+    /// The cluster's key file (required with --peers).
+    #[arg(long)]
+    pub cluster_key_file: Option<PathBuf>,
+    /// Host-local names left out of the copy (LMDB makes them again).
+    #[arg(long, value_delimiter = ',', default_value = "lock.mdb")]
+    pub local_names: Vec<String>,
+}
+
+impl ImportArgs {
+    /// The node this data dir is for, validated as `mount` validates it (the pier log dir
+    /// stands in for the mountpoint, which an import does not use).
+    pub fn into_config(self) -> Result<MountConfig, ConfigError> {
+        let mut layer = Layer::default();
+        let flag = Origin::Flag;
+        layer.set("data_dir", Value::Path(self.data_dir), flag.clone())?;
+        layer.set("mountpoint", Value::Path(self.pier_log_dir), flag.clone())?;
+        layer.set("node_id", Value::Int(self.node_id), flag.clone())?;
+        layer.set("local_names", Value::List(self.local_names), flag.clone())?;
+        if !self.peers.is_empty() {
+            layer.set("peers", Value::List(self.peers), flag.clone())?;
+        }
+        if let Some(k) = self.cluster_key_file {
+            layer.set("cluster_key_file", Value::Path(k), flag)?;
+        }
+        crate::settings::resolve(layer)
+    }
+}
+
+#[derive(Debug, Args)]
 pub struct StatusArgs {
     /// The data dir of a running `seguro-fs mount`.
     pub data_dir: PathBuf,
@@ -212,9 +257,10 @@ pub struct MountArgs {
     #[arg(long, value_delimiter = ',', default_value = "lock.mdb")]
     pub local_names: Vec<String>,
     /// Allow other users to access the mount (needs user_allow_other in /etc/fuse.conf
-    /// unless running as root).
-    #[arg(long)]
-    pub allow_other: bool,
+    /// unless running as root). Default: true when running as root, false otherwise;
+    /// `--allow-other=false` turns it off.
+    #[arg(long, num_args = 0..=1, require_equals = true, default_missing_value = "true", value_name = "BOOL")]
+    pub allow_other: Option<bool>,
     /// Address (IP:PORT) of the metrics endpoint (default: none).
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_addr: Option<String>,
@@ -332,7 +378,7 @@ impl MountArgs {
         put("acks", Value::Int(self.acks.unwrap_or_default()))?;
         put("join", Value::Bool(self.join))?;
         put("local_names", Value::List(self.local_names))?;
-        put("allow_other", Value::Bool(self.allow_other))?;
+        put("allow_other", Value::Bool(self.allow_other.unwrap_or(true)))?;
         put(
             "metrics_addr",
             Value::Text(self.metrics_addr.unwrap_or_default()),
@@ -461,7 +507,15 @@ mod tests {
         assert_eq!(c.local_names, vec!["lock.mdb".to_string()]);
         assert_eq!(c.node_id, 1);
         assert_eq!(c.limits, Limits::default());
-        assert!(!c.join && !c.allow_other);
+        assert!(!c.join);
+        // SAFETY: geteuid has no preconditions.
+        assert_eq!(
+            c.allow_other,
+            unsafe { libc::geteuid() } == 0,
+            "on for root only"
+        );
+        assert!(mount(&["--allow-other"]).unwrap().allow_other);
+        assert!(!mount(&["--allow-other=false"]).unwrap().allow_other);
         assert_eq!(c.metrics_addr, None);
         assert_eq!(c.log_file, std::path::Path::new("/d/seguro-fs.log"));
     }

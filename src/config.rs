@@ -312,6 +312,19 @@ pub const LOG_FILE_BYTES_MAX: u64 = 64 << 20;
 /// to report that it mounted: opening the data dir and replaying the log come first.
 pub const BACKGROUND_READY_MARGIN_MS: u64 = 30_000;
 
+/// The longest path from the mount's root a new name may have (ENAMETOOLONG beyond). Every
+/// member applies ops with `DATA_DIR/tree/` + this path, which must stay under PATH_MAX
+/// (4096) on all of them alike, or one member would apply an op that another refuses.
+pub const TREE_PATH_BYTES_MAX: usize = 3072;
+
+/// The longest canonical data dir path a node accepts: with `/tree/` and a path of
+/// [`TREE_PATH_BYTES_MAX`], every path the daemon hands the kernel fits PATH_MAX.
+pub const DATA_DIR_PATH_BYTES_MAX: usize = 960;
+
+/// Bytes `seguro-fs import` reads and writes per step of a file copy (and per step of
+/// reading the copy back to verify it): its whole buffer.
+pub const IMPORT_COPY_CHUNK_BYTES: usize = 1 << 20;
+
 /// Membership and link settings of a replicated node.
 #[derive(Clone)]
 pub struct ClusterConfig {

@@ -23,6 +23,9 @@ use crate::replication::state_machine::ObserverSlot;
 use crate::replication::{self, proposer::Proposer, StartError};
 use crate::ship::{Ship, ShipConfig};
 
+/// The daemon's umask: files it makes for itself are 0600, directories 0700.
+pub const PRIVATE_UMASK: libc::mode_t = 0o077;
+
 /// Why `mount` failed; each message says what to do about it.
 #[derive(Debug, thiserror::Error)]
 pub enum MountError {
@@ -250,11 +253,12 @@ pub fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
 /// checkpointed.
 pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
     preflight(&cfg)?;
-    let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id, &cfg.cluster_label())?;
-    // From here on the tree must hold exactly the modes the application asked for (the
-    // kernel already applied the caller's umask).
+    // Everything the daemon creates for itself (log, vote, checkpoints, snapshots) is
+    // private to it. The tree's files get exactly the modes their callers asked for from
+    // tree.rs, which sets them explicitly.
     // SAFETY: umask has no preconditions.
-    unsafe { libc::umask(0) };
+    unsafe { libc::umask(PRIVATE_UMASK) };
+    let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id, &cfg.cluster_label())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         // More workers than cores: the state machine and the log do blocking IO on them,
         // and FUSE handlers waiting for Raft need the rest to make progress.
@@ -338,7 +342,7 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         registry,
     })?);
     let _ = observer.set(fs.clone());
-    rt.spawn(role::watch(
+    let role_watcher = rt.spawn(role::watch(
         node.raft.clone(),
         cfg.node_id,
         role.clone(),
@@ -402,13 +406,15 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
             signal(SignalKind::interrupt())?,
         )
     };
-    let session = fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
-        MountError::Mount {
-            path: cfg.mountpoint.display().to_string(),
-            source,
-        }
-    })?;
+    let mut session =
+        fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
+            MountError::Mount {
+                path: cfg.mountpoint.display().to_string(),
+                source,
+            }
+        })?;
     fs.set_notifier(session.notifier())?;
+    let mut unmounter = session.unmount_callable();
     tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %data_dir.root.display(), "mounted");
     ready.mounted();
     // Only now: the ship needs the mount.
@@ -446,10 +452,14 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         Stop::Unmounted => {}
     }
     if !matches!(stop, Stop::Unmounted) {
+        // fuser's own unmount first: fuser then never tries again when the session ends,
+        // which logged "Failed to umount filesystem: Invalid argument" on every clean stop.
+        // Its error (EBUSY) is handled by the loop below.
+        let _ = unmounter.unmount();
         // A file still open on the mount (an LMDB env being closed, a shell in it) makes
         // umount answer EBUSY; retry for a while rather than leave the mount behind.
         let deadline = std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);
-        loop {
+        while is_mount_point(&cfg.mountpoint).unwrap_or(false) {
             match unmount_path(&cfg.mountpoint) {
                 Ok(()) => break,
                 Err(e)
@@ -494,6 +504,9 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         std::thread::sleep(Duration::from_millis(10));
     }
     let ckpt = node.state_machine.checkpoint_now();
+    // The mount is gone and everything accepted is durable: the watcher would only report
+    // the Raft shutdown as a lost leadership (a WARN on every clean stop).
+    role_watcher.abort();
     let _ = rt.block_on(node.raft.shutdown());
     drained.map_err(|_| {
         MountError::Io(std::io::Error::other(

@@ -8,19 +8,29 @@
 //!   raft/         log segments, vote, committed (log_store.rs)
 //!   applied       the applied-index checkpoint (checkpoint.rs)
 //!   tree/         the committed file tree, a plain directory
+//!   tree.staging/ where new names are made before they enter tree/ (tree.rs)
+//!   import.pending while `seguro-fs import` fills a new data dir (a mount refuses it)
 //!   local/        per-host files that are never replicated (lock.mdb)
 //!   seguro-fs.log the default log of a `--background` daemon (and .log.1, the one before)
 //! ```
+//!
+//! Everything here but the tree's and host-local files is the daemon's own and private to
+//! its user (0600 files, 0700 directories); a data dir made by an earlier release with
+//! looser modes is tightened when it is opened ([`tighten`]).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::sync::{fsync_dir, write_file_durably};
 
 const FORMAT: &str = "seguro-fs data dir v1";
+
+/// Present while `seguro-fs import` fills a new data dir: its tree is not a committed
+/// state until the import's checkpoint is written, so a mount refuses it.
+pub const IMPORT_PENDING: &str = "import.pending";
 
 /// The default log file of a `--background` daemon, which is opened before the data dir
 /// is: it (and its rotated `.1`) does not make a new data dir count as someone else's.
@@ -63,10 +73,74 @@ pub enum DataDirError {
     },
     #[error("data dir {path} is not a seguro-fs data dir (it is non-empty and has no identity file); choose an empty or new directory")]
     NotOurs { path: PathBuf },
+    #[error(
+        "data dir {path} has a path of {bytes} bytes, longer than {max}: the tree's paths \
+         must fit PATH_MAX below it on every member; choose a shorter path"
+    )]
+    PathTooLong {
+        path: PathBuf,
+        bytes: usize,
+        max: usize,
+    },
+    #[error(
+        "data dir {path}: an import into it did not finish (it holds {IMPORT_PENDING}); \
+         remove the data dir and run seguro-fs import again"
+    )]
+    ImportUnfinished { path: PathBuf },
     #[error("data dir {path} has no identity file: it is not a seguro-fs data dir")]
     NoIdentity { path: PathBuf },
     #[error("data dir {path} belongs to a standalone node, which has no cluster key to replace")]
     Standalone { path: PathBuf },
+}
+
+/// The mode of a new data dir's `tree/`, the mount's root directory: what `mkdir` gives a
+/// new `.urb/log` under the usual umask. `chown`/`chmod` through the mount change it.
+const TREE_ROOT_MODE: u32 = 0o755;
+
+/// Names under the data dir that hold the tree or host-local files: their modes are the
+/// ones callers chose, so they are never tightened (only `local/` itself, which no caller
+/// sees).
+const CALLERS_FILES: [&str; 4] = ["tree", "tree.new", "tree.old", "local"];
+
+/// Take group and other permissions away from the daemon's own files under `root` (the
+/// data dir itself, everything in it but the tree and the host-local files, recursively);
+/// returns what changed, as `path 0644->0600`.
+pub fn tighten(root: &Path) -> io::Result<Vec<String>> {
+    let mut changed = Vec::new();
+    let mut fix = |p: &Path, shown: String| -> io::Result<()> {
+        let m = fs::symlink_metadata(p)?;
+        let mode = m.permissions().mode() & 0o7777;
+        if !m.file_type().is_symlink() && mode & 0o077 != 0 {
+            fs::set_permissions(p, fs::Permissions::from_mode(mode & !0o077))?;
+            changed.push(format!("{shown} {mode:04o}->{:04o}", mode & !0o077));
+        }
+        Ok(())
+    };
+    fix(root, ".".into())?;
+    let mut stack = vec![(root.to_path_buf(), String::new())];
+    while let Some((dir, rel)) = stack.pop() {
+        for e in fs::read_dir(&dir)? {
+            let e = e?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let shown = if rel.is_empty() {
+                name.clone()
+            } else {
+                format!("{rel}/{name}")
+            };
+            if rel.is_empty() && CALLERS_FILES.contains(&name.as_str()) {
+                if name == "local" {
+                    fix(&e.path(), shown)?;
+                }
+                continue;
+            }
+            fix(&e.path(), shown.clone())?;
+            if e.file_type()?.is_dir() {
+                stack.push((e.path(), shown));
+            }
+        }
+    }
+    changed.sort();
+    Ok(changed)
 }
 
 /// An opened, locked data dir. Dropping it releases the lock.
@@ -136,8 +210,20 @@ impl DataDir {
     /// Open (creating if needed) and lock `root` for node `node_id` of `cluster` (a label
     /// that identifies the cluster without revealing its key).
     pub fn open(root: &Path, node_id: u64, cluster: &str) -> Result<DataDir, DataDirError> {
-        fs::create_dir_all(root).map_err(io_err(root))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(root)
+            .map_err(io_err(root))?;
         let root = root.canonicalize().map_err(io_err(root))?;
+        let bytes = root.as_os_str().len();
+        if bytes > crate::config::DATA_DIR_PATH_BYTES_MAX {
+            return Err(DataDirError::PathTooLong {
+                path: root,
+                bytes,
+                max: crate::config::DATA_DIR_PATH_BYTES_MAX,
+            });
+        }
         let lock_path = root.join("lock");
         let identity_path = root.join("identity");
         if !identity_path.exists() && !lock_path.exists() {
@@ -149,6 +235,9 @@ impl DataDir {
             }
         }
         let lock = lock(&root)?;
+        if root.join(IMPORT_PENDING).exists() {
+            return Err(DataDirError::ImportUnfinished { path: root });
+        }
         let expected = identity(node_id, cluster);
         match fs::read_to_string(&identity_path) {
             Ok(found) if found == expected => {}
@@ -175,15 +264,27 @@ impl DataDir {
                 })
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                for sub in ["raft", "tree", "local"] {
+                for (sub, mode) in [("raft", 0o700), ("tree", TREE_ROOT_MODE), ("local", 0o700)] {
                     let p = root.join(sub);
                     fs::create_dir_all(&p).map_err(io_err(&p))?;
+                    // Exactly, whatever the umask: tree/ is the mount's root as users see it.
+                    fs::set_permissions(&p, fs::Permissions::from_mode(mode))
+                        .map_err(io_err(&p))?;
                 }
                 write_file_durably(&identity_path, expected.as_bytes())
                     .map_err(io_err(&identity_path))?;
                 fsync_dir(&root).map_err(io_err(&root))?;
             }
             Err(e) => return Err(io_err(&identity_path)(e)),
+        }
+        let tightened = tighten(&root).map_err(io_err(&root))?;
+        if !tightened.is_empty() {
+            tracing::warn!(
+                data_dir = %root.display(),
+                changed = %tightened.join(", "),
+                "the data dir's own files were open to other local users; made them private \
+                 to the daemon's user"
+            );
         }
         Ok(DataDir { root, _lock: lock })
     }
@@ -278,6 +379,19 @@ mod tests {
             DataDir::open(&other, 1, "standalone"),
             Err(DataDirError::NotOurs { .. })
         ));
+        // A data dir an import did not finish is refused.
+        fs::write(d.join(IMPORT_PENDING), b"").unwrap();
+        let e = DataDir::open(&d, 1, "standalone").unwrap_err();
+        assert!(matches!(e, DataDirError::ImportUnfinished { .. }), "{e}");
+        fs::remove_file(d.join(IMPORT_PENDING)).unwrap();
+        drop(DataDir::open(&d, 1, "standalone").unwrap());
+        // A data dir whose path leaves the tree's paths no room under PATH_MAX.
+        let deep = (0..5).fold(t.path().to_path_buf(), |p, i| {
+            p.join(format!("{i}{}", "x".repeat(199)))
+        });
+        let e = DataDir::open(&deep, 1, "standalone").unwrap_err();
+        assert!(matches!(e, DataDirError::PathTooLong { .. }), "{e}");
+        assert!(e.to_string().contains("choose a shorter path"), "{e}");
     }
 
     #[test]

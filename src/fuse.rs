@@ -15,6 +15,7 @@ use fuser::{
 };
 
 use crate::fs::{to_timespec, Errno, Fs};
+use crate::op::Owner;
 
 /// How long the kernel may cache entries and attributes. This mount is the only writer
 /// (it is the leader's), so its own answers stay true; 1 s bounds staleness elsewhere.
@@ -23,6 +24,14 @@ const TTL: Duration = Duration::from_secs(1);
 pub struct FuseAdapter {
     pub fs: Arc<Fs>,
     pub write_bytes_max: u32,
+}
+
+/// The caller, who owns what it creates (the kernel sends its fsuid and fsgid).
+fn owner(req: &Request) -> Owner {
+    Owner {
+        uid: req.uid(),
+        gid: req.gid(),
+    }
 }
 
 fn e(err: Errno) -> FuseErrno {
@@ -114,15 +123,18 @@ impl Filesystem for FuseAdapter {
 
     fn mknod(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
-        _rdev: u32,
+        rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self.fs.mknod(parent.0, name, mode & !umask) {
+        match self
+            .fs
+            .mknod(parent.0, name, mode & !umask, rdev, owner(req))
+        {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(err) => reply.error(e(err)),
         }
@@ -130,14 +142,14 @@ impl Filesystem for FuseAdapter {
 
     fn mkdir(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.fs.mkdir(parent.0, name, mode & !umask) {
+        match self.fs.mkdir(parent.0, name, mode & !umask, owner(req)) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(err) => reply.error(e(err)),
         }
@@ -159,13 +171,13 @@ impl Filesystem for FuseAdapter {
 
     fn symlink(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         link_name: &OsStr,
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.fs.symlink(parent.0, link_name, target) {
+        match self.fs.symlink(parent.0, link_name, target, owner(req)) {
             Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
             Err(err) => reply.error(e(err)),
         }
@@ -404,7 +416,7 @@ impl Filesystem for FuseAdapter {
 
     fn create(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         mode: u32,
@@ -412,7 +424,10 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.fs.create(parent.0, name, mode & !umask, flags) {
+        match self
+            .fs
+            .create(parent.0, name, mode & !umask, flags, owner(req))
+        {
             Ok((attr, fh)) => reply.created(
                 &TTL,
                 &attr,

@@ -11,6 +11,7 @@ mod datadir;
 mod diskfull;
 mod fs;
 mod fuse;
+mod import;
 mod metrics;
 mod mount_options;
 mod op;
@@ -103,6 +104,13 @@ fn main() {
         .map(print),
         cli::Command::Restore(a) => restore::run(&a.from, &a.cluster_key_file, &a.dest).map(print),
         cli::Command::Rekey(a) => rekey(&a),
+        cli::Command::Import(a) => {
+            let source = a.pier_log_dir.clone();
+            a.into_config()
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| import::run(&source, &cfg))
+                .map(print)
+        }
         cli::Command::GenerateAssets(args) => assets::generate(&args.out).map(|_| ()),
         cli::Command::ShipGuard => std::process::exit(ship::guard_main()),
     };

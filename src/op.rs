@@ -18,7 +18,41 @@ pub struct Timespec {
     pub nsec: u32,
 }
 
+/// Who a new file belongs to: the caller's uid and gid as the kernel gave them (FUSE
+/// sends the caller's fsuid/fsgid), applied with the same ids on every member.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Owner {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What an [`Op::Make`] creates.
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub enum NodeKind {
+    /// open(O_CREAT [| O_EXCL]) of a regular file; `mode` holds permission bits only.
+    File {
+        mode: u32,
+        excl: bool,
+    },
+    Dir {
+        mode: u32,
+    },
+    Symlink {
+        target: String,
+    },
+    /// mknod of a FIFO, socket or device node: `mode` holds the type bits too. Only the
+    /// node is replicated, never what passes through it.
+    Special {
+        mode: u32,
+        rdev: u64,
+    },
+}
+
 /// One replicated file-system operation.
+///
+/// Variants are only ever appended: an archived enum keeps its earlier discriminants and
+/// layout when a variant no larger than the largest (`SetAttr`) is added, so a log written
+/// by an earlier release still decodes (`op::tests::a_batch_archived_by_the_previous_release_decodes`).
 #[derive(Archive, Serialize, Deserialize, Clone, PartialEq, Eq)]
 pub enum Op {
     /// pwrite of `data` at `offset` (data ops are idempotent: replay converges).
@@ -41,12 +75,14 @@ pub enum Op {
         atime: Option<Timespec>,
         mtime: Option<Timespec>,
     },
-    /// open(O_CREAT [| O_EXCL]) of a regular file.
+    /// open(O_CREAT [| O_EXCL]) of a regular file, owned by the applying daemon: what
+    /// releases before [`Op::Make`] proposed. Still applied when found in a log.
     Create {
         path: String,
         mode: u32,
         excl: bool,
     },
+    /// mkdir owned by the applying daemon (releases before [`Op::Make`]).
     Mkdir {
         path: String,
         mode: u32,
@@ -67,6 +103,7 @@ pub enum Op {
         from: String,
         to: String,
     },
+    /// symlink owned by the applying daemon (releases before [`Op::Make`]).
     Symlink {
         target: String,
         path: String,
@@ -74,6 +111,12 @@ pub enum Op {
     /// No change to the tree: a barrier at which every replica records the digest of its
     /// tree (`seguro-fs verify` compares them at one index). Travels alone in its batch.
     Digest,
+    /// A new name of any kind, owned by its creator, with exactly the mode it asked for.
+    Make {
+        path: String,
+        kind: NodeKind,
+        owner: Owner,
+    },
 }
 
 impl Op {
@@ -89,6 +132,7 @@ impl Op {
                 | Op::Rename { .. }
                 | Op::Link { .. }
                 | Op::Symlink { .. }
+                | Op::Make { .. }
         )
     }
 
@@ -111,6 +155,10 @@ impl Op {
             | Op::Mkdir { path, .. }
             | Op::Unlink { path }
             | Op::Rmdir { path } => path.len(),
+            Op::Make { path, kind, .. } => match kind {
+                NodeKind::Symlink { target } => path.len() + target.len(),
+                _ => path.len(),
+            },
             Op::Rename { from, to, .. } | Op::Link { from, to } => from.len() + to.len(),
             Op::Symlink { target, path } => target.len() + path.len(),
             Op::Digest => 0,
@@ -136,6 +184,9 @@ impl std::fmt::Debug for Op {
             Op::Link { from, to } => write!(f, "Link({from} -> {to})"),
             Op::Symlink { target, path } => write!(f, "Symlink({path} -> {target})"),
             Op::Digest => write!(f, "Digest"),
+            Op::Make { path, kind, owner } => {
+                write!(f, "Make({path}, {kind:?}, {}:{})", owner.uid, owner.gid)
+            }
         }
     }
 }
@@ -236,6 +287,52 @@ mod tests {
         }
         assert!(Batch::decode(&bad).is_err());
         assert!(Batch::decode(&bytes[..bytes.len() / 2]).is_err());
+    }
+
+    /// A batch archived by the release before `Op::Make` (bytes taken from it): the log of
+    /// an upgraded node must still decode, with every op as it was.
+    #[test]
+    fn a_batch_archived_by_the_previous_release_decodes() {
+        const OLD: &str = "3069302f646174612e6d646261626300030000008c000000ecffffffb401000001000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000004000000306935ffffffffffed0100000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000900000074ffffffffffffff6cffffffffffffff00000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000200000078ffffffffffffff010000008001000001000000050000000000000000000000000000000000000000000000000000000000000000000000000000000100000000000000070000000000000008000000000000000000000066ffffffffffffff00000000040000000000000084feffff0300000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000000300000000000000090000000000000038feffff05000000";
+        let mut bytes = rkyv::util::AlignedVec::<16>::new();
+        for i in (0..OLD.len()).step_by(2) {
+            bytes.push(u8::from_str_radix(&OLD[i..i + 2], 16).unwrap());
+        }
+        let want = Batch {
+            origin: 3,
+            seq: 9,
+            ops: vec![
+                Op::Create {
+                    path: "0i0/data.mdb".into(),
+                    mode: 0o664,
+                    excl: true,
+                },
+                Op::Mkdir {
+                    path: "0i5".into(),
+                    mode: 0o755,
+                },
+                Op::Symlink {
+                    target: "t".into(),
+                    path: "l".into(),
+                },
+                Op::SetAttr {
+                    path: "x".into(),
+                    mode: Some(0o600),
+                    uid: Some(5),
+                    gid: None,
+                    atime: None,
+                    mtime: Some(Timespec { sec: 7, nsec: 8 }),
+                },
+                Op::Write {
+                    path: "f".into(),
+                    offset: 4,
+                    data: b"abc".to_vec(),
+                },
+            ],
+        };
+        assert_eq!(Batch::decode(&bytes).unwrap(), want);
+        // The archived op's size (the stride of the op vector) is what it was.
+        assert_eq!(std::mem::size_of::<ArchivedOp>(), 88);
     }
 
     #[test]

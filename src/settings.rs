@@ -409,7 +409,20 @@ pub fn resolve(command_line: Layer) -> Result<MountConfig, ConfigError> {
         }
         None => command_line,
     };
-    validate(&merged)
+    validate(&merged.over(built_in_defaults()))
+}
+
+/// Defaults that depend on the host rather than being constants: a root daemon serves
+/// every local user (`allow_other`), as bindfs does; the kernel then checks modes and
+/// owners (`default_permissions`), which are the callers' own. (The origin is never shown:
+/// a boolean has no range to violate.)
+fn built_in_defaults() -> Layer {
+    let mut d = Layer::default();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    d.values
+        .insert("allow_other", (Value::Bool(root), Origin::Flag));
+    d
 }
 
 fn parse_peers(

@@ -4,6 +4,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 /// fdatasync(2): the file's data and the metadata needed to read it back (its size).
@@ -29,6 +30,8 @@ pub fn write_file_durably(path: &Path, bytes: &[u8]) -> io::Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
+        // The daemon's own state (vote, purged, identity): nobody else's to read or change.
+        .mode(0o600)
         .open(&tmp)?;
     f.write_all(bytes)?;
     fdatasync(&f)?;

@@ -10,16 +10,22 @@
 //! fails, or a pwrite that a retry simply repeats). A failed fdatasync is never retried:
 //! after it the page cache may hold clean pages that never reached the disk, so it is
 //! reported without an errno, which makes it fatal (restart replays from the checkpoint).
+//!
+//! Modes and owners: the daemon runs with umask 077 (its own files are private), so every
+//! new name is made in `<tree>.staging/` first, given exactly the mode its caller asked for
+//! and the caller's uid/gid (when the daemon runs as root: nobody else may give files
+//! away), and only then renamed into the tree. A crash leaves no name or the finished one,
+//! never one with the wrong mode or owner that a replay would then keep (EEXIST).
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
-use crate::op::{Op, Timespec};
+use crate::op::{NodeKind, Op, Owner, Timespec};
 use crate::sync::{fdatasync, fsync_dir};
 
 /// The parent of a relative path ("" for top-level names).
@@ -62,6 +68,8 @@ fn timespec(t: Option<Timespec>) -> libc::timespec {
 /// Applies ops to the tree and tracks what is not yet durable.
 pub struct TreeApplier {
     root: PathBuf,
+    /// Where new names are made before they are renamed into place (same file system).
+    staging: PathBuf,
     open_files_max: usize,
     files: HashMap<String, File>,
     dirty_files: HashSet<String>,
@@ -70,8 +78,11 @@ pub struct TreeApplier {
 
 impl TreeApplier {
     pub fn new(root: PathBuf, open_files_max: usize) -> TreeApplier {
+        let mut staging = root.clone().into_os_string();
+        staging.push(".staging");
         TreeApplier {
             root,
+            staging: staging.into(),
             open_files_max,
             files: HashMap::new(),
             dirty_files: HashSet::new(),
@@ -135,7 +146,8 @@ impl TreeApplier {
             | Op::Mkdir { path, .. }
             | Op::Unlink { path }
             | Op::Rmdir { path }
-            | Op::Symlink { path, .. } => dirty(path),
+            | Op::Symlink { path, .. }
+            | Op::Make { path, .. } => dirty(path),
             _ => {}
         }
     }
@@ -186,21 +198,16 @@ impl TreeApplier {
                 self.dirty_dirs.insert(parent_of(path).to_string());
                 Ok(())
             }
-            Op::Create { path, mode, excl } => {
-                let mut o = OpenOptions::new();
-                o.write(true).mode(*mode);
-                if *excl {
-                    o.create_new(true);
-                } else {
-                    o.create(true);
-                }
-                o.open(self.abs(path)).map(drop)
-            }
-            Op::Mkdir { path, mode } => {
-                let c = cstr(&self.abs(path))?;
-                // SAFETY: valid path.
-                check(unsafe { libc::mkdir(c.as_ptr(), *mode) })
-            }
+            Op::Create { path, mode, excl } => self.make(
+                path,
+                &NodeKind::File {
+                    mode: *mode,
+                    excl: *excl,
+                },
+                None,
+            ),
+            Op::Mkdir { path, mode } => self.make(path, &NodeKind::Dir { mode: *mode }, None),
+            Op::Make { path, kind, owner } => self.make(path, kind, Some(*owner)),
             Op::Unlink { path } => std::fs::remove_file(self.abs(path)),
             Op::Rmdir { path } => std::fs::remove_dir(self.abs(path)),
             Op::Rename { from, to, flags } => {
@@ -217,10 +224,78 @@ impl TreeApplier {
                 })
             }
             Op::Link { from, to } => std::fs::hard_link(self.abs(from), self.abs(to)),
-            Op::Symlink { target, path } => std::os::unix::fs::symlink(target, self.abs(path)),
+            Op::Symlink { target, path } => self.make(
+                path,
+                &NodeKind::Symlink {
+                    target: target.clone(),
+                },
+                None,
+            ),
             // The state machine records the digest; the tree itself does not change.
             Op::Digest => Ok(()),
         }
+    }
+
+    /// Make a new name at `path`: built in the staging directory with its final mode and
+    /// owner, then renamed into place without replacing anything. `owner: None` (ops of
+    /// earlier releases) leaves the daemon's ids, as those releases did.
+    fn make(&mut self, path: &str, kind: &NodeKind, owner: Option<Owner>) -> io::Result<()> {
+        let target = self.abs(path);
+        if let NodeKind::File { excl: false, .. } = kind {
+            // O_CREAT without O_EXCL opens an existing file as it is. O_NONBLOCK: a FIFO
+            // there must answer (ENXIO), not block the state machine for a reader.
+            match OpenOptions::new()
+                .write(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(&target)
+            {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let parent = std::fs::metadata(self.abs(parent_of(path)))?;
+        if !parent.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        // A set-group-ID directory gives new names its group, and new directories the
+        // bit itself, as a local file system does.
+        let sgid = parent.mode() & libc::S_ISGID != 0;
+        let (uid, mut gid) = owner.map_or((u32::MAX, u32::MAX), |o| (o.uid, o.gid));
+        if sgid {
+            gid = parent.gid();
+        }
+        let tmp = self.staging_entry()?;
+        let made = make_at(&tmp, kind, sgid, uid, gid).and_then(|()| {
+            let (a, b) = (cstr(&tmp)?, cstr(&target)?);
+            // SAFETY: valid paths; NOREPLACE: an existing name is EEXIST, as for create.
+            check(unsafe {
+                libc::renameat2(
+                    libc::AT_FDCWD,
+                    a.as_ptr(),
+                    libc::AT_FDCWD,
+                    b.as_ptr(),
+                    libc::RENAME_NOREPLACE,
+                )
+            })
+        });
+        if made.is_err() {
+            remove_any(&tmp)?;
+        }
+        made
+    }
+
+    /// The staging name, free: the directory is made on first use (private), and what a
+    /// crash left there is removed.
+    fn staging_entry(&self) -> io::Result<PathBuf> {
+        match std::fs::DirBuilder::new().mode(0o700).create(&self.staging) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+        let tmp = self.staging.join("new");
+        remove_any(&tmp)?;
+        Ok(tmp)
     }
 
     /// Apply an op to a host-local file (under `local/`): the same syscalls, every error
@@ -261,6 +336,67 @@ impl TreeApplier {
     }
 }
 
+fn am_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// Create the node `kind` at `p` with its exact mode and, when this daemon may give files
+/// away (it runs as root), owner `uid`:`gid` (u32::MAX keeps an id).
+fn make_at(p: &Path, kind: &NodeKind, sgid: bool, uid: u32, gid: u32) -> io::Result<()> {
+    let c = cstr(p)?;
+    let mode = match kind {
+        NodeKind::File { mode, .. } => {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(p)?;
+            Some(*mode & 0o7777)
+        }
+        NodeKind::Dir { mode } => {
+            // SAFETY: valid path.
+            check(unsafe { libc::mkdir(c.as_ptr(), 0o700) })?;
+            Some(*mode & 0o7777 | if sgid { libc::S_ISGID } else { 0 })
+        }
+        NodeKind::Symlink { target } => {
+            std::os::unix::fs::symlink(target, p)?;
+            None
+        }
+        NodeKind::Special { mode, rdev } => {
+            let kind = *mode & libc::S_IFMT;
+            if !matches!(
+                kind,
+                libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK
+            ) {
+                return Err(io::Error::from_raw_os_error(libc::EINVAL));
+            }
+            // SAFETY: valid path; the type is one mknod makes.
+            check(unsafe { libc::mknod(c.as_ptr(), kind | 0o600, *rdev as libc::dev_t) })?;
+            Some(*mode & 0o7777)
+        }
+    };
+    if am_root() && (uid != u32::MAX || gid != u32::MAX) {
+        // SAFETY: valid path. Before the chmod: a chown clears set-id bits.
+        check(unsafe { libc::lchown(c.as_ptr(), uid, gid) })?;
+    }
+    if let Some(mode) = mode {
+        // SAFETY: valid path (never a symlink here).
+        check(unsafe { libc::chmod(c.as_ptr(), mode) })?;
+    }
+    Ok(())
+}
+
+/// Remove whatever `p` is, if anything.
+fn remove_any(p: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// A failed fsync of the tree, without its errno: not a full disk to wait out, since a
 /// retry could succeed without writing the pages this one failed to write.
 fn sync_failed(rel: &str, e: io::Error) -> io::Error {
@@ -278,7 +414,9 @@ mod tests {
     #[test]
     fn ops_apply_and_report_errnos() {
         let t = TempDir::new("tree");
-        let mut a = TreeApplier::new(t.path().to_path_buf(), 4);
+        let root = t.path().join("tree");
+        std::fs::create_dir(&root).unwrap();
+        let mut a = TreeApplier::new(root.clone(), 4);
         let w = |p: &str, off, d: &[u8]| Op::Write {
             path: p.into(),
             offset: off,
@@ -310,7 +448,7 @@ mod tests {
             0
         );
         assert_eq!(a.apply(&w("d/f", 3, b"abc")).unwrap(), 0);
-        assert_eq!(std::fs::read(t.path().join("d/f")).unwrap(), b"\0\0\0abc");
+        assert_eq!(std::fs::read(root.join("d/f")).unwrap(), b"\0\0\0abc");
         assert_eq!(a.apply(&w("nope", 0, b"x")).unwrap(), libc::ENOENT);
         assert_eq!(
             a.apply(&Op::Rmdir { path: "d".into() }).unwrap(),
@@ -343,8 +481,79 @@ mod tests {
             .unwrap(),
             0
         );
-        assert_eq!(std::fs::read(t.path().join("g")).unwrap(), b"\0\0\0a");
+        assert_eq!(std::fs::read(root.join("g")).unwrap(), b"\0\0\0a");
         a.sync().unwrap();
         assert!(a.dirty_files.is_empty() && a.dirty_dirs.is_empty());
+    }
+
+    /// New names get exactly the mode asked for whatever the umask, the creator's ids
+    /// (when run as root), a set-group-ID parent's group; the staging dir is left empty.
+    #[test]
+    fn new_names_get_exact_modes_and_their_creators_ids() {
+        let t = TempDir::new("tree-owner");
+        let root = t.path().join("tree");
+        std::fs::create_dir(&root).unwrap();
+        let mut a = TreeApplier::new(root.clone(), 4);
+        // SAFETY: umask has no preconditions; restored below.
+        let old = unsafe { libc::umask(0o077) };
+        let owner = Owner {
+            uid: 1234,
+            gid: 5678,
+        };
+        let make = |path: &str, kind| Op::Make {
+            path: path.into(),
+            kind,
+            owner,
+        };
+        let ops = [
+            make(
+                "f",
+                NodeKind::File {
+                    mode: 0o664,
+                    excl: true,
+                },
+            ),
+            make("d", NodeKind::Dir { mode: 0o2775 }),
+            make("l", NodeKind::Symlink { target: "f".into() }),
+            make(
+                "p",
+                NodeKind::Special {
+                    mode: libc::S_IFIFO | 0o640,
+                    rdev: 0,
+                },
+            ),
+        ];
+        for op in &ops {
+            assert_eq!(a.apply(op).unwrap(), 0, "{op:?}");
+        }
+        // Exclusive create of an existing name, and one in a missing directory.
+        assert_eq!(a.apply(&ops[0]).unwrap(), libc::EEXIST);
+        assert_eq!(
+            a.apply(&make("nope/f", NodeKind::Dir { mode: 0o755 }))
+                .unwrap(),
+            libc::ENOENT
+        );
+        // Inside the set-group-ID directory: its group, and the bit for a subdirectory.
+        assert_eq!(
+            a.apply(&make("d/sub", NodeKind::Dir { mode: 0o750 }))
+                .unwrap(),
+            0
+        );
+        unsafe { libc::umask(old) };
+        let meta = |p: &str| std::fs::symlink_metadata(root.join(p)).unwrap();
+        assert_eq!(meta("f").mode() & 0o7777, 0o664);
+        assert_eq!(meta("d").mode() & 0o7777, 0o2775);
+        assert_eq!(meta("p").mode(), libc::S_IFIFO | 0o640);
+        assert_eq!(meta("d/sub").mode() & 0o7777, 0o2750);
+        if am_root() {
+            for p in ["f", "d", "l", "p"] {
+                assert_eq!((meta(p).uid(), meta(p).gid()), (1234, 5678), "{p}");
+            }
+            assert_eq!((meta("d/sub").uid(), meta("d/sub").gid()), (1234, 5678));
+        }
+        let staged: Vec<_> = std::fs::read_dir(t.path().join("tree.staging"))
+            .unwrap()
+            .collect();
+        assert!(staged.is_empty(), "staging left {staged:?}");
     }
 }

@@ -141,3 +141,109 @@ fn reader_process_sees_commits_while_writer_commits() {
     drop(writer);
     d.stop();
 }
+
+/// The ship's user in `vere_workload_as_an_unprivileged_user_through_a_root_daemon`.
+const SHIP_UID: u32 = 1000;
+
+/// Child side of `vere_workload_as_an_unprivileged_user_through_a_root_daemon`: drops to
+/// uid and gid 1000 with no supplementary groups, as a ship run by its own user, runs the
+/// workload on the mount, verifies it and writes its summary.
+#[test]
+#[ignore = "runs as a child process of another test"]
+fn unprivileged_writer_child() {
+    let Ok(log) = std::env::var("SEGURO_USER_LOG") else {
+        return;
+    };
+    let home = PathBuf::from(std::env::var("SEGURO_USER_HOME").unwrap());
+    // SAFETY: dropping privileges; glibc applies setgid/setuid to every thread.
+    unsafe {
+        assert_eq!(libc::setgroups(0, std::ptr::null()), 0);
+        assert_eq!(libc::setgid(SHIP_UID), 0);
+        assert_eq!(libc::setuid(SHIP_UID), 0);
+        assert_eq!((libc::geteuid(), libc::getegid()), (SHIP_UID, SHIP_UID));
+    }
+    let log = PathBuf::from(log);
+    let summary = vere::run_workload(&log, 0x1000, 1200, &home.join("image.src"), IMAGE_BYTES)
+        .expect("the workload as uid 1000");
+    vere::verify_workload(&log, &summary, IMAGE_BYTES).expect("verify as uid 1000");
+    let lines: Vec<String> = std::iter::once(summary.last_event.to_string())
+        .chain(
+            summary
+                .epochs
+                .iter()
+                .map(|(n, a, b)| format!("{n} {a} {b}")),
+        )
+        .collect();
+    std::fs::write(home.join("summary"), lines.join("\n")).unwrap();
+}
+
+/// A ship need not run as root: a root daemon mounts with `allow_other` and
+/// `default_permissions`, the pier's log directory is given to the ship's user through the
+/// mount, and vere's whole LMDB workload then runs as that user. Every file it made is its
+/// own, on the mount and in the replicated tree, and survives a remount.
+#[test]
+fn vere_workload_as_an_unprivileged_user_through_a_root_daemon() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "this test starts the daemon as root and the ship as uid {SHIP_UID}"
+    );
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let t = TestDir::new("unprivileged");
+    std::fs::set_permissions(t.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let data = t.join("data");
+    let log = t.join("pier/.urb/log");
+    let home = t.join("home");
+    std::fs::create_dir(&home).unwrap();
+    std::os::unix::fs::chown(&home, Some(SHIP_UID), Some(SHIP_UID)).unwrap();
+
+    let d = Daemon::start(&data, &log, &[]);
+    // The operator's one step: the log directory (the mount's root) is the ship's.
+    std::os::unix::fs::chown(&log, Some(SHIP_UID), Some(SHIP_UID)).unwrap();
+    let child = ChildTest::spawn(
+        "unprivileged_writer_child",
+        &[
+            ("SEGURO_USER_LOG", log.display().to_string()),
+            ("SEGURO_USER_HOME", home.display().to_string()),
+        ],
+    );
+    assert!(
+        child.wait(Duration::from_secs(300)),
+        "the workload as uid {SHIP_UID} failed (its output is above)\n{}",
+        d.log_text()
+    );
+    let text = std::fs::read_to_string(home.join("summary")).unwrap();
+    let mut lines = text.lines();
+    let last_event = lines.next().unwrap().parse().unwrap();
+    let epochs = lines
+        .map(|l| {
+            let v: Vec<u64> = l.split(' ').map(|x| x.parse().unwrap()).collect();
+            (v[0], v[1], v[2])
+        })
+        .collect();
+    let summary = vere::Summary { last_event, epochs };
+    assert!(summary.epochs.len() >= 2, "{summary:?}");
+
+    // Every name the ship made is its own, through the mount and in the tree.
+    let owned = |root: &std::path::Path| {
+        let mut n = 0;
+        for (_, dir) in vere::epochs(root).unwrap() {
+            for e in std::fs::read_dir(&dir).unwrap() {
+                let m = std::fs::symlink_metadata(e.unwrap().path()).unwrap();
+                assert_eq!((m.uid(), m.gid()), (SHIP_UID, SHIP_UID));
+                n += 1;
+            }
+            let m = std::fs::metadata(&dir).unwrap();
+            assert_eq!((m.uid(), m.gid()), (SHIP_UID, SHIP_UID));
+        }
+        n
+    };
+    assert!(owned(&log) >= 8);
+    d.stop();
+    assert!(owned(&data.join("tree")) >= 6);
+    let d = Daemon::start(&data, &log, &[]);
+    vere::verify_workload(&log, &summary, IMAGE_BYTES).expect("verify after remount");
+    d.stop();
+}

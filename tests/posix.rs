@@ -37,7 +37,7 @@ use std::ffi::CString;
 use std::fmt;
 use std::fs::{self, File};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, FileTypeExt, MetadataExt};
 use std::os::unix::io::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -53,7 +53,7 @@ const LOCK: &str = "lock.mdb";
 /// on the mount return (ENOTCONN) and the test fails instead of hanging.
 const WATCHDOG: Duration = Duration::from_secs(240);
 
-/// The umask the tests run under (the daemon itself runs with umask 0).
+/// The umask the tests run under (the daemon's own, 077, must not reach the tree).
 const TEST_UMASK: libc::mode_t = 0o027;
 
 // ---- outcomes -------------------------------------------------------------------------
@@ -122,13 +122,17 @@ impl fmt::Debug for Bytes {
 }
 
 /// What `lstat`/`fstat` shows that must match: type, permission bits, size (not for
-/// directories, whose size is file-system specific), link count.
+/// directories, whose size is file-system specific), link count, owner and group, device
+/// number.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Attr {
     kind: char,
     perm: u32,
     size: Option<u64>,
     nlink: u64,
+    uid: u32,
+    gid: u32,
+    rdev: u64,
 }
 
 fn kind_char(ft: fs::FileType) -> char {
@@ -138,6 +142,14 @@ fn kind_char(ft: fs::FileType) -> char {
         'f'
     } else if ft.is_symlink() {
         'l'
+    } else if ft.is_fifo() {
+        'p'
+    } else if ft.is_socket() {
+        's'
+    } else if ft.is_char_device() {
+        'c'
+    } else if ft.is_block_device() {
+        'b'
     } else {
         '?'
     }
@@ -149,6 +161,9 @@ fn attr_of(m: &fs::Metadata) -> Attr {
         perm: m.mode() & 0o7777,
         size: if m.is_dir() { None } else { Some(m.len()) },
         nlink: m.nlink(),
+        uid: m.uid(),
+        gid: m.gid(),
+        rdev: m.rdev(),
     }
 }
 
@@ -279,6 +294,26 @@ enum Step {
         path: String,
         mode: u32,
     },
+    /// mknod of any type (`mode` holds it) with device number `rdev`, lstat.
+    Mknod {
+        path: String,
+        mode: u32,
+        rdev: u64,
+    },
+    /// lchown (u32::MAX keeps an id), then lstat.
+    Chown {
+        path: String,
+        uid: u32,
+        gid: u32,
+    },
+    /// `step` run by another user: a thread whose fsuid/fsgid are `uid`/`gid`, with no
+    /// supplementary groups (the kernel sends FUSE the fsuid/fsgid, and checks
+    /// permissions with them).
+    As {
+        uid: u32,
+        gid: u32,
+        step: Box<Step>,
+    },
     /// open(dir/"caf\xe9", O_CREAT|O_EXCL|O_WRONLY): a name that is not UTF-8.
     CreateNonUtf8 {
         dir: String,
@@ -385,9 +420,12 @@ impl Step {
             | Step::Statfs { path }
             | Step::UnlinkWhileOpen { path, .. }
             | Step::MknodReg { path, .. }
+            | Step::Mknod { path, .. }
+            | Step::Chown { path, .. }
             | Step::MmapRead { path, .. }
             | Step::MmapWrite { path, .. } => vec![path],
             Step::ReplaceWhileOpen { path, with, .. } => vec![path, with],
+            Step::As { step, .. } => step.paths(),
             Step::CreateNonUtf8 { dir } => vec![dir],
             Step::Rename { from, to }
             | Step::RenameNoReplace { from, to }
@@ -510,6 +548,27 @@ fn utimes(p: &str, sec: i64, nsec: i64) -> Step {
 }
 fn mknod_reg(p: &str, mode: u32) -> Step {
     Step::MknodReg { path: s(p), mode }
+}
+fn mknod(p: &str, mode: u32, rdev: u64) -> Step {
+    Step::Mknod {
+        path: s(p),
+        mode,
+        rdev,
+    }
+}
+fn chown(p: &str, uid: u32, gid: u32) -> Step {
+    Step::Chown {
+        path: s(p),
+        uid,
+        gid,
+    }
+}
+fn as_user(uid: u32, step: Step) -> Step {
+    Step::As {
+        uid,
+        gid: uid,
+        step: Box::new(step),
+    }
 }
 fn stat(p: &str) -> Step {
     Step::Stat { path: s(p) }
@@ -705,6 +764,10 @@ fn list_dir(p: &Path) -> Result<Vec<(String, char)>, Errno> {
             libc::DT_REG => 'f',
             libc::DT_DIR => 'd',
             libc::DT_LNK => 'l',
+            libc::DT_FIFO => 'p',
+            libc::DT_SOCK => 's',
+            libc::DT_CHR => 'c',
+            libc::DT_BLK => 'b',
             libc::DT_UNKNOWN => 'U',
             _ => '?',
         };
@@ -946,6 +1009,50 @@ fn exec(base: &Path, step: &Step) -> Outcome {
             // SAFETY: valid path.
             check(unsafe { libc::mknod(c.as_ptr(), libc::S_IFREG | *mode as libc::mode_t, 0) })?;
             Ok(Out::Attr(attr_of(&fs::symlink_metadata(at(path))?)))
+        }
+        Step::Mknod { path, mode, rdev } => {
+            let c = cpath(&at(path));
+            // SAFETY: valid path.
+            check(unsafe { libc::mknod(c.as_ptr(), *mode as libc::mode_t, *rdev as libc::dev_t) })?;
+            Ok(Out::Attr(attr_of(&fs::symlink_metadata(at(path))?)))
+        }
+        Step::Chown { path, uid, gid } => {
+            let c = cpath(&at(path));
+            // SAFETY: valid path; u32::MAX is -1, "unchanged".
+            check(unsafe { libc::lchown(c.as_ptr(), *uid, *gid) })?;
+            Ok(Out::Attr(attr_of(&fs::symlink_metadata(at(path))?)))
+        }
+        Step::As { uid, gid, step } => {
+            let (base, step, uid, gid) = (base.to_path_buf(), (**step).clone(), *uid, *gid);
+            // Raw syscalls: they change this thread only (glibc's wrappers would change
+            // every thread of the test), and the thread ends with the step.
+            std::thread::spawn(move || {
+                // SAFETY: plain syscalls on this thread's credentials.
+                unsafe {
+                    assert_eq!(
+                        libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                        0
+                    );
+                    libc::syscall(libc::SYS_setfsgid, gid);
+                    libc::syscall(libc::SYS_setfsuid, uid);
+                    assert_eq!(libc::syscall(libc::SYS_setfsuid, u32::MAX) as u32, uid);
+                }
+                // Were the scenario's directory out of the user's reach, every step would
+                // fail alike on both sides and compare equal, checking nothing.
+                let c = cpath(&base);
+                // SAFETY: valid path.
+                assert_eq!(
+                    unsafe {
+                        libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::X_OK, libc::AT_EACCESS)
+                    },
+                    0,
+                    "uid {uid} cannot reach {}",
+                    base.display()
+                );
+                exec(&base, &step)
+            })
+            .join()
+            .expect("step thread panicked")
         }
         Step::CreateNonUtf8 { dir } => {
             let p = at(dir).join(std::ffi::OsStr::from_bytes(b"caf\xe9"));
@@ -2236,6 +2343,10 @@ fn run_suite(tag: &str, scenarios: &[Scenario]) {
     let td = TestDir::new(tag);
     let (data, mnt, reference) = (td.join("data"), td.join("mnt"), td.join("ref"));
     fs::create_dir_all(&reference).unwrap();
+    // Other users' steps (`Step::As`) must reach both roots.
+    for dir in [td.path(), &reference] {
+        fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    }
     let watchdog = Watchdog::new(WATCHDOG);
 
     let daemon = Daemon::start(&data, &mnt, &[]);
@@ -2383,6 +2494,58 @@ fn documented_limits_answer_as_documented() {
             link(LOCK, "alias"),
             libc::EXDEV,
         ),
+        // Paths from the mount's root are capped (TREE_PATH_BYTES_MAX, 3072 bytes), so
+        // every member can apply them below its data dir within PATH_MAX.
+        (
+            "a path of 3073 bytes",
+            (1..=11)
+                .map(|i| mkdir(&deep_path(i), 0o755))
+                .chain([
+                    // 2815 + 1 + 254 = 3070 bytes, and a file at exactly 3072.
+                    mkdir(&format!("{}/{}", deep_path(11), "e".repeat(254)), 0o755),
+                    create(
+                        &format!("{}/{}/f", deep_path(11), "e".repeat(254)),
+                        true,
+                        false,
+                        0o644,
+                    ),
+                ])
+                .collect(),
+            create(
+                &format!("{}/{}/gg", deep_path(11), "e".repeat(254)),
+                true,
+                false,
+                0o644,
+            ),
+            libc::ENAMETOOLONG,
+        ),
+        // ... also for the paths below a directory that a rename would lengthen.
+        (
+            "a rename that makes a path below it 3073 bytes",
+            [mkdir("s", 0o755)]
+                .into_iter()
+                .chain((1..=11).map(|i| mkdir(&format!("s/{}", deep_path(i)), 0o755)))
+                .chain([
+                    // 2 + 2815 + 1 + 252 + 2 = 3072 bytes.
+                    mkdir(&format!("s/{}/{}", deep_path(11), "e".repeat(252)), 0o755),
+                    create(
+                        &format!("s/{}/{}/f", deep_path(11), "e".repeat(252)),
+                        true,
+                        false,
+                        0o644,
+                    ),
+                ])
+                .collect(),
+            rename("s", "ss"),
+            libc::ENAMETOOLONG,
+        ),
+        // Host-local names are LMDB's per-host files: regular files only.
+        (
+            "a FIFO named lock.mdb",
+            vec![mkdir("fifos", 0o755)],
+            mknod("fifos/lock.mdb", libc::S_IFIFO | 0o644, 0),
+            libc::EPERM,
+        ),
     ];
     for (what, setup, step, errno) in cases {
         for st in &setup {
@@ -2394,4 +2557,332 @@ fn documented_limits_answer_as_documented() {
         }
     }
     daemon.stop();
+}
+
+/// `i` nested directories whose names are 255 bytes: a path of 256 * i - 1 bytes.
+fn deep_path(i: usize) -> String {
+    (0..i)
+        .map(|j| format!("{j:02}{}", "d".repeat(253)))
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// Two unprivileged users next to root: who owns what they create, what an owner and a
+/// non-owner may do to it (chmod, chown, truncate, write, rename, unlink), sticky and
+/// set-group-ID directories. The mount's root daemon serves them (`allow_other` and
+/// `default_permissions` by default for root), and the kernel enforces the modes.
+fn multi_user_steps() -> Vec<Step> {
+    const A: u32 = 1000;
+    const B: u32 = 1001;
+    let keep = u32::MAX;
+    vec![
+        chmod("", 0o777),
+        // A file is its creator's; only the owner may chmod it; writes follow the mode.
+        as_user(A, create("a", true, false, 0o644)),
+        as_user(A, write("a", 0, 100, 1)),
+        as_user(B, write("a", 0, 10, 2)),
+        as_user(B, truncate("a", 5)),
+        as_user(B, chmod("a", 0o666)),
+        as_user(A, chmod("a", 0o666)),
+        as_user(B, write("a", 50, 100, 3)),
+        as_user(B, truncate("a", 70)),
+        as_user(B, read_all("a")),
+        // chown: never by a non-owner, never to another user, chgrp only to an own group.
+        as_user(B, chown("a", B, B)),
+        as_user(A, chown("a", B, keep)),
+        as_user(A, chown("a", keep, B)),
+        as_user(A, chown("a", keep, A)),
+        chown("a", B, B),
+        stat("a"),
+        as_user(A, chmod("a", 0o600)),
+        as_user(B, chmod("a", 0o640)),
+        // Directories, symlinks, hard links and special files are their creators' too.
+        as_user(A, mkdir("da", 0o755)),
+        as_user(B, create("da/x", true, false, 0o644)),
+        as_user(A, create("da/x", true, false, 0o644)),
+        as_user(A, symlink("x", "da/l")),
+        as_user(A, link("da/x", "da/h")),
+        as_user(A, mknod("da/p", libc::S_IFIFO | 0o640, 0)),
+        as_user(B, unlink("da/x")),
+        as_user(B, rename("da/h", "h")),
+        as_user(A, rename("da/h", "h")),
+        stat("da/l"),
+        stat("da/p"),
+        ls("da"),
+        // utimes to a given time: the owner only; "now": anyone who may write.
+        as_user(B, utimes("h", 1_000_000, 0)),
+        as_user(A, utimes("h", 1_000_000, 5)),
+        // Sticky directory: everyone creates, only owners remove or rename.
+        mkdir("t", 0o755),
+        chmod("t", 0o1777),
+        as_user(A, create("t/x", true, false, 0o666)),
+        as_user(B, create("t/y", true, false, 0o666)),
+        as_user(B, unlink("t/x")),
+        as_user(B, rename("t/x", "t/z")),
+        as_user(B, write("t/x", 0, 10, 4)),
+        as_user(A, rename("t/x", "t/z")),
+        as_user(B, unlink("t/y")),
+        as_user(A, unlink("t/z")),
+        // Set-group-ID directory: new names take its group, new directories its bit.
+        mkdir("g", 0o755),
+        chown("g", keep, 1234),
+        chmod("g", 0o2777),
+        as_user(A, create("g/f", true, false, 0o640)),
+        as_user(B, mkdir("g/sub", 0o750)),
+        stat("g/sub"),
+        // The host-local lock.mdb is its creator's as well.
+        as_user(A, create(LOCK, true, false, 0o664)),
+        as_user(B, write(LOCK, 0, 10, 5)),
+        as_user(A, write(LOCK, 0, 10, 5)),
+        ls(""),
+    ]
+}
+
+/// mknod of every file type a local directory holds. Only the nodes are replicated: a
+/// FIFO's or socket's traffic never leaves the host, and device nodes cannot be opened
+/// (the mount is `nodev`), so no I/O is compared.
+fn file_type_steps() -> Vec<Step> {
+    let dev = |major: u64, minor: u64| libc::makedev(major as u32, minor as u32);
+    vec![
+        mknod("fifo", libc::S_IFIFO | 0o644, 0),
+        mknod("sock", libc::S_IFSOCK | 0o600, 0),
+        mknod("null", libc::S_IFCHR | 0o666, dev(1, 3)),
+        mknod("loop", libc::S_IFBLK | 0o660, dev(7, 0)),
+        mknod("fifo", libc::S_IFIFO | 0o644, 0),
+        mknod("reg", libc::S_IFREG | 0o640, 0),
+        chmod("fifo", 0o600),
+        chown("null", 1000, 1000),
+        rename("fifo", "fifo2"),
+        link("sock", "sock2"),
+        stat("sock2"),
+        ls(""),
+        unlink("loop"),
+        stat("loop"),
+        ls(""),
+    ]
+}
+
+#[test]
+fn users_and_file_types_match_local_reference() {
+    run_suite(
+        "posix-users",
+        &[
+            scenario("users", multi_user_steps()),
+            scenario("types", file_type_steps()),
+        ],
+    );
+}
+
+/// Everything the daemon makes for itself under DATA_DIR is private (0600 files, 0700
+/// directories) while the tree's files keep the modes their callers asked for; a data
+/// dir with looser modes (an earlier release's) is tightened at start, and the daemon
+/// logs what it changed.
+#[test]
+fn data_dir_is_private_file_by_file() {
+    // SAFETY: umask has no preconditions; every test of this file uses the same one.
+    unsafe { libc::umask(TEST_UMASK) };
+    let td = TestDir::new("posix-private");
+    let (data, mnt) = (td.join("data"), td.join("mnt"));
+    // Checkpoints every 16 entries and no log kept below them: `raft/purged` is written.
+    let args = ["--checkpoint-entries", "16", "--log-keep-entries", "0"];
+    let daemon = Daemon::start(&data, &mnt, &args);
+    exec(&mnt, &touch("log")).unwrap();
+    for i in 0..40 {
+        exec(&mnt, &pwrite_fsync("log", i * 100, 100, i)).unwrap();
+    }
+    for st in [
+        mkdir("0i0", 0o775),
+        create("0i0/data.mdb", true, false, 0o664),
+        write("0i0/data.mdb", 0, 5000, 1),
+        create("0i0/lock.mdb", true, false, 0o664),
+        symlink("0i0", "cur"),
+        mkdir("open", 0o755),
+        chmod("open", 0o777),
+    ] {
+        exec(&mnt, &st).unwrap_or_else(|e| panic!("{st:?}: {e:?}\n{}", daemon.log_text()));
+    }
+    exec(&mnt, &fsync_dir("")).expect("fsyncdir");
+    // A clean stop (SIGTERM, handled like Ctrl-C's SIGINT) has nothing to warn about.
+    let log = daemon.stop();
+    assert!(
+        !log.contains(" WARN "),
+        "a clean stop logged a warning:\n{log}"
+    );
+
+    // The caller's modes, under the test's umask 027.
+    let perm = |p: &Path| fs::symlink_metadata(p).unwrap().mode() & 0o7777;
+    assert_eq!(perm(&data.join("tree")), 0o755, "the mount's root");
+    assert_eq!(perm(&data.join("tree/0i0")), 0o750);
+    assert_eq!(perm(&data.join("tree/0i0/data.mdb")), 0o640);
+    assert_eq!(perm(&data.join("tree/open")), 0o777);
+    assert_eq!(perm(&data.join("local/0i0/lock.mdb")), 0o640);
+    let check_private = |what: &str| {
+        let own = daemons_own_files(&data);
+        assert!(own.len() >= 8, "{what}: too few files found: {own:?}");
+        for (rel, kind, mode) in &own {
+            let want = if *kind == 'd' { 0o700 } else { 0o600 };
+            assert_eq!(*mode, want, "{what}: DATA_DIR/{rel} ({kind}) is {mode:04o}");
+        }
+        own
+    };
+    assert_eq!(perm(&data), 0o700, "the data dir itself");
+    let own = check_private("after a first run");
+    for must in [
+        "identity",
+        "lock",
+        "applied",
+        "raft",
+        "raft/vote",
+        "raft/purged",
+        "snapshots",
+        "local",
+        "tree.staging",
+        "admin.sock",
+    ] {
+        assert!(
+            own.iter().any(|(rel, _, _)| rel == must),
+            "DATA_DIR/{must} missing from {own:?}"
+        );
+    }
+    assert!(
+        own.iter().any(|(rel, _, _)| rel.ends_with(".seg")),
+        "{own:?}"
+    );
+
+    // An earlier release's data dir: loose modes everywhere, and a background daemon's
+    // log file made readable by all.
+    fs::write(data.join("seguro-fs.log"), b"an earlier run\n").unwrap();
+    fs::set_permissions(
+        data.join("seguro-fs.log"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let loosen = [
+        (".", 0o755),
+        ("raft", 0o777),
+        ("raft/vote", 0o666),
+        ("applied", 0o644),
+    ];
+    for (rel, mode) in loosen {
+        fs::set_permissions(
+            data.join(rel),
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .unwrap();
+    }
+    let daemon = Daemon::start(&data, &mnt, &args);
+    let log = daemon.stop();
+    assert!(
+        log.contains("raft/vote 0666->0600")
+            && log.contains(". 0755->0700")
+            && log.contains("seguro-fs.log 0644->0600"),
+        "the daemon must log what it tightened:\n{log}"
+    );
+    assert_eq!(
+        log.matches("made them private").count(),
+        1,
+        "logged once:\n{log}"
+    );
+    check_private("after tightening");
+    assert_eq!(perm(&data), 0o700);
+    assert_eq!(
+        perm(&data.join("tree/open")),
+        0o777,
+        "callers' modes untouched"
+    );
+    assert_eq!(perm(&data.join("local/0i0/lock.mdb")), 0o640);
+}
+
+/// Every file and directory under `data` that the daemon owns (not the tree's or the
+/// host-local files, which are the callers'): (relative path, 'd' or 'f', mode).
+fn daemons_own_files(data: &Path) -> Vec<(String, char, u32)> {
+    let mut out = Vec::new();
+    let mut stack = vec![String::new()];
+    while let Some(rel) = stack.pop() {
+        for e in fs::read_dir(data.join(&rel)).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let r = jp(&rel, &name);
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            if rel.is_empty() && name == "tree" {
+                continue;
+            }
+            if m.is_dir() {
+                out.push((r.clone(), 'd', m.mode() & 0o7777));
+                // local/ mirrors the tree's directories; its files are the callers'.
+                if r != "local" {
+                    stack.push(r);
+                }
+            } else {
+                out.push((r, 'f', m.mode() & 0o7777));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// mtime and ctime after a write, a truncate, an ftruncate and an O_TRUNC open: right
+/// after the call they are the moment of the call (not the old times, nor a later apply
+/// time), and they stay so once the change is applied and cached attributes expire —
+/// checked on a local directory and on the mount alike.
+#[test]
+fn times_after_write_and_truncate_show_at_once_and_stay() {
+    // SAFETY: umask has no preconditions; every test of this file uses the same one.
+    unsafe { libc::umask(TEST_UMASK) };
+    let td = TestDir::new("posix-times");
+    let (data, mnt, reference) = (td.join("data"), td.join("mnt"), td.join("ref"));
+    fs::create_dir_all(&reference).unwrap();
+    let daemon = Daemon::start(&data, &mnt, &[]);
+    let times = |p: &Path| {
+        let m = fs::metadata(p).unwrap();
+        (
+            Duration::new(m.mtime() as u64, m.mtime_nsec() as u32),
+            Duration::new(m.ctime() as u64, m.ctime_nsec() as u32),
+        )
+    };
+    let changes: Vec<(&str, Step)> = vec![
+        ("write", write("f", 10, 100, 1)),
+        ("truncate", truncate("f", 30)),
+        ("ftruncate", ftruncate("f", 5)),
+        ("O_TRUNC open", open("f", libc::O_WRONLY | libc::O_TRUNC)),
+    ];
+    let mut problems = Vec::new();
+    for (what, step) in &changes {
+        for root in [&reference, &mnt] {
+            // An old file with some bytes, settled (applied, attributes cached).
+            exec(root, &create("f", false, false, 0o644)).unwrap();
+            exec(root, &write("f", 0, 50, 2)).unwrap();
+            exec(root, &utimes("f", 1_000_000, 0)).unwrap();
+            exec(root, &fsync("f")).unwrap();
+            let before = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap();
+            exec(root, step).unwrap_or_else(|e| panic!("{what}: {e:?}"));
+            let at_once = times(&root.join("f"));
+            exec(root, &fsync("f")).unwrap();
+            // Past the kernel's attribute cache (1 s) and the apply.
+            std::thread::sleep(Duration::from_millis(1500));
+            let later = times(&root.join("f"));
+            // Coarse file-system clocks may stamp up to a tick before `before`.
+            let slack = Duration::from_millis(20);
+            for (name, t) in [("mtime", at_once.0), ("ctime", at_once.1)] {
+                if t + slack < before || t > before + Duration::from_secs(1) {
+                    problems.push(format!(
+                        "{what} on {}: {name} right after is {t:?}, the call was at {before:?}",
+                        root.display()
+                    ));
+                }
+            }
+            if later != at_once {
+                problems.push(format!(
+                    "{what} on {}: times right after {at_once:?}, 1.5 s later {later:?}",
+                    root.display()
+                ));
+            }
+            exec(root, &unlink("f")).unwrap();
+        }
+    }
+    daemon.stop();
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }

@@ -46,7 +46,7 @@ use tokio::sync::{oneshot, watch, Notify};
 use crate::config::Limits;
 use crate::diskfull::SpaceGate;
 use crate::metrics::{FsyncOutcome, Registry};
-use crate::op::{Op, Timespec};
+use crate::op::{NodeKind, Op, Owner, Timespec};
 use crate::replication::log_store::FlushState;
 use crate::replication::role::{LeadershipHooks, Role};
 use crate::replication::state_machine::ApplyObserver;
@@ -110,6 +110,11 @@ pub struct Fs {
     invalidator: Invalidator,
     /// Free space on the data dir, for refusing new bytes before the disk is full.
     space: SpaceGate,
+    /// When this leader last accepted a write or truncate of each inode: its mtime and
+    /// ctime as callers see them at once. The mtime is replicated with the data (a
+    /// stamp), so the tree catches up with it; ctime cannot be set, so it is shown from
+    /// here until an attribute change (or the end of this run) replaces it with the tree's.
+    stamps: Mutex<HashMap<u64, Timespec>>,
 }
 
 /// What `Fs::new` needs from the replication side.
@@ -213,6 +218,7 @@ impl Fs {
             space,
             registry: p.registry,
             invalidator: Invalidator::default(),
+            stamps: Mutex::default(),
         })
     }
 
@@ -308,6 +314,9 @@ impl Fs {
             return Err(Errno(libc::ENAMETOOLONG));
         }
         let dir = self.dir_path(parent)?;
+        if dir.len() + 1 + name.len() > crate::config::TREE_PATH_BYTES_MAX {
+            return Err(Errno(libc::ENAMETOOLONG));
+        }
         let area = if self.is_local_name(OsStr::new(name)) {
             Area::Local
         } else {
@@ -334,7 +343,12 @@ impl Fs {
         } else {
             m.len()
         };
-        Ok((attr_from(ino, &m, size), m))
+        let mut attr = attr_from(ino, &m, size);
+        if let Some(t) = self.stamps.lock().expect("stamps mutex poisoned").get(&ino) {
+            let t = system_time(t.sec, i64::from(t.nsec));
+            (attr.mtime, attr.ctime) = (t, t);
+        }
+        Ok((attr, m))
     }
 
     /// Register `path` (which must exist) and return its attributes.
@@ -551,8 +565,14 @@ impl Fs {
         }
     }
 
-    /// Accept data ops for `ino` at `path` into the open batch and the overlay.
+    /// Accept data ops for `ino` at `path` into the open batch and the overlay; from now
+    /// on the file shows this moment as its mtime and ctime, as a local file system would.
     fn accept_data(&self, ino: u64, ops: Vec<(Op, PieceKind)>) {
+        let now = to_timespec(SystemTime::now());
+        self.stamps
+            .lock()
+            .expect("stamps mutex poisoned")
+            .insert(ino, now);
         let mut p = self.pending.lock().expect("pending mutex poisoned");
         // Lock order: pending, then overlay (the proposer never holds both; the state
         // machine holds only the overlay). Pieces must enter the overlay under the pending
@@ -560,7 +580,7 @@ impl Fs {
         // be dropped.
         let mut o = self.overlay.lock().expect("overlay mutex poisoned");
         for (op, kind) in ops {
-            let seq = p.push_data(op);
+            let seq = p.push_data_stamped(op, now);
             o.push(ino, Piece { seq, kind });
         }
         drop(o);
@@ -674,6 +694,12 @@ impl Fs {
                 atime,
                 mtime,
             })?;
+            // The tree's times are right now: this change set its ctime (and any time
+            // asked for), after every stamp accepted before it.
+            self.stamps
+                .lock()
+                .expect("stamps mutex poisoned")
+                .remove(&ino);
         }
         self.getattr(ino)
     }
@@ -908,7 +934,7 @@ impl Fs {
         Ok(st)
     }
 
-    fn create_local(&self, path: &str, mode: u32, excl: bool) -> FsResult<()> {
+    fn create_local(&self, path: &str, mode: u32, excl: bool, owner: Owner) -> FsResult<()> {
         let p = self.abs(Area::Local, path);
         if let Some(parent) = p.parent() {
             // The local mirror of a tree directory is made on demand, only if the tree
@@ -925,7 +951,18 @@ impl Fs {
         } else {
             o.create(true);
         }
-        o.open(&p)?;
+        // Whether the open made the file: only a new file takes the caller's mode and ids.
+        let existed = p.exists();
+        let f = o.open(&p)?;
+        if !existed {
+            // The daemon's umask (077) must not narrow what the caller asked for, and the
+            // file is the caller's (LMDB run by another user opens lock.mdb again).
+            // SAFETY: geteuid has no preconditions.
+            if unsafe { libc::geteuid() } == 0 {
+                std::os::unix::fs::fchown(&f, Some(owner.uid), Some(owner.gid))?;
+            }
+            f.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(mode))?;
+        }
         Ok(())
     }
 
@@ -935,17 +972,21 @@ impl Fs {
         name: &OsStr,
         mode: u32,
         flags: i32,
+        owner: Owner,
     ) -> FsResult<(FileAttr, u64)> {
         let (area, path) = self.child(parent, name)?;
         let excl = flags & libc::O_EXCL != 0;
         let attr = {
             let _ns = self.ns_lock.write().expect("ns lock poisoned");
             match area {
-                Area::Local => self.create_local(&path, mode & 0o7777, excl)?,
-                Area::Tree => self.propose_and_wait(Op::Create {
+                Area::Local => self.create_local(&path, mode & 0o7777, excl, owner)?,
+                Area::Tree => self.propose_and_wait(Op::Make {
                     path: path.clone(),
-                    mode: mode & 0o7777,
-                    excl,
+                    kind: NodeKind::File {
+                        mode: mode & 0o7777,
+                        excl,
+                    },
+                    owner,
                 })?,
             }
             self.entry(area, &path)?
@@ -962,33 +1003,55 @@ impl Fs {
         Ok((self.getattr(ino)?, fh))
     }
 
-    pub fn mknod(&self, parent: u64, name: &OsStr, mode: u32) -> FsResult<FileAttr> {
-        if mode & libc::S_IFMT != libc::S_IFREG {
-            // Device nodes, FIFOs and sockets have no place in an event log.
-            return Err(Errno(libc::EPERM));
-        }
+    /// mknod: a regular file as an exclusive create; a FIFO, socket or device node as a
+    /// node in the tree (what passes through it is never replicated: the kernel serves
+    /// FIFOs and sockets itself, and the mount is `nodev`).
+    pub fn mknod(
+        &self,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        rdev: u32,
+        owner: Owner,
+    ) -> FsResult<FileAttr> {
         let (area, path) = self.child(parent, name)?;
         let _ns = self.ns_lock.write().expect("ns lock poisoned");
+        let regular = mode & libc::S_IFMT == libc::S_IFREG;
         match area {
-            Area::Local => self.create_local(&path, mode & 0o7777, true)?,
-            Area::Tree => self.propose_and_wait(Op::Create {
+            Area::Local if regular => self.create_local(&path, mode & 0o7777, true, owner)?,
+            // Host-local names are files LMDB shares per host; nothing else belongs there.
+            Area::Local => return Err(Errno(libc::EPERM)),
+            Area::Tree => self.propose_and_wait(Op::Make {
                 path: path.clone(),
-                mode: mode & 0o7777,
-                excl: true,
+                kind: if regular {
+                    NodeKind::File {
+                        mode: mode & 0o7777,
+                        excl: true,
+                    }
+                } else {
+                    NodeKind::Special {
+                        mode: mode & (libc::S_IFMT | 0o7777),
+                        rdev: u64::from(rdev),
+                    }
+                },
+                owner,
             })?,
         }
         self.entry(area, &path)
     }
 
-    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32) -> FsResult<FileAttr> {
+    pub fn mkdir(&self, parent: u64, name: &OsStr, mode: u32, owner: Owner) -> FsResult<FileAttr> {
         let (area, path) = self.child(parent, name)?;
         if area == Area::Local {
             return Err(Errno(libc::EPERM));
         }
         let _ns = self.ns_lock.write().expect("ns lock poisoned");
-        self.propose_and_wait(Op::Mkdir {
+        self.propose_and_wait(Op::Make {
             path: path.clone(),
-            mode: mode & 0o7777,
+            kind: NodeKind::Dir {
+                mode: mode & 0o7777,
+            },
+            owner,
         })?;
         self.entry(Area::Tree, &path)
     }
@@ -1066,6 +1129,13 @@ impl Fs {
                 fs::rename(self.abs(area, &from), self.abs(area, &to))?;
             }
             Area::Tree => {
+                // Paths below a directory move with it: none may outgrow the cap.
+                if to.len() > from.len() {
+                    let below = longest_below(&self.abs(Area::Tree, &from))?;
+                    if to.len() + below > crate::config::TREE_PATH_BYTES_MAX {
+                        return Err(Errno(libc::ENAMETOOLONG));
+                    }
+                }
                 // A directory still holding a host-local file is not empty, so it cannot
                 // be replaced.
                 if let Ok(mut it) = fs::read_dir(self.abs(Area::Local, &to)) {
@@ -1122,6 +1192,7 @@ impl Fs {
         parent: u64,
         name: &OsStr,
         target: &std::path::Path,
+        owner: Owner,
     ) -> FsResult<FileAttr> {
         let (area, path) = self.child(parent, name)?;
         if area == Area::Local {
@@ -1129,9 +1200,10 @@ impl Fs {
         }
         let target = target.to_str().ok_or(Errno(libc::EINVAL))?.to_string();
         let _ns = self.ns_lock.write().expect("ns lock poisoned");
-        self.propose_and_wait(Op::Symlink {
-            target,
+        self.propose_and_wait(Op::Make {
             path: path.clone(),
+            kind: NodeKind::Symlink { target },
+            owner,
         })?;
         self.entry(area, &path)
     }
@@ -1169,7 +1241,12 @@ impl Fs {
             o.pieces(ino),
         );
         if end > size {
-            let seq = p.push_data(Op::Truncate { path, size: end });
+            let now = to_timespec(SystemTime::now());
+            self.stamps
+                .lock()
+                .expect("stamps mutex poisoned")
+                .insert(ino, now);
+            let seq = p.push_data_stamped(Op::Truncate { path, size: end }, now);
             o.push(
                 ino,
                 Piece {
@@ -1183,6 +1260,29 @@ impl Fs {
         }
         Ok(())
     }
+}
+
+/// The longest relative path below `dir`, counting its leading '/' (0 when `dir` is not a
+/// directory or is empty). Walks the subtree: only a directory rename to a longer name
+/// needs it.
+fn longest_below(dir: &std::path::Path) -> io::Result<usize> {
+    let mut longest = 0;
+    // Never through a symlink: its target's paths do not move.
+    if !fs::symlink_metadata(dir)?.is_dir() {
+        return Ok(0);
+    }
+    let mut stack = vec![(dir.to_path_buf(), 0usize)];
+    while let Some((d, depth_bytes)) = stack.pop() {
+        for e in fs::read_dir(&d)? {
+            let e = e?;
+            let bytes = depth_bytes + 1 + e.file_name().len();
+            longest = longest.max(bytes);
+            if e.file_type()?.is_dir() {
+                stack.push((e.path(), bytes));
+            }
+        }
+    }
+    Ok(longest)
 }
 
 /// Parent directory of a relative path.
@@ -1280,14 +1380,22 @@ impl ApplyObserver for Fs {
                         inv.inodes.push((ino, *offset as i64, data.len() as i64));
                     }
                 }
-                Op::Truncate { path, .. } | Op::SetAttr { path, .. } => {
+                Op::Truncate { path, .. } => {
                     if let Some(ino) = inodes.find(Area::Tree, path) {
                         inv.inodes.push((ino, 0, 0));
+                    }
+                }
+                // Attributes only (a negative offset): a stamp follows every run of
+                // writes, and must not drop the pages LMDB readers have cached.
+                Op::SetAttr { path, .. } => {
+                    if let Some(ino) = inodes.find(Area::Tree, path) {
+                        inv.inodes.push((ino, -1, 0));
                     }
                 }
                 Op::Create { path, .. }
                 | Op::Mkdir { path, .. }
                 | Op::Symlink { path, .. }
+                | Op::Make { path, .. }
                 | Op::Link { to: path, .. } => self.name_entry(&inodes, path, &mut inv),
                 Op::Unlink { path } | Op::Rmdir { path } => {
                     self.name_entry(&inodes, path, &mut inv);
@@ -1315,6 +1423,7 @@ impl LeadershipHooks for Fs {
         // None of this was acknowledged: fsyncs covering it fail (generation changed).
         self.pending.lock().expect("pending mutex poisoned").clear();
         self.overlay.lock().expect("overlay mutex poisoned").clear();
+        self.stamps.lock().expect("stamps mutex poisoned").clear();
         // The page cache may hold those unacknowledged writes: drop it, so reads come
         // from the committed tree.
         self.invalidate_all();

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use tokio::sync::oneshot;
 
-use crate::op::{Batch, Op};
+use crate::op::{Batch, Op, Timespec};
 
 /// Room reserved in an entry for the batch's own framing.
 const BATCH_OVERHEAD_BYTES: usize = 256;
@@ -30,6 +30,15 @@ pub struct Pending {
     /// Seq of the open batch (the next one to be sealed).
     open_seq: u64,
     sealed: VecDeque<Sealed>,
+}
+
+/// Whether `op` is a stamp (see [`Pending::push_data_stamped`]) of `path`.
+fn is_stamp_of(op: &Op, path: &str) -> bool {
+    matches!(
+        op,
+        Op::SetAttr { path: p, mode: None, uid: None, gid: None, atime: None, mtime: Some(_) }
+            if p == path
+    )
 }
 
 /// Split a write into ops that each fit an entry.
@@ -86,6 +95,35 @@ impl Pending {
         if self.open_bytes + BATCH_OVERHEAD_BYTES >= self.entry_bytes_max {
             self.seal();
         }
+        seq
+    }
+
+    /// Add a data op on one path, followed by the mtime its caller saw as a replicated
+    /// utimensat (a *stamp*), so every member's file gets the time the leader showed at
+    /// once rather than its own apply time. A stamp of the same path that ends the open
+    /// batch moves behind this op: a run of writes to one file carries one stamp.
+    pub fn push_data_stamped(&mut self, op: Op, mtime: Timespec) -> u64 {
+        let path = match &op {
+            Op::Write { path, .. } | Op::Truncate { path, .. } => path.clone(),
+            other => unreachable!("only writes and truncates are stamped, not {other:?}"),
+        };
+        if self
+            .open
+            .last()
+            .is_some_and(|last| is_stamp_of(last, &path))
+        {
+            let stamp = self.open.pop().expect("just looked at it");
+            self.open_bytes -= stamp.encoded_bytes_estimate();
+        }
+        let seq = self.push_data(op);
+        self.push_data(Op::SetAttr {
+            path,
+            mode: None,
+            uid: None,
+            gid: None,
+            atime: None,
+            mtime: Some(mtime),
+        });
         seq
     }
 
@@ -238,5 +276,31 @@ mod tests {
             .collect();
         assert_eq!(order, vec![1, 2]);
         assert_eq!(p.last_seq(), 3);
+    }
+
+    #[test]
+    fn a_run_of_writes_to_one_file_carries_one_stamp_at_its_end() {
+        let mut p = Pending::new(1, 1 << 20);
+        let t = |sec| Timespec { sec, nsec: 0 };
+        let write = |path: &str| Op::Write {
+            path: path.into(),
+            offset: 0,
+            data: vec![1; 10],
+        };
+        p.push_data_stamped(write("a"), t(1));
+        p.push_data_stamped(write("a"), t(2));
+        p.push_data_stamped(write("b"), t(3));
+        p.push_data_stamped(write("a"), t(4));
+        p.seal();
+        let ops = p.take_sealed().unwrap().batch.ops;
+        let shown: Vec<String> = ops
+            .iter()
+            .map(|op| match op {
+                Op::Write { path, .. } => format!("w{path}"),
+                Op::SetAttr { path, mtime, .. } => format!("t{path}{}", mtime.unwrap().sec),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(shown, ["wa", "wa", "ta2", "wb", "tb3", "wa", "ta4"]);
     }
 }

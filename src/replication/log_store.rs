@@ -347,7 +347,11 @@ impl Inner {
                     // The end of the log: what follows is pre-zeroed space, or an append
                     // that was never reported flushed (torn, or pages persisted out of
                     // order). Cut it, so stale bytes can never read as a continuation.
-                    tracing::info!(segment = %path.display(), offset, bytes = len - offset, "log ends here; dropping the tail after it");
+                    if zeros_from(&file, offset, len)? {
+                        tracing::info!(segment = %path.display(), offset, bytes = len - offset, "log ends here; cutting the pre-zeroed space after it (it holds no data)");
+                    } else {
+                        tracing::info!(segment = %path.display(), offset, bytes = len - offset, "log ends here; cutting a torn append after it, which was never reported flushed, so no fsync ever acknowledged it");
+                    }
                     file.set_len(offset)?;
                     fdatasync(&file)?;
                 } else if !zeros_from(&file, offset, len)? {

@@ -3,13 +3,16 @@
 //! An image is a stream, written and read in bounded buffers whatever the tree's size:
 //!
 //! ```text
-//! "SEGSNAP1"  root mode u32
-//! record*  tag 1 dir:     path, mode, mtime
-//!          tag 2 file:    path, mode, mtime, size u64, then size bytes
-//!          tag 3 symlink: path, target
+//! "SEGSNAP2"  root mode u32, owner
+//! record*  tag 1 dir:     path, mode, owner, mtime
+//!          tag 2 file:    path, mode, owner, mtime, size u64, then size bytes
+//!          tag 3 symlink: path, target, owner
+//!          tag 4 special: path, st_mode u32 (type too), rdev u64, owner, mtime
 //! tag 0    blake3 of every byte before this tag
 //! ```
-//! (strings are u32 length + bytes; mtime is i64 seconds + u32 nanoseconds.)
+//! (strings are u32 length + bytes; owner is uid u32 + gid u32; mtime is i64 seconds +
+//! u32 nanoseconds.) An image of the previous format, "SEGSNAP1", has no owners and no
+//! tag 4, and still unpacks (its files keep the unpacking daemon's ids).
 //!
 //! Installing writes the image into `tree.new/`, checks the digest, syncs it, and swaps it
 //! in through `install.pending` so that a crash at any step either keeps the old tree or
@@ -29,7 +32,8 @@ use std::time::Duration;
 use super::checkpoint::{Checkpoint, CheckpointFile};
 use crate::sync::{fdatasync, fsync_dir};
 
-const MAGIC: &[u8; 8] = b"SEGSNAP1";
+const MAGIC: &[u8; 8] = b"SEGSNAP2";
+const MAGIC_V1: &[u8; 8] = b"SEGSNAP1";
 const BUF_BYTES: usize = 1 << 20;
 const PATH_BYTES_MAX: u32 = 4096;
 
@@ -65,6 +69,11 @@ impl<R: Read> Read for HashReader<R> {
 fn put_str(w: &mut impl Write, s: &[u8]) -> io::Result<()> {
     w.write_all(&(s.len() as u32).to_le_bytes())?;
     w.write_all(s)
+}
+
+fn put_owner(w: &mut impl Write, m: &fs::Metadata) -> io::Result<()> {
+    w.write_all(&m.uid().to_le_bytes())?;
+    w.write_all(&m.gid().to_le_bytes())
 }
 
 fn bad(why: impl Into<String>) -> io::Error {
@@ -115,15 +124,17 @@ fn walk(
 /// sender asks for the snapshot's length before reading it, and the image is still being
 /// written then.
 pub fn image_len(root: &Path) -> io::Result<u64> {
-    let mut len = 8 + 4 + 1 + 32; // magic, root mode, end tag, digest
+    let mut len = 8 + 4 + 8 + 1 + 32; // magic, root mode and owner, end tag, digest
     walk(root, |rel, m| {
         let path_bytes = 4 + rel.len() as u64;
         if m.is_dir() {
-            len += 1 + path_bytes + 4 + 12;
+            len += 1 + path_bytes + 4 + 8 + 12;
         } else if m.file_type().is_symlink() {
-            len += 1 + path_bytes + 4 + fs::read_link(root.join(rel))?.as_os_str().len() as u64;
+            len += 1 + path_bytes + 4 + fs::read_link(root.join(rel))?.as_os_str().len() as u64 + 8;
         } else if m.is_file() {
-            len += 1 + path_bytes + 4 + 12 + 8 + m.len();
+            len += 1 + path_bytes + 4 + 8 + 12 + 8 + m.len();
+        } else {
+            len += 1 + path_bytes + 4 + 8 + 8 + 12;
         }
         Ok(())
     })?;
@@ -137,7 +148,9 @@ pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
         hash: blake3::Hasher::new(),
     };
     w.write_all(MAGIC)?;
-    w.write_all(&(fs::metadata(root)?.mode() & 0o7777).to_le_bytes())?;
+    let root_meta = fs::metadata(root)?;
+    w.write_all(&(root_meta.mode() & 0o7777).to_le_bytes())?;
+    put_owner(&mut w, &root_meta)?;
     let mut buf = vec![0u8; BUF_BYTES];
     walk(root, |rel, m| {
         let p = root.join(rel);
@@ -149,16 +162,26 @@ pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
             w.write_all(&[1])?;
             put_str(&mut w, rel.as_bytes())?;
             w.write_all(&(m.mode() & 0o7777).to_le_bytes())?;
+            put_owner(&mut w, m)?;
             mtime(&mut w)?;
         } else if m.file_type().is_symlink() {
             w.write_all(&[3])?;
             put_str(&mut w, rel.as_bytes())?;
             let target = fs::read_link(&p)?;
             put_str(&mut w, target.as_os_str().as_encoded_bytes())?;
-        } else if m.is_file() {
+            put_owner(&mut w, m)?;
+        } else if !m.is_file() {
+            w.write_all(&[4])?;
+            put_str(&mut w, rel.as_bytes())?;
+            w.write_all(&m.mode().to_le_bytes())?;
+            w.write_all(&m.rdev().to_le_bytes())?;
+            put_owner(&mut w, m)?;
+            mtime(&mut w)?;
+        } else {
             w.write_all(&[2])?;
             put_str(&mut w, rel.as_bytes())?;
             w.write_all(&(m.mode() & 0o7777).to_le_bytes())?;
+            put_owner(&mut w, m)?;
             mtime(&mut w)?;
             let mut src = File::open(&p)?;
             let size = m.len();
@@ -213,7 +236,10 @@ pub fn tree_digest(root: &Path) -> io::Result<[u8; 32]> {
                 left -= n as u64;
             }
         } else {
+            // FIFOs, sockets, device nodes: their type and device number.
             h.update(b"o");
+            h.update(&(m.mode() & libc::S_IFMT).to_le_bytes());
+            h.update(&m.rdev().to_le_bytes());
         }
         Ok(())
     })?;
@@ -278,6 +304,15 @@ fn set_mtime(p: &Path, sec: i64, nsec: u32) -> io::Result<()> {
     Ok(())
 }
 
+/// Give `p` (not following a symlink) the ids an image recorded, if any. Before any
+/// chmod: a chown clears set-id bits.
+fn set_owner(p: &Path, ids: Option<(u32, u32)>) -> io::Result<()> {
+    match ids {
+        Some((uid, gid)) => std::os::unix::fs::lchown(p, Some(uid), Some(gid)),
+        None => Ok(()),
+    }
+}
+
 /// Unpack `image` into the empty directory `dest`, verifying the digest; everything is
 /// synced when this returns Ok.
 pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
@@ -287,10 +322,23 @@ pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
     };
     let mut magic = [0u8; 8];
     r.read_exact(&mut magic)?;
-    if &magic != MAGIC {
-        return Err(bad("bad magic"));
-    }
+    let v1 = match &magic {
+        MAGIC => false,
+        MAGIC_V1 => true,
+        _ => return Err(bad("bad magic")),
+    };
+    // Owners are only given when this daemon may give files away (root); an image of
+    // the previous format has none.
+    let owner = |r: &mut HashReader<_>| -> io::Result<Option<(u32, u32)>> {
+        if v1 {
+            return Ok(None);
+        }
+        let ids = (read_u32(r)?, read_u32(r)?);
+        // SAFETY: geteuid has no preconditions.
+        Ok((unsafe { libc::geteuid() } == 0).then_some(ids))
+    };
     let root_mode = read_u32(&mut r)?;
+    set_owner(dest, owner(&mut r)?)?;
     fs::set_permissions(dest, fs::Permissions::from_mode(root_mode))?;
     let mut buf = vec![0u8; BUF_BYTES];
     let mut dirs: Vec<(PathBuf, i64, u32)> = vec![];
@@ -303,10 +351,12 @@ pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
             1 => {
                 let rel = read_str(&mut r)?;
                 let mode = read_u32(&mut r)?;
+                let ids = owner(&mut r)?;
                 let sec = read_u64(&mut r)? as i64;
                 let nsec = read_u32(&mut r)?;
                 let p = dest.join(&rel);
                 fs::create_dir(&p)?;
+                set_owner(&p, ids)?;
                 fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
                 dirs.push((p.clone(), sec, nsec));
                 synced_dirs.push(p);
@@ -314,6 +364,7 @@ pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
             2 => {
                 let rel = read_str(&mut r)?;
                 let mode = read_u32(&mut r)?;
+                let ids = owner(&mut r)?;
                 let sec = read_u64(&mut r)? as i64;
                 let nsec = read_u32(&mut r)?;
                 let size = read_u64(&mut r)?;
@@ -330,6 +381,7 @@ pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
                     f.write_all(&buf[..n])?;
                     left -= n as u64;
                 }
+                set_owner(&p, ids)?;
                 fs::set_permissions(&p, fs::Permissions::from_mode(mode))?;
                 fdatasync(&f)?;
                 drop(f);
@@ -344,7 +396,34 @@ pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
                 let mut t = vec![0u8; n as usize];
                 r.read_exact(&mut t)?;
                 let target = String::from_utf8(t).map_err(|_| bad("non-UTF-8 symlink target"))?;
-                std::os::unix::fs::symlink(target, dest.join(rel))?;
+                let p = dest.join(rel);
+                std::os::unix::fs::symlink(target, &p)?;
+                set_owner(&p, owner(&mut r)?)?;
+            }
+            4 if !v1 => {
+                let rel = read_str(&mut r)?;
+                let mode = read_u32(&mut r)?;
+                let rdev = read_u64(&mut r)?;
+                let ids = owner(&mut r)?;
+                let sec = read_u64(&mut r)? as i64;
+                let nsec = read_u32(&mut r)?;
+                let kind = mode & libc::S_IFMT;
+                if !matches!(
+                    kind,
+                    libc::S_IFIFO | libc::S_IFSOCK | libc::S_IFCHR | libc::S_IFBLK
+                ) {
+                    return Err(bad(format!("special record of type {kind:#o}")));
+                }
+                let p = dest.join(&rel);
+                let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+                    .map_err(|_| bad("nul in path"))?;
+                // SAFETY: a valid path; the type is one mknod makes.
+                if unsafe { libc::mknod(c.as_ptr(), kind | 0o600, rdev as libc::dev_t) } != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                set_owner(&p, ids)?;
+                fs::set_permissions(&p, fs::Permissions::from_mode(mode & 0o7777))?;
+                set_mtime(&p, sec, nsec)?;
             }
             t => return Err(bad(format!("unknown record tag {t}"))),
         }
@@ -573,8 +652,10 @@ mod tests {
                             .into_bytes(),
                         0,
                     ));
-                } else {
+                } else if m.is_file() {
                     out.push((rel, fs::read(e.path()).unwrap(), m.mode() & 0o7777));
+                } else {
+                    out.push((rel, m.rdev().to_le_bytes().to_vec(), m.mode()));
                 }
             }
         }
@@ -593,6 +674,15 @@ mod tests {
         fs::write(src.join("empty"), b"").unwrap();
         fs::set_permissions(src.join("empty"), fs::Permissions::from_mode(0o600)).unwrap();
         std::os::unix::fs::symlink("0i0/epoc.txt", src.join("link")).unwrap();
+        let fifo =
+            std::ffi::CString::new(src.join("0i0/fifo").as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a valid path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o640) }, 0);
+        let am_root = unsafe { libc::geteuid() } == 0;
+        if am_root {
+            std::os::unix::fs::lchown(src.join("empty"), Some(1234), Some(5678)).unwrap();
+            std::os::unix::fs::lchown(src.join("link"), Some(4321), Some(8765)).unwrap();
+        }
 
         // A reader of a growing image sees every byte, waiting at the end until the
         // writer is done.
@@ -636,6 +726,18 @@ mod tests {
         assert_eq!(digest_dir(&src), digest_dir(&dst));
         let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o7777;
         assert_eq!(mode(&dst), mode(&src), "the tree root's mode travels too");
+        if am_root {
+            let ids = |p: &Path| {
+                let m = fs::symlink_metadata(p).unwrap();
+                (m.uid(), m.gid())
+            };
+            assert_eq!(ids(&dst.join("empty")), (1234, 5678), "owners travel");
+            assert_eq!(
+                ids(&dst.join("link")),
+                (4321, 8765),
+                "a symlink's owner too"
+            );
+        }
 
         // A flipped byte or a truncated image is refused.
         let mut bytes = fs::read(&img).unwrap();
