@@ -317,37 +317,50 @@ fn transfer_leader_moves_the_ship_and_reports_its_downtime() {
 
 #[test]
 fn ship_user_runs_the_ship_as_that_user() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     let _g = serial();
     let dir = tempdir();
-    // 0777 so the unprivileged ship can leave its answer.
-    fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
-    let cmd = format!(
-        "id -u > {d}/uid; id -G > {d}/groups; exec sleep 600",
-        d = dir.display()
-    );
+    let ships = Ships::new(&dir);
+    // The unprivileged ship records its events here.
+    for d in [dir.clone(), dir.join("ships")] {
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o777)).unwrap();
+    }
+    let mp = dir.join("mnt");
+    fs::create_dir_all(&mp).unwrap();
+    let cmd = ship_command(&dir, "ship_child", 5);
     let m = common::mount::Daemon::start(
         &dir.join("data"),
-        &{
-            let mp = dir.join("mnt");
-            fs::create_dir_all(&mp).unwrap();
-            mp
-        },
+        &mp,
         &["--ship-command", &cmd, "--ship-user", "nobody"],
     );
+    // The pier's log belongs to the ship's user (one chown through the mount, as an
+    // operator does once); the ship starts only after the freeze, so after this.
+    std::os::unix::fs::chown(&mp, Some(65534), Some(65534)).unwrap();
     let deadline = Instant::now() + WAIT;
-    while !dir.join("groups").exists() {
+    while ships.last_acknowledged() == 0 {
         assert!(
             Instant::now() < deadline,
-            "the ship never ran: {}",
+            "the ship never committed: {}",
             m.log_text()
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    std::thread::sleep(Duration::from_millis(100));
-    let uid = fs::read_to_string(dir.join("uid")).unwrap();
-    assert_eq!(uid.trim(), "65534", "the ship's uid");
-    // A clean stop of the daemon stops the ship (sleep 600) too.
+    // vere's LMDB files, made by the ship through a root daemon's mount, are the ship's.
+    let data = fs::metadata(mp.join("data.mdb")).unwrap();
+    assert_eq!((data.uid(), data.gid()), (65534, 65534), "owner of data.mdb");
+    let [(_, pid)] = ships.alive()[..] else {
+        panic!("not one ship: {:?}", ships.alive());
+    };
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert!(
+        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
+        "the ship's uids: {uid_line}"
+    );
+    // A clean stop of the daemon stops the ship first.
     let log = m.stop();
     assert!(log.contains("ship stopped"), "{log}");
-    let _ = fs::remove_dir_all(&dir);
+    if let Err(e) = ships.check() {
+        panic!("{e}");
+    }
 }
