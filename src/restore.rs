@@ -68,7 +68,7 @@ pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
         // A tool's link counts into a registry nobody scrapes.
         registry: std::sync::Arc::new(crate::metrics::Registry::new(&limits, [])),
         // A tool neither leads nor follows.
-        liveness: std::sync::Arc::default(),
+        liveness: std::sync::Arc::new(crate::replication::quorum::Liveness::new(0)),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

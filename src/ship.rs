@@ -274,14 +274,6 @@ impl Ship {
         let Some(cfg) = self.cfg.clone() else {
             return;
         };
-        let account = match cfg.user.as_deref().map(account).transpose() {
-            Ok(a) => a,
-            Err(e) => {
-                // Checked at startup; a user deleted since then stops the ship here.
-                tracing::error!(error = %e, "cannot run the ship");
-                return;
-            }
-        };
         let mut changes = role.subscribe();
         let mut failures: VecDeque<Instant> = VecDeque::new();
         while !self.shutting_down() {
@@ -309,7 +301,7 @@ impl Ship {
             let mut backoff_ms = cfg.backoff_ms;
             let mut first = true;
             while leads() && !self.shutting_down() {
-                let child = match spawn_guard(&cfg, account.as_ref(), term) {
+                let child = match spawn_guard(&cfg, term) {
                     Ok(c) => c,
                     Err(e) => {
                         tracing::error!(error = %e, "could not start the ship");
@@ -337,6 +329,7 @@ impl Ship {
                     }
                 });
                 tracing::info!(pid, term, command = %cfg.command, "ship started");
+                let ran = Instant::now();
                 match self.run_until_exit_or_stop(child, pid, &cfg, &leads).await {
                     Outcome::Stopped(how) => {
                         tracing::info!(pid, how, "ship stopped");
@@ -349,6 +342,10 @@ impl Ship {
                     }
                     Outcome::Exited(how) => {
                         tracing::warn!(pid, how = %how, "the ship exited by itself while this node leads");
+                        // A ship that ran well for a while starts its next backoff afresh.
+                        if ran.elapsed() > Duration::from_millis(cfg.backoff_max_ms) {
+                            backoff_ms = cfg.backoff_ms;
+                        }
                         self.set(|s| {
                             s.pid = None;
                             s.last_exit = Some(how);
@@ -446,8 +443,7 @@ impl Ship {
                 return Outcome::Stopped(how);
             }
         };
-        // The group may hold stragglers of a ship whose main process exited.
-        kill_group(pid, libc::SIGKILL);
+        // The guard returns only once nothing of the ship is left (it is a subreaper).
         if !leads() || self.shutting_down() {
             // Its commits failed because this node stopped leading: not the ship's fault.
             return Outcome::Stopped("exited after this node stopped leading");
@@ -473,29 +469,22 @@ fn describe(st: std::process::ExitStatus) -> String {
     }
 }
 
-/// SIGTERM to the guard (which forwards it to the ship's group), SIGKILL to the whole
-/// group after the grace, then reap.
+/// SIGTERM to the guard (which forwards it to the ship's group); SIGKILL to the whole
+/// group if the guard is not gone after the grace. The group is signalled only while the
+/// guard, whose pid is the group's id, is not reaped yet, so the id cannot have been
+/// reused by then.
 async fn stop(child: &mut tokio::process::Child, pid: u32, grace_ms: u64) {
-    // SAFETY: signalling our own child.
+    // SAFETY: signalling our own, unreaped child.
     unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
-    let graceful = tokio::time::timeout(
-        Duration::from_millis(grace_ms + STOP_MARGIN_MS),
-        child.wait(),
-    )
-    .await
-    .is_ok();
-    kill_group(pid, libc::SIGKILL);
-    if !graceful {
+    let deadline = Duration::from_millis(grace_ms + STOP_MARGIN_MS);
+    if tokio::time::timeout(deadline, child.wait()).await.is_err() {
+        kill_group(pid, libc::SIGKILL);
         let _ = child.wait().await;
     }
 }
 
 /// Start the guard, which starts the ship (`guard_main`).
-fn spawn_guard(
-    cfg: &ShipConfig,
-    account: Option<&Account>,
-    term: u64,
-) -> std::io::Result<tokio::process::Child> {
+fn spawn_guard(cfg: &ShipConfig, term: u64) -> std::io::Result<tokio::process::Child> {
     let mut cmd = tokio::process::Command::new("/proc/self/exe");
     cmd.arg("ship-guard")
         .current_dir(&cfg.mountpoint)
@@ -509,20 +498,23 @@ fn spawn_guard(
         // The ship's output goes where the daemon's goes (journald, or the log file).
         .stdout(std::process::Stdio::inherit())
         .stderr(std::process::Stdio::inherit())
+        // The guard leads the ship's process group; the group's id is the guard's pid.
         .process_group(0)
         .kill_on_drop(false);
-    if let Some(a) = account {
-        cmd.env(GUARD_USER_ENV, &a.name)
-            .env("HOME", &a.home)
-            .env("USER", &a.name)
-            .env("LOGNAME", &a.name);
+    if let Some(user) = &cfg.user {
+        // Resolved by the guard at each start: a user deleted since the daemon started is
+        // then a failed start (retried, then handed over), not a ship that silently never
+        // runs.
+        cmd.env(GUARD_USER_ENV, user);
     }
     cmd.spawn()
 }
 
-/// `seguro-fs ship-guard`: run the ship in this process group, forward SIGTERM to it, and
-/// SIGKILL it after the grace; SIGTERM also comes from the kernel when the daemon dies.
-/// Returns the exit code (the ship's, or 128 + its signal).
+/// `seguro-fs ship-guard`: run the ship in this process group, forward SIGTERM to the
+/// group, and SIGKILL the group after the grace; SIGTERM also comes from the kernel when
+/// the daemon dies (PR_SET_PDEATHSIG). As a child subreaper it reaps every descendant the
+/// ship leaves behind and returns only once none is left, so nothing of the ship survives
+/// it. Returns the exit code (the ship's, or 128 + its signal).
 pub fn guard_main() -> i32 {
     let env = |k: &str| std::env::var(k).ok();
     let (Some(parent), Some(grace), Some(command)) = (
@@ -541,6 +533,9 @@ pub fn guard_main() -> i32 {
         if libc::getppid().to_string() != parent {
             return 1;
         }
+        // Orphans of the ship (a daemonised helper, a worker) become our children, so
+        // they are waited for and killed with the rest.
+        libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1 as libc::c_ulong);
     }
     let account = match env(GUARD_USER_ENV).map(|u| account(&u)).transpose() {
         Ok(a) => a,
@@ -568,6 +563,11 @@ pub fn guard_main() -> i32 {
         GUARD_USER_ENV,
     ] {
         cmd.env_remove(k);
+    }
+    if let Some(a) = &account {
+        cmd.env("HOME", &a.home)
+            .env("USER", &a.name)
+            .env("LOGNAME", &a.name);
     }
     let ids = account.map(|a| (a.uid, a.gid, a.groups));
     // SAFETY: only async-signal-safe calls between fork and exec.
@@ -601,9 +601,11 @@ pub fn guard_main() -> i32 {
             return 127;
         }
     };
-    let pid = child.id() as libc::pid_t;
+    let ship = child.id() as libc::pid_t;
     // SAFETY: getpgrp has no preconditions.
     let group = unsafe { libc::getpgrp() } as u32;
+    let grace = Duration::from_millis(grace_ms);
+    let mut code: Option<i32> = None;
     let mut kill_at: Option<Instant> = None;
     loop {
         let ts = libc::timespec {
@@ -615,17 +617,37 @@ pub fn guard_main() -> i32 {
         if matches!(sig, libc::SIGTERM | libc::SIGINT | libc::SIGHUP) && kill_at.is_none() {
             // To the whole group (this guard too, but it has SIGTERM blocked).
             kill_group(group, libc::SIGTERM);
-            kill_at = Some(Instant::now() + Duration::from_millis(grace_ms));
+            kill_at = Some(Instant::now() + grace);
         }
-        let mut status = 0;
-        // SAFETY: reaping our own child.
-        if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
-            if libc::WIFEXITED(status) {
-                return libc::WEXITSTATUS(status);
+        // Reap every child: the ship and whatever it left to us.
+        loop {
+            let mut status = 0;
+            // SAFETY: reaping our own children.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid == ship {
+                code = Some(if libc::WIFEXITED(status) {
+                    libc::WEXITSTATUS(status)
+                } else {
+                    128 + libc::WTERMSIG(status)
+                });
+                if kill_at.is_none() {
+                    // The ship exited by itself: what it left behind goes too, gently first.
+                    kill_group(group, libc::SIGTERM);
+                    kill_at = Some(Instant::now() + grace);
+                }
+            } else if pid < 0 {
+                // ECHILD: nothing of the ship is left.
+                return code.unwrap_or(1);
+            } else if pid == 0 {
+                break;
             }
-            return 128 + libc::WTERMSIG(status);
         }
         if kill_at.is_some_and(|t| Instant::now() >= t) {
+            if let Some(c) = code {
+                eprintln!(
+                    "seguro-fs ship-guard: the ship exited ({c}); killing what it left running"
+                );
+            }
             // Ends this guard too.
             kill_group(group, libc::SIGKILL);
         }

@@ -502,6 +502,13 @@ fn deb_installs_mounts_from_fstab_runs_vere_and_purges() {
         fs::read_to_string(t.join("unit.log")).unwrap_or_default()
     );
     assert!(!is_mounted(&log), "still mounted after SIGTERM");
+    let unit_log = fs::read_to_string(t.join("unit.log")).unwrap_or_default();
+    assert!(
+        unit_log
+            .lines()
+            .any(|l| l.contains("ship stopped") && l.contains("shutdown")),
+        "the daemon did not stop its ship on SIGTERM:\n{unit_log}"
+    );
     // Orphans are reparented to this test (a subreaper): gone means absent or a zombie.
     let ship_alive = fs::read_to_string(format!("/proc/{ship_pid}/stat"))
         .ok()

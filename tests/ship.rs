@@ -14,6 +14,7 @@
 mod common;
 
 use std::fs;
+use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -347,20 +348,95 @@ fn ship_user_runs_the_ship_as_that_user() {
     }
     // vere's LMDB files, made by the ship through a root daemon's mount, are the ship's.
     let data = fs::metadata(mp.join("data.mdb")).unwrap();
-    assert_eq!((data.uid(), data.gid()), (65534, 65534), "owner of data.mdb");
+    assert_eq!(
+        (data.uid(), data.gid()),
+        (65534, 65534),
+        "owner of data.mdb"
+    );
     let [(_, pid)] = ships.alive()[..] else {
         panic!("not one ship: {:?}", ships.alive());
     };
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let uid_line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
-    assert!(
-        uid_line.split_whitespace().skip(1).all(|u| u == "65534"),
-        "the ship's uids: {uid_line}"
-    );
+    for field in ["Uid:", "Gid:", "Groups:"] {
+        let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+        // nobody's only group is nogroup (65534): none of root's groups may remain.
+        assert!(
+            line.split_whitespace().skip(1).all(|id| id == "65534"),
+            "the ship's {line}"
+        );
+    }
     // A clean stop of the daemon stops the ship first.
     let log = m.stop();
     assert!(log.contains("ship stopped"), "{log}");
     if let Err(e) = ships.check() {
         panic!("{e}");
     }
+}
+
+/// A ship that ignores SIGTERM and does no I/O (so no failed commit ends it either): only
+/// the SIGKILL after `ship_stop_grace_ms` stops it, and only the freeze keeps the next
+/// leader's ship from starting before that. It registers like the stand-in, so the
+/// sampler counts it.
+fn stubborn_command(dir: &Path) -> String {
+    format!(
+        "trap '' TERM; n=$(printf '%024d' $(date +%s%N)); \
+         echo $SEGURO_TERM > {d}/ships/$n-$SEGURO_NODE_ID-$$; exec sleep 600",
+        d = dir.display()
+    )
+}
+
+/// Exactly one ship alive, on the writable leader whose status says running; its node and
+/// pid.
+fn wait_one_stubborn(c: &Cluster, ships: &Ships) -> (usize, u32) {
+    c.wait_for("one ship running on the writable leader", WAIT, || {
+        let [(node, pid)] = ships.alive()[..] else {
+            return None;
+        };
+        let st = c.status(node as usize)?;
+        (st.is_writable_leader() && st.ship_state == "running").then_some((node as usize, pid))
+    })
+}
+
+/// Wait for `pid` to be gone; how long that took.
+fn wait_gone(c: &Cluster, pid: u32, since: Instant) -> Duration {
+    c.wait_for("the old ship to be killed", WAIT, || {
+        (!ships::alive(pid)).then(|| since.elapsed())
+    })
+}
+
+#[test]
+fn a_ship_that_ignores_sigterm_is_killed_before_the_next_one_starts() {
+    let _g = serial();
+    let dir = tempdir();
+    let ships = Ships::new(&dir);
+    let cmd = stubborn_command(&dir);
+    let mut c = Cluster::start(3, Some(1), &["--ship-command", &cmd]);
+    let (leader, pid) = wait_one_stubborn(&c, &ships);
+
+    eprintln!("--- kill -9 the leader, node {leader}: its guard must SIGKILL the ship");
+    let killed = Instant::now();
+    c.kill9(leader);
+    let gone = wait_gone(&c, pid, killed);
+    eprintln!(
+        "--- the orphaned ship died {} ms after its daemon",
+        gone.as_millis()
+    );
+    let (next, pid) = wait_one_stubborn(&c, &ships);
+    assert_ne!(next, leader);
+    c.restart(leader);
+
+    eprintln!("--- partition the leader, node {next}: check-quorum, then SIGKILL after the grace");
+    let cut = Instant::now();
+    c.partition(&[next]);
+    let gone = wait_gone(&c, pid, cut);
+    eprintln!(
+        "--- the cut-off leader's ship died {} ms after the partition",
+        gone.as_millis()
+    );
+    let (third, _) = wait_one_stubborn(&c, &ships);
+    assert_ne!(third, next);
+    c.heal();
+    std::thread::sleep(Duration::from_secs(2));
+    wait_one_stubborn(&c, &ships);
+    check(&c, &ships);
 }

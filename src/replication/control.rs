@@ -250,8 +250,16 @@ impl ControlServer {
                 *image = Some(OpenImage { file, len });
                 Ok(ControlResponse::Image { index, len })
             }
-            ControlRequest::PreVote { last } => Ok(ControlResponse::PreVote {
-                granted: self.elections.answer_pre_vote(last.as_ref().map(wire::rl)),
+            ControlRequest::PreVote {
+                last,
+                lease_ms,
+                ship_stop_grace_ms,
+            } => Ok(ControlResponse::PreVote {
+                granted: self.elections.answer_pre_vote(
+                    last.as_ref().map(wire::rl),
+                    lease_ms,
+                    ship_stop_grace_ms,
+                ),
             }),
             ControlRequest::ShipState => {
                 let s = self.ship.status();

@@ -5,7 +5,8 @@
 //! and even when the voters refuse it (the leader lease), its higher term reaches the leader
 //! in the next AppendEntries answer and deposes it. With a ship supervised on the leader,
 //! every such election is a ship restart. So openraft's own election timer is switched off
-//! for good, and [`Elections::run`] campaigns in its place, only when
+//! for good (`enable_elect: false` in its config, `replication/mod.rs`), and
+//! [`Elections::run`] campaigns in its place, only when
 //!
 //! - this node has heard no leader for a randomized `[lease, lease + spread]` (the lease
 //!   is openraft's leader lease, the longest election timeout), and
@@ -52,6 +53,9 @@ pub struct Timing {
     pub spread_ms: u64,
     /// How often the campaign condition is checked.
     pub tick_ms: u64,
+    /// The ship's stop grace: part of the failover freeze, so it must be the same on every
+    /// member, like the lease (a pre-vote from a member whose values differ is refused).
+    pub ship_stop_grace_ms: u64,
 }
 
 struct Inner {
@@ -93,8 +97,6 @@ impl Elections {
         liveness: Arc<Liveness>,
         timing: Timing,
     ) -> Elections {
-        // Only `run` campaigns (after a pre-vote); openraft's timer never does.
-        raft.runtime_config().elect(false);
         Elections {
             raft,
             inner: Arc::new(Inner {
@@ -154,8 +156,27 @@ impl Elections {
     }
 
     /// A peer asks whether it may campaign: yes if this node heard no leader for a lease
-    /// and the candidate's log is at least as new as ours (the rule a real vote applies).
-    pub fn answer_pre_vote(&self, candidate_last: Option<LogId<u64>>) -> bool {
+    /// and the candidate's log is at least as new as ours (the rule a real vote applies),
+    /// and its timing is ours: the failover freeze is only safe when every member's lease
+    /// and ship stop grace are the same.
+    pub fn answer_pre_vote(
+        &self,
+        candidate_last: Option<LogId<u64>>,
+        lease_ms: u64,
+        ship_stop_grace_ms: u64,
+    ) -> bool {
+        let t = self.inner.timing;
+        if (lease_ms, ship_stop_grace_ms) != (t.lease_ms, t.ship_stop_grace_ms) {
+            tracing::warn!(
+                candidate_lease_ms = lease_ms,
+                candidate_ship_stop_grace_ms = ship_stop_grace_ms,
+                lease_ms = t.lease_ms,
+                ship_stop_grace_ms = t.ship_stop_grace_ms,
+                "pre-vote refused: the candidate's election_timeout_min_ms or ship_stop_grace_ms \
+                 differs from this node's; they must be the same on every member"
+            );
+            return false;
+        }
         if self.leader_is_fresh() {
             return false;
         }
@@ -216,6 +237,8 @@ impl Elections {
                 let (net, addr) = (net.clone(), node.addr.clone());
                 let req = ControlRequest::PreVote {
                     last: last.as_ref().map(super::wire::wl),
+                    lease_ms: t.lease_ms,
+                    ship_stop_grace_ms: t.ship_stop_grace_ms,
                 };
                 // Answered at once by a live peer; a dead one must not hold the round up
                 // for longer than half a lease.

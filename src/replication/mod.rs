@@ -100,7 +100,7 @@ pub async fn start(
     registry: Arc<crate::metrics::Registry>,
     ship: Arc<crate::ship::Ship>,
 ) -> Result<Node, StartError> {
-    let liveness = Arc::new(quorum::Liveness::default());
+    let liveness = Arc::new(quorum::Liveness::new(election_timeout_max_ms(&cfg.limits)));
     let raft_dir = dir.raft_dir();
     let disk = DiskFullPolicy::new(&cfg.limits, registry.disk.clone());
     let (log, flush_rx) = LogStore::open(LogOptions {
@@ -138,6 +138,9 @@ pub async fn start(
         max_payload_entries: l.append_entries_max,
         snapshot_max_chunk_size: l.snapshot_chunk_bytes,
         install_snapshot_timeout: l.peer_io_timeout_ms,
+        // openraft's own election timer never campaigns, from its first tick: only our
+        // pre-vote does (`elections.rs`).
+        enable_elect: false,
         ..Default::default()
     }
     .validate()
@@ -183,6 +186,7 @@ pub async fn start(
         lease_ms: election_timeout_max_ms(l),
         spread_ms: election_timeout_max_ms(l) - l.election_timeout_min_ms,
         tick_ms: l.liveness_check_ms,
+        ship_stop_grace_ms: l.ship_stop_grace_ms,
     };
     let elections = elections::Elections::new(
         raft.clone(),

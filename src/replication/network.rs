@@ -241,6 +241,13 @@ async fn handle(
                 message: e.to_string(),
             },
         },
+        // Our lease on real votes too: see `Liveness::leader_heard_within_lease`.
+        RaftRequest::Vote(r) if liveness.leader_heard_within_lease() => {
+            let m = raft.metrics().borrow().clone();
+            let last = raft.data_metrics().borrow().last_log;
+            tracing::debug!(candidate = ?r.vote, "vote refused: a leader was heard within the lease");
+            wire::vote_response(&VoteResponse::new(m.vote, last, false))
+        }
         RaftRequest::Vote(r) => match raft.vote(r).await {
             Ok(resp) => wire::vote_response(&resp),
             Err(e) => Response::Error {

@@ -15,7 +15,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// The latest instant that a majority of every voter set holds (a joint configuration has
 /// two sets; each needs its own majority). `heard(id)` is when voter `id` last acknowledged
@@ -57,22 +57,32 @@ pub fn granted(sets: &[Vec<u64>], yes: &[u64]) -> bool {
 #[derive(Debug)]
 pub struct Liveness {
     /// When this node last accepted traffic from a leader (its start counts as that: a
-    /// member that just started must wait a whole lease before it campaigns).
+    /// member that just started must wait a whole lease before it campaigns or votes).
     heard_leader: Mutex<Instant>,
     /// Per peer: (leader term of the request, its send time).
     acked: Mutex<BTreeMap<u64, (u64, Instant)>>,
-}
-
-impl Default for Liveness {
-    fn default() -> Self {
-        Liveness {
-            heard_leader: Mutex::new(Instant::now()),
-            acked: Mutex::default(),
-        }
-    }
+    /// openraft's leader lease (the longest election timeout).
+    lease: Duration,
 }
 
 impl Liveness {
+    pub fn new(lease_ms: u64) -> Liveness {
+        Liveness {
+            heard_leader: Mutex::new(Instant::now()),
+            acked: Mutex::default(),
+            lease: Duration::from_millis(lease_ms),
+        }
+    }
+
+    /// This node accepted a leader's traffic less than a lease ago (or started less than
+    /// a lease ago). Such a node grants no vote: openraft keeps its own vote lease in
+    /// memory only, so right after a restart it would grant one at once, and a voter that
+    /// acknowledged the old leader a moment before its restart would let a new leader be
+    /// elected inside the old one's lease (docs/SEMANTICS.md, "The supervised ship").
+    pub fn leader_heard_within_lease(&self) -> bool {
+        self.last_heard_leader().elapsed() < self.lease
+    }
+
     pub fn heard_leader(&self) {
         *self.heard_leader.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
@@ -103,7 +113,6 @@ impl Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     /// (voter sets, this node, ms ago each voter acked, the expected quorum time's age).
     type QuorumRow<'a> = (&'a [Vec<u64>], u64, &'a [Option<u64>], Option<u64>);
@@ -182,7 +191,7 @@ mod tests {
 
     #[test]
     fn acks_of_another_term_do_not_count() {
-        let l = Liveness::default();
+        let l = Liveness::new(625);
         let sets = vec![vec![1, 2, 3]];
         l.acked(2, 4, Instant::now());
         assert!(l.quorum_acked_at(&sets, 1, 5).is_none());

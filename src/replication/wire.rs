@@ -78,8 +78,13 @@ pub enum ControlRequest {
     ImageOpen,
     /// `len` bytes of the open image from `offset` (fewer only at its end).
     ImageRead { offset: u64, len: u64 },
-    /// May the sender campaign? (our pre-vote: `elections.rs`). `last` is its last log id.
-    PreVote { last: Option<WLogId> },
+    /// May the sender campaign? (our pre-vote: `elections.rs`). `last` is its last log id;
+    /// `lease_ms` and `ship_stop_grace_ms` are its timing, which every member must share.
+    PreVote {
+        last: Option<WLogId>,
+        lease_ms: u64,
+        ship_stop_grace_ms: u64,
+    },
     /// The state of this member's supervised ship (`ship.rs`).
     ShipState,
 }

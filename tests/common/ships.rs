@@ -83,8 +83,8 @@ pub struct Ships {
     sampler: Option<std::thread::JoinHandle<()>>,
 }
 
-fn alive(pid: u32) -> bool {
-    // A zombie has exited; only its parent has not reaped it yet.
+/// Whether `pid` runs (a zombie has exited; only its parent has not reaped it yet).
+pub fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
         .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with('Z')))
