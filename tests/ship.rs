@@ -347,7 +347,11 @@ fn ship_user_runs_the_ship_as_that_user() {
     }
     // vere's LMDB files, made by the ship through a root daemon's mount, are the ship's.
     let data = fs::metadata(mp.join("data.mdb")).unwrap();
-    assert_eq!((data.uid(), data.gid()), (65534, 65534), "owner of data.mdb");
+    assert_eq!(
+        (data.uid(), data.gid()),
+        (65534, 65534),
+        "owner of data.mdb"
+    );
     let [(_, pid)] = ships.alive()[..] else {
         panic!("not one ship: {:?}", ships.alive());
     };
