@@ -1039,7 +1039,7 @@ struct CatchUp {
 }
 
 /// A 3-node cluster (K=1) checkpointing every 16 entries and keeping 16 entries below each,
-/// on 4 MiB log segments, plus `extra`: holding an 8 MiB file, one follower stops cleanly
+/// on 4 MiB log segments, plus `extra`: holding a 32 MiB file, one follower stops cleanly
 /// while the leader makes `AWAY_WRITES` fdatasync'd 16 KiB writes (8 MiB, far more entries
 /// than are kept by count), then restarts. Whether the leader's log still reached back to
 /// the follower's last entry when it came back is `reaches`; the trees converge on one
@@ -1047,6 +1047,7 @@ struct CatchUp {
 fn follower_away_and_back(extra: &[&str], reaches: bool) -> CatchUp {
     const AWAY_WRITES: u64 = 512;
     const WRITE_BYTES: usize = 16 << 10;
+    const BASE_MIB: u64 = 32;
     let ips: Vec<Ipv4Addr> = (1..=3).map(real_ip).collect();
     let mport = pick_port(&ips);
     let maddr = |i: usize| SocketAddr::from((real_ip(i), mport));
@@ -1071,7 +1072,7 @@ fn follower_away_and_back(extra: &[&str], reaches: bool) -> CatchUp {
         .open(mnt.join("image.bin"))
         .unwrap_or_else(|e| c.fail(&format!("create image.bin: {e}")));
     let mut buf = vec![0u8; 1 << 20];
-    for k in 0..8u64 {
+    for k in 0..BASE_MIB {
         buf.iter_mut()
             .enumerate()
             .for_each(|(i, b)| *b = (i as u64 ^ k) as u8);
@@ -1169,6 +1170,7 @@ fn returning_follower_replays_the_log_kept_by_bytes() {
     let got = follower_away_and_back(&[], true);
     assert_eq!(got.snapshots, 0.0, "a snapshot was sent");
     assert_eq!(got.snapshot_bytes, 0.0, "snapshot bytes were sent");
+    // The writes and their records' headers: far less than the 32 MiB tree.
     let written = (512 * (16 << 10)) as f64;
     assert!(
         got.log_bytes >= written && got.log_bytes <= 2.0 * written,
@@ -1183,9 +1185,9 @@ fn returning_follower_behind_log_keep_bytes_gets_a_snapshot() {
     // 1 MiB: less than one segment, so only the 16 entries below each checkpoint stay.
     let got = follower_away_and_back(&["--log-keep-bytes", "1048576"], false);
     assert!(got.snapshots >= 1.0, "no snapshot was received");
-    // The whole tree: the 8 MiB file at least.
+    // The whole tree: the 32 MiB file at least.
     assert!(
-        got.snapshot_bytes >= (8 << 20) as f64,
+        got.snapshot_bytes >= (32 << 20) as f64,
         "{}",
         got.snapshot_bytes
     );
