@@ -130,6 +130,9 @@ mod tests {
         SegmentSpan { first, last, bytes }
     }
 
+    /// (why, purged, checkpoint, keep, expected purge point)
+    type Case = (&'static str, Option<u64>, u64, Keep, Option<u64>);
+
     #[test]
     fn purge_point_keeps_whichever_rule_keeps_more() {
         // Four 10-byte segments of 10 entries each (0..=39), the last one active.
@@ -146,8 +149,7 @@ mod tests {
         };
         let keep = |entries, bytes| Keep { entries, bytes };
         #[rustfmt::skip]
-        let table: &[(&str, Option<u64>, u64, Keep, Option<u64>)] = &[
-            // (why, purged, checkpoint, keep, expected)
+        let table: &[Case] = &[
             ("bytes keep more: the checkpoint's segment and one more fit", None, 35, keep(0, 20), Some(19)),
             ("the entries rule keeps more", None, 35, keep(30, 20), Some(5)),
             ("everything fits the bytes", None, 35, keep(0, 1000), None),
