@@ -30,8 +30,9 @@ pub struct Limits {
     pub fuse_write_bytes_max: u32,
     /// How long `mount` waits for the node to become a writable leader.
     pub ready_timeout_ms: u64,
-    /// Log entries kept below a checkpoint for members that are slightly behind; one
-    /// further behind gets a tree snapshot.
+    /// Log entries kept below a checkpoint for members that are slightly behind (at
+    /// least; `log_keep_bytes` may keep more). One behind everything kept gets a tree
+    /// snapshot.
     pub log_keep_entries: u64,
     /// Below a checkpoint, older log segments are kept as well while their bytes stay
     /// within this, so a member away for minutes replays the log instead of receiving
