@@ -38,6 +38,10 @@ pub struct Status {
     pub term: u64,
     pub leader_id: Option<u64>,
     pub last_index: u64,
+    /// How far back this node's log reaches: the oldest entry it can still send a lagging
+    /// member (one behind it gets a tree snapshot), and the bytes of its segment files.
+    pub log_first_index: u64,
+    pub log_bytes: u64,
     pub committed_index: u64,
     pub applied_index: u64,
     pub acks: u64,
@@ -102,7 +106,7 @@ impl Status {
         );
         format!(
             "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
-             \"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
+             \"log_first_index\":{},\"log_bytes\":{},\"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
              \"disk_refusing_writes\":{},\"disk_waiting\":{},\"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}},\
              \"lag\":{{{}}},\"fsync_acks\":{},\"fsync_failures\":{},\"fsync_samples\":{},\
              \"fsync_p50_us\":{},\"fsync_p99_us\":{},\"ship\":{}}}",
@@ -111,6 +115,8 @@ impl Status {
             self.term,
             opt(self.leader_id),
             self.last_index,
+            self.log_first_index,
+            self.log_bytes,
             self.committed_index,
             self.applied_index,
             self.acks,
@@ -174,6 +180,9 @@ pub async fn collect(control: &Control) -> Status {
         })
         .unwrap_or_default();
     let last_index = m.last_log_index.unwrap_or(0);
+    // Sizing the segments is an fstat each; if one fails, report an empty reach rather
+    // than no status at all.
+    let layout = control.log.layout().unwrap_or_default();
     let lag = matched
         .iter()
         .map(|(id, mi)| (*id, lag_entries(last_index, *mi)))
@@ -184,6 +193,8 @@ pub async fn collect(control: &Control) -> Status {
         term: m.current_term,
         leader_id: m.current_leader,
         last_index,
+        log_first_index: layout.first_index,
+        log_bytes: layout.bytes(),
         committed_index: committed,
         applied_index,
         acks,
@@ -437,6 +448,8 @@ mod tests {
             term: 7,
             leader_id: Some(2),
             last_index: 40,
+            log_first_index: 5,
+            log_bytes: 8192,
             committed_index: 39,
             applied_index: 39,
             acks: 1,
@@ -468,7 +481,7 @@ mod tests {
         assert_eq!(
             j,
             "{\"node_id\":2,\"role\":\"leader\",\"term\":7,\"leader_id\":2,\"last_index\":40,\
-             \"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
+             \"log_first_index\":5,\"log_bytes\":8192,\"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
              \"disk_refusing_writes\":false,\"disk_waiting\":0,\"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
              \"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
              \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_samples\":12,\

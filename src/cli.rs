@@ -291,6 +291,10 @@ pub struct MountArgs {
     /// Log entries kept below a checkpoint for members slightly behind.
     #[arg(long, default_value_t = Limits::default().log_keep_entries)]
     pub log_keep_entries: u64,
+    /// Bytes of older log segments also kept below a checkpoint, so a member away for
+    /// minutes replays the log instead of receiving a tree snapshot.
+    #[arg(long, default_value_t = Limits::default().log_keep_bytes)]
+    pub log_keep_bytes: u64,
     /// Raft heartbeat interval.
     #[arg(long, default_value_t = Limits::default().heartbeat_ms)]
     pub heartbeat_ms: u64,
@@ -398,6 +402,7 @@ impl MountArgs {
         put("fuse_threads", Value::Int(self.fuse_threads))?;
         put("ready_timeout_ms", Value::Int(self.ready_timeout_ms))?;
         put("log_keep_entries", Value::Int(self.log_keep_entries))?;
+        put("log_keep_bytes", Value::Int(self.log_keep_bytes))?;
         put("heartbeat_ms", Value::Int(self.heartbeat_ms))?;
         put(
             "election_timeout_min_ms",

@@ -30,9 +30,15 @@ pub struct Limits {
     pub fuse_write_bytes_max: u32,
     /// How long `mount` waits for the node to become a writable leader.
     pub ready_timeout_ms: u64,
-    /// Log entries kept below a checkpoint for members that are slightly behind; one
-    /// further behind gets a tree snapshot.
+    /// Log entries kept below a checkpoint for members that are slightly behind (at
+    /// least; `log_keep_bytes` may keep more). One behind everything kept gets a tree
+    /// snapshot.
     pub log_keep_entries: u64,
+    /// Below a checkpoint, older log segments are kept as well while their bytes stay
+    /// within this, so a member away for minutes replays the log instead of receiving
+    /// the whole tree. Whichever of this and `log_keep_entries` keeps more wins
+    /// (`replication/retention.rs`).
+    pub log_keep_bytes: u64,
     /// Largest frame on a peer link (an AppendEntries with its entries, or a snapshot chunk).
     pub frame_bytes_max: usize,
     /// Entries per AppendEntries.
@@ -107,6 +113,7 @@ impl Default for Limits {
             fuse_write_bytes_max: 1 << 20,
             ready_timeout_ms: 30_000,
             log_keep_entries: 1_000,
+            log_keep_bytes: 1 << 30,
             frame_bytes_max: 32 << 20,
             append_entries_max: 4,
             snapshot_chunk_bytes: 4 << 20,
@@ -202,6 +209,7 @@ impl Limits {
         )?;
         check("ready_timeout_ms", self.ready_timeout_ms, 100, 3_600_000)?;
         check("log_keep_entries", self.log_keep_entries, 0, 1 << 30)?;
+        check("log_keep_bytes", self.log_keep_bytes, 0, 1 << 40)?;
         // A full AppendEntries (entries at the cap plus framing) must fit one frame.
         let append_bytes = self.append_entries_max * (self.entry_bytes_max as u64 + 4096);
         check(

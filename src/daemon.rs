@@ -309,6 +309,7 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         elections: node.elections.clone(),
         role: role.clone(),
         state_machine: node.state_machine.clone(),
+        log: node.log.clone(),
         net: node.net.clone(),
         acks: cfg.acks,
         limits: cfg.limits.clone(),

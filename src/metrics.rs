@@ -412,6 +412,16 @@ pub fn render(st: &Status, reg: &Registry) -> String {
         st.last_index,
     );
     o.gauge(
+        "seguro_log_first_index",
+        "Oldest entry this node's log still holds: a member behind it gets a tree snapshot.",
+        st.log_first_index,
+    );
+    o.gauge(
+        "seguro_log_bytes",
+        "Bytes of this node's log segment files.",
+        st.log_bytes,
+    );
+    o.gauge(
         "seguro_committed_index",
         "Index of the last entry known committed.",
         st.committed_index,
@@ -739,6 +749,8 @@ mod tests {
             term: 7,
             leader_id: Some(2),
             last_index: 40,
+            log_first_index: 12,
+            log_bytes: 4096,
             committed_index: 39,
             applied_index: 39,
             acks: 1,
@@ -773,6 +785,8 @@ mod tests {
             "seguro_ship_state{state=\"running\"} 0",
             "seguro_ship_starts_total 7",
             "seguro_ship_last_failover_downtime_ms 2100",
+            "seguro_log_first_index 12",
+            "seguro_log_bytes 4096",
             "seguro_member_matched_index{member=\"1\"} 40",
             "seguro_member_lag_entries{member=\"3\"} 41",
             "seguro_fsync_ack_seconds_bucket{le=\"0.0001\"} 1",

@@ -556,7 +556,14 @@ fn empty_member_catches_up_by_snapshot() {
     let mut c = Cluster::start(
         3,
         None,
-        &["--checkpoint-entries", "16", "--log-keep-entries", "0"],
+        &[
+            "--checkpoint-entries",
+            "16",
+            "--log-keep-entries",
+            "0",
+            "--log-keep-bytes",
+            "0",
+        ],
     );
     let l = c.wait_leader(ELECTION);
     let mnt = c.mountpoint(l);

@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::cluster::{pick_port, status_of, Cluster};
+use common::cluster::{hex, pick_port, status_of, Cluster};
 use common::mount::{bin, Daemon, TestDir};
 use common::proxy::real_ip;
 use common::vere;
@@ -882,7 +882,14 @@ fn cluster_metrics_follow_replication_and_snapshot_catch_up() {
         3,
         3,
         None,
-        &["--checkpoint-entries", "16", "--log-keep-entries", "0"],
+        &[
+            "--checkpoint-entries",
+            "16",
+            "--log-keep-entries",
+            "0",
+            "--log-keep-bytes",
+            "0",
+        ],
         &|i| vec!["--metrics-addr".into(), maddr(i).to_string()],
     );
     let l = c.wait_leader(ELECTION);
@@ -1018,4 +1025,170 @@ fn cluster_metrics_follow_replication_and_snapshot_catch_up() {
         .sum();
     assert!(received >= 1.0 && received_bytes >= bytes, "{}", xs.text);
     eprintln!("--- node {x} received {received} snapshot(s), {received_bytes} bytes");
+}
+
+// -------------------------------------------------------------------------------------------
+// Log retention by bytes: a follower away for a while replays the log
+// -------------------------------------------------------------------------------------------
+
+/// What a follower that was stopped while the leader wrote received to catch up.
+struct CatchUp {
+    snapshots: f64,
+    snapshot_bytes: f64,
+    log_bytes: f64,
+}
+
+/// A 3-node cluster (K=1) checkpointing every 16 entries and keeping 16 entries below each,
+/// on 4 MiB log segments, plus `extra`: holding a 32 MiB file, one follower stops cleanly
+/// while the leader makes `AWAY_WRITES` fdatasync'd 16 KiB writes (8 MiB, far more entries
+/// than are kept by count), then restarts. Whether the leader's log still reached back to
+/// the follower's last entry when it came back is `reaches`; the trees converge on one
+/// digest either way.
+fn follower_away_and_back(extra: &[&str], reaches: bool) -> CatchUp {
+    const AWAY_WRITES: u64 = 512;
+    const WRITE_BYTES: usize = 16 << 10;
+    const BASE_MIB: u64 = 32;
+    let ips: Vec<Ipv4Addr> = (1..=3).map(real_ip).collect();
+    let mport = pick_port(&ips);
+    let maddr = |i: usize| SocketAddr::from((real_ip(i), mport));
+    let mut args = vec![
+        "--checkpoint-entries",
+        "16",
+        "--log-keep-entries",
+        "16",
+        "--log-segment-bytes-max",
+        "4194304",
+    ];
+    args.extend_from_slice(extra);
+    let mut c = Cluster::start_with(3, 3, Some(1), &args, &|i| {
+        vec!["--metrics-addr".into(), maddr(i).to_string()]
+    });
+    let l = c.wait_leader(ELECTION);
+    let mnt = c.mountpoint(l);
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(mnt.join("image.bin"))
+        .unwrap_or_else(|e| c.fail(&format!("create image.bin: {e}")));
+    let mut buf = vec![0u8; 1 << 20];
+    for k in 0..BASE_MIB {
+        buf.iter_mut()
+            .enumerate()
+            .for_each(|(i, b)| *b = (i as u64 ^ k) as u8);
+        f.write_all_at(&buf, k << 20)
+            .unwrap_or_else(|e| c.fail(&format!("write MiB {k}: {e}")));
+    }
+    f.sync_data()
+        .unwrap_or_else(|e| c.fail(&format!("fdatasync image.bin: {e}")));
+    c.wait_converged(CONVERGE);
+
+    let x = c.nodes().find(|&i| i != l).expect("a follower");
+    let x_last = c
+        .status(x)
+        .unwrap_or_else(|| c.fail(&format!("no status from node {x}")))
+        .last_index;
+    eprintln!("--- stop follower {x} at index {x_last}; leader {l} writes 8 MiB");
+    c.stop(x);
+    let t = Instant::now();
+    let mut chunk = vec![0u8; WRITE_BYTES];
+    for k in 0..AWAY_WRITES {
+        chunk.fill((k % 251) as u8 + 1);
+        f.write_all_at(&chunk, (k * 3 % 512) * WRITE_BYTES as u64)
+            .unwrap_or_else(|e| c.fail(&format!("write {k} while {x} is away: {e}")));
+        f.sync_data()
+            .unwrap_or_else(|e| c.fail(&format!("fdatasync {k} while {x} is away: {e}")));
+    }
+    drop(f);
+    eprintln!("--- {AWAY_WRITES} fdatasync'd writes in {:?}", t.elapsed());
+    // The leader's log reaches back past the follower's last entry (it replays the log),
+    // or it was purged beyond it (a snapshot). Purging follows checkpoints, so wait for
+    // the settled state rather than read it once.
+    let first = c.wait_for(
+        &format!(
+            "leader {l}'s log to reach back {} to index {}",
+            if reaches { "still" } else { "no longer" },
+            x_last + 1
+        ),
+        CONVERGE,
+        || {
+            let s = scrape(maddr(l));
+            let first = s.value("seguro_log_first_index", &[]) as u64;
+            let last = s.value("seguro_last_log_index", &[]) as u64;
+            let settled = last >= x_last + AWAY_WRITES;
+            (settled && (first <= x_last + 1) == reaches).then_some((first, s))
+        },
+    );
+    let (first, ls) = first;
+    let log_bytes = ls.value("seguro_log_bytes", &[]);
+    eprintln!("--- leader {l}: log from index {first}, {log_bytes} bytes on disk");
+    assert!(log_bytes > 0.0, "{}", ls.text);
+    if reaches {
+        // Everything written while the follower was away is still in the log.
+        assert!(
+            log_bytes >= (AWAY_WRITES as usize * WRITE_BYTES) as f64,
+            "{}",
+            ls.text
+        );
+    }
+    let st = status_line(&c.data_dir(l));
+    // Purging may still move on between the scrape and this.
+    assert!(
+        json_num(&st, "log_first_index").is_some_and(|f| f >= first),
+        "{st}"
+    );
+    assert!(json_num(&st, "log_bytes").is_some_and(|b| b > 0), "{st}");
+
+    let t = Instant::now();
+    c.restart(x);
+    let digest = c.wait_converged(CONVERGE);
+    eprintln!(
+        "--- follower {x} caught up in {:?}, digest {}",
+        t.elapsed(),
+        &hex(&digest)[..16]
+    );
+    // Counters start at 0 with the daemon: these are the catch-up's bytes alone.
+    let xs = scrape(maddr(x));
+    let others: Vec<usize> = c.nodes().filter(|&i| i != x).collect();
+    let sum = |name: &str| others.iter().map(|&i| xs.member(name, i)).sum::<f64>();
+    let got = CatchUp {
+        snapshots: sum("seguro_snapshot_received_total"),
+        snapshot_bytes: sum("seguro_snapshot_received_bytes_total"),
+        log_bytes: sum("seguro_replication_received_bytes_total"),
+    };
+    eprintln!(
+        "--- follower {x} received {} snapshot(s) of {} bytes and {} bytes of log entries",
+        got.snapshots, got.snapshot_bytes, got.log_bytes
+    );
+    got
+}
+
+#[test]
+fn returning_follower_replays_the_log_kept_by_bytes() {
+    let _serial = serial();
+    // Default log_keep_bytes (1 GiB): the 8 MiB written while the follower was away stays.
+    let got = follower_away_and_back(&[], true);
+    assert_eq!(got.snapshots, 0.0, "a snapshot was sent");
+    assert_eq!(got.snapshot_bytes, 0.0, "snapshot bytes were sent");
+    // The writes and their records' headers: far less than the 32 MiB tree.
+    let written = (512 * (16 << 10)) as f64;
+    assert!(
+        got.log_bytes >= written && got.log_bytes <= 2.0 * written,
+        "received {} bytes of log for {written} bytes written",
+        got.log_bytes
+    );
+}
+
+#[test]
+fn returning_follower_behind_log_keep_bytes_gets_a_snapshot() {
+    let _serial = serial();
+    // 1 MiB: less than one segment, so only the 16 entries below each checkpoint stay.
+    let got = follower_away_and_back(&["--log-keep-bytes", "1048576"], false);
+    assert!(got.snapshots >= 1.0, "no snapshot was received");
+    // The whole tree: the 32 MiB file at least.
+    assert!(
+        got.snapshot_bytes >= (32 << 20) as f64,
+        "{}",
+        got.snapshot_bytes
+    );
 }

@@ -2684,7 +2684,14 @@ fn data_dir_is_private_file_by_file() {
     let td = TestDir::new("posix-private");
     let (data, mnt) = (td.join("data"), td.join("mnt"));
     // Checkpoints every 16 entries and no log kept below them: `raft/purged` is written.
-    let args = ["--checkpoint-entries", "16", "--log-keep-entries", "0"];
+    let args = [
+        "--checkpoint-entries",
+        "16",
+        "--log-keep-entries",
+        "0",
+        "--log-keep-bytes",
+        "0",
+    ];
     let daemon = Daemon::start(&data, &mnt, &args);
     exec(&mnt, &touch("log")).unwrap();
     for i in 0..40 {

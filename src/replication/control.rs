@@ -298,6 +298,8 @@ pub struct Control {
     pub elections: Elections,
     pub role: Arc<Role>,
     pub state_machine: StateMachine,
+    /// The log: `status` reports how far back it reaches.
+    pub log: super::log_store::LogStore,
     pub net: NetConfig,
     pub acks: u64,
     pub limits: Limits,

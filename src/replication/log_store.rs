@@ -32,6 +32,7 @@ use rkyv::util::AlignedVec;
 use tokio::sync::watch;
 
 use super::record::{self, HEADER_BYTES};
+use super::retention::{Layout, SegmentSpan};
 use super::{Entry, TypeConfig};
 use crate::diskfull::{self, DiskFullPolicy};
 use crate::sync::{fdatasync, fsync_dir, write_file_durably};
@@ -529,6 +530,49 @@ impl LogStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("log store mutex poisoned")
+    }
+
+    /// The segments and how far back the log reaches, for retention (`retention.rs`),
+    /// `status` and /metrics. The files are sized after the lock is released, so this
+    /// never holds up an append.
+    pub fn layout(&self) -> io::Result<Layout> {
+        let (spans, purged, first_index) = {
+            let g = self.lock();
+            let last = g.last_log_id.map_or(0, |l| l.index);
+            let firsts: Vec<u64> = g.segments.keys().copied().collect();
+            let spans: Vec<(u64, u64, Arc<File>)> = g
+                .segments
+                .iter()
+                .enumerate()
+                .map(|(i, (&first, seg))| {
+                    let end = firsts.get(i + 1).map_or(last, |next| next - 1);
+                    (first, end.max(first), seg.file.clone())
+                })
+                .collect();
+            let purged = g.purged.map(|p| p.index);
+            let first_index = g
+                .locs
+                .keys()
+                .next()
+                .copied()
+                .unwrap_or_else(|| purged.map_or(0, |p| p + 1));
+            (spans, purged, first_index)
+        };
+        let segments = spans
+            .into_iter()
+            .map(|(first, last, file)| {
+                Ok(SegmentSpan {
+                    first,
+                    last,
+                    bytes: file.metadata()?.len(),
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        Ok(Layout {
+            segments,
+            purged,
+            first_index,
+        })
     }
 
     /// Write `batch` after the log's end and fdatasync the segments it touched. On a full

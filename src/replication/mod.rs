@@ -10,6 +10,7 @@ pub mod network;
 pub mod proposer;
 pub mod quorum;
 pub mod record;
+pub mod retention;
 pub mod role;
 pub mod snapshot;
 pub mod state_machine;
@@ -74,6 +75,8 @@ pub struct Node {
     pub raft: Raft<TypeConfig>,
     pub state_machine: StateMachine,
     pub elections: elections::Elections,
+    /// The log itself: `status` and /metrics read how far back it reaches.
+    pub log: LogStore,
     /// How this node reaches its peers (admin commands reuse it).
     pub net: NetConfig,
     pub flush_rx: watch::Receiver<FlushState>,
@@ -134,7 +137,8 @@ pub async fn start(
         // until the lease ends and must wait a whole timeout again.
         election_timeout_max: election_timeout_max_ms(l),
         snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(l.checkpoint_entries),
-        max_in_snapshot_log_to_keep: l.log_keep_entries,
+        // Retention is ours (`retention.rs`): openraft's entry-count policy never purges.
+        max_in_snapshot_log_to_keep: u64::MAX,
         max_payload_entries: l.append_entries_max,
         snapshot_max_chunk_size: l.snapshot_chunk_bytes,
         install_snapshot_timeout: l.peer_io_timeout_ms,
@@ -175,11 +179,19 @@ pub async fn start(
         cfg.node_id,
         Arc::new(raft_config),
         Network { cfg: net.clone() },
-        log,
+        log.clone(),
         state_machine.clone(),
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
+    tokio::spawn(retention::run(
+        raft.clone(),
+        log.clone(),
+        retention::Keep {
+            entries: l.log_keep_entries,
+            bytes: l.log_keep_bytes,
+        },
+    ));
     // After a pause (a snapshot install, a transfer) elections stay off for two of the
     // longest election timeouts: the leader's heartbeats reset the timer meanwhile.
     let timing = elections::Timing {
@@ -237,6 +249,7 @@ pub async fn start(
         raft,
         state_machine,
         elections,
+        log,
         net,
         flush_rx,
         applied_rx,
