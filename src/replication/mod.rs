@@ -191,6 +191,7 @@ pub async fn start(
             entries: l.log_keep_entries,
             bytes: l.log_keep_bytes,
         },
+        dir.raft_dir(),
     ));
     // After a pause (a snapshot install, a transfer) elections stay off for two of the
     // longest election timeouts: the leader's heartbeats reset the timer meanwhile.

@@ -17,6 +17,11 @@
 //! only, so bytes are counted per segment, and the log's disk use is bounded by
 //! `log_keep_bytes`, plus one segment (the checkpoint's own, when it alone is larger), plus
 //! the segments after the checkpoint.
+//!
+//! The kept bytes also give way to the disk ([`budget`]): past the entries minimum, the
+//! log keeps at most half of the data dir's free space, so on a small disk the default
+//! 1 GiB cannot fill it (and turn writes away with ENOSPC) merely to serve a returning
+//! member faster.
 
 use openraft::Raft;
 
@@ -86,15 +91,26 @@ pub fn purge_upto(layout: &Layout, checkpoint: u64, keep: Keep) -> Option<u64> {
     }
 }
 
+/// The bytes the log may keep below a checkpoint: `keep_bytes`, but at most half of the
+/// free space `free_bytes` (None: unknown, then `keep_bytes`).
+pub fn budget(keep_bytes: u64, free_bytes: Option<u64>) -> u64 {
+    free_bytes.map_or(keep_bytes, |free| keep_bytes.min(free / 2))
+}
+
 /// After each checkpoint (a new snapshot in openraft's metrics), purge what [`purge_upto`]
-/// allows. Runs until the Raft node shuts down.
-pub async fn run(raft: Raft<TypeConfig>, log: LogStore, keep: Keep) {
+/// allows, with the bytes [`budget`] gives for the free space under `dir`. Runs until the
+/// Raft node shuts down.
+pub async fn run(raft: Raft<TypeConfig>, log: LogStore, keep: Keep, dir: std::path::PathBuf) {
     let mut metrics = raft.metrics();
     let mut done = None;
     loop {
         let checkpoint = metrics.borrow_and_update().snapshot.map(|s| s.index);
         if let Some(checkpoint) = checkpoint.filter(|c| done != Some(*c)) {
             done = Some(checkpoint);
+            let keep = Keep {
+                bytes: budget(keep.bytes, crate::diskfull::free_bytes(&dir).ok()),
+                ..keep
+            };
             match log.layout() {
                 Ok(layout) => {
                     if let Some(upto) = purge_upto(&layout, checkpoint, keep) {
@@ -192,5 +208,20 @@ mod tests {
             "one segment too big"
         );
         assert_eq!(layout(None).bytes(), 40);
+    }
+
+    #[test]
+    fn the_kept_bytes_give_way_to_a_small_disk() {
+        let gib = 1 << 30;
+        for (keep, free, want) in [
+            (gib, Some(100 * gib), gib),
+            (gib, Some(gib), gib / 2),
+            (gib, Some(64 << 20), 32 << 20),
+            (gib, Some(0), 0),
+            (gib, None, gib),
+            (0, Some(100 * gib), 0),
+        ] {
+            assert_eq!(budget(keep, free), want, "keep {keep} free {free:?}");
+        }
     }
 }
