@@ -15,7 +15,7 @@
 //! process (LMDB keeps a fcntl lock on `lock.mdb` while an env is open, which `F_GETLK`
 //! sees from another process) and a data dir that is not new or empty.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::fs::{self, File, OpenOptions};
 use std::io::{IsTerminal, Read, Write};
 use std::os::fd::AsRawFd;
@@ -23,7 +23,7 @@ use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 use std::time::Instant;
 
-use openraft::{BasicNode, CommittedLeaderId, LogId, Membership, StoredMembership};
+use openraft::{CommittedLeaderId, LogId, Membership, StoredMembership};
 
 use crate::config::MountConfig;
 use crate::datadir::{DataDir, IMPORT_PENDING};
@@ -155,10 +155,13 @@ fn copy_and_commit(
     refuse_live_lmdb(source, items, &cfg.local_names)?;
 
     let zero = LogId::new(CommittedLeaderId::new(0, 0), 0);
-    let voters: BTreeSet<u64> = members(cfg).keys().copied().collect();
+    let voters: BTreeSet<u64> = crate::replication::members(cfg).keys().copied().collect();
     let checkpoint = Checkpoint {
         applied: Some(zero),
-        membership: StoredMembership::new(Some(zero), Membership::new(vec![voters], members(cfg))),
+        membership: StoredMembership::new(
+            Some(zero),
+            Membership::new(vec![voters], crate::replication::members(cfg)),
+        ),
     };
     let (mut file, _) = CheckpointFile::open(&data_dir.root.join("applied"))
         .map_err(|e| format!("checkpoint: {e}"))?;
@@ -174,18 +177,6 @@ fn copy_and_commit(
         hex(&digest),
         data_dir.root.display(),
     ))
-}
-
-/// Every member of the cluster `cfg` describes, as the first mount would initialise it.
-fn members(cfg: &MountConfig) -> BTreeMap<u64, BasicNode> {
-    match &cfg.cluster {
-        None => BTreeMap::from([(cfg.node_id, BasicNode::new(""))]),
-        Some(c) => c
-            .peers
-            .iter()
-            .map(|(id, addr)| (*id, BasicNode::new(addr)))
-            .collect(),
-    }
 }
 
 /// Everything under `root` but host-local names, directories before their contents.

@@ -44,6 +44,21 @@ fn cstr(p: &Path) -> io::Result<CString> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
 }
 
+/// renameat2(2) of `from` to `to` with `flags`.
+fn rename(from: &Path, to: &Path, flags: libc::c_uint) -> io::Result<()> {
+    let (a, b) = (cstr(from)?, cstr(to)?);
+    // SAFETY: two valid NUL-terminated paths.
+    check(unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            a.as_ptr(),
+            libc::AT_FDCWD,
+            b.as_ptr(),
+            flags,
+        )
+    })
+}
+
 fn check(ret: libc::c_int) -> io::Result<()> {
     if ret == 0 {
         Ok(())
@@ -210,19 +225,8 @@ impl TreeApplier {
             Op::Make { path, kind, owner } => self.make(path, kind, Some(*owner)),
             Op::Unlink { path } => std::fs::remove_file(self.abs(path)),
             Op::Rmdir { path } => std::fs::remove_dir(self.abs(path)),
-            Op::Rename { from, to, flags } => {
-                let (a, b) = (cstr(&self.abs(from))?, cstr(&self.abs(to))?);
-                // SAFETY: valid paths; flags are 0 or RENAME_NOREPLACE (checked by the leader).
-                check(unsafe {
-                    libc::renameat2(
-                        libc::AT_FDCWD,
-                        a.as_ptr(),
-                        libc::AT_FDCWD,
-                        b.as_ptr(),
-                        *flags,
-                    )
-                })
-            }
+            // flags are 0 or RENAME_NOREPLACE (checked by the leader).
+            Op::Rename { from, to, flags } => rename(&self.abs(from), &self.abs(to), *flags),
             Op::Link { from, to } => std::fs::hard_link(self.abs(from), self.abs(to)),
             Op::Symlink { target, path } => self.make(
                 path,
@@ -267,17 +271,8 @@ impl TreeApplier {
         }
         let tmp = self.staging_entry()?;
         let made = make_at(&tmp, kind, sgid, uid, gid).and_then(|()| {
-            let (a, b) = (cstr(&tmp)?, cstr(&target)?);
-            // SAFETY: valid paths; NOREPLACE: an existing name is EEXIST, as for create.
-            check(unsafe {
-                libc::renameat2(
-                    libc::AT_FDCWD,
-                    a.as_ptr(),
-                    libc::AT_FDCWD,
-                    b.as_ptr(),
-                    libc::RENAME_NOREPLACE,
-                )
-            })
+            // NOREPLACE: an existing name is EEXIST, as for create.
+            rename(&tmp, &target, libc::RENAME_NOREPLACE)
         });
         if made.is_err() {
             remove_any(&tmp)?;

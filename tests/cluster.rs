@@ -553,18 +553,7 @@ fn empty_member_catches_up_by_snapshot() {
     let big_mib = env_u64("SEGURO_SNAPSHOT_FILE_MIB").unwrap_or(256);
     // Checkpoint (and purge the log) every 16 entries, keeping nothing below the checkpoint,
     // so an empty member cannot be caught up from the log.
-    let mut c = Cluster::start(
-        3,
-        None,
-        &[
-            "--checkpoint-entries",
-            "16",
-            "--log-keep-entries",
-            "0",
-            "--log-keep-bytes",
-            "0",
-        ],
-    );
+    let mut c = Cluster::start(3, None, &common::mount::PURGE_AT_EVERY_CHECKPOINT);
     let l = c.wait_leader(ELECTION);
     let mnt = c.mountpoint(l);
 

@@ -882,14 +882,7 @@ fn cluster_metrics_follow_replication_and_snapshot_catch_up() {
         3,
         3,
         None,
-        &[
-            "--checkpoint-entries",
-            "16",
-            "--log-keep-entries",
-            "0",
-            "--log-keep-bytes",
-            "0",
-        ],
+        &common::mount::PURGE_AT_EVERY_CHECKPOINT,
         &|i| vec!["--metrics-addr".into(), maddr(i).to_string()],
     );
     let l = c.wait_leader(ELECTION);

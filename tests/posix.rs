@@ -2684,15 +2684,7 @@ fn data_dir_is_private_file_by_file() {
     let td = TestDir::new("posix-private");
     let (data, mnt) = (td.join("data"), td.join("mnt"));
     // Checkpoints every 16 entries and no log kept below them: `raft/purged` is written.
-    let args = [
-        "--checkpoint-entries",
-        "16",
-        "--log-keep-entries",
-        "0",
-        "--log-keep-bytes",
-        "0",
-    ];
-    let daemon = Daemon::start(&data, &mnt, &args);
+    let daemon = Daemon::start(&data, &mnt, &common::mount::PURGE_AT_EVERY_CHECKPOINT);
     exec(&mnt, &touch("log")).unwrap();
     for i in 0..40 {
         exec(&mnt, &pwrite_fsync("log", i * 100, 100, i)).unwrap();
@@ -2777,7 +2769,7 @@ fn data_dir_is_private_file_by_file() {
         )
         .unwrap();
     }
-    let daemon = Daemon::start(&data, &mnt, &args);
+    let daemon = Daemon::start(&data, &mnt, &common::mount::PURGE_AT_EVERY_CHECKPOINT);
     let log = daemon.stop();
     assert!(
         log.contains("raft/vote 0666->0600")

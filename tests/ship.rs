@@ -74,6 +74,21 @@ fn wait_one_ship(c: &Cluster, ships: &Ships, after: u64) -> usize {
     )
 }
 
+/// Wait until exactly one ship is alive, on a node other than `leader`, and events past
+/// `acked` are acknowledged; its node.
+fn wait_ship_elsewhere(c: &Cluster, ships: &Ships, leader: usize, acked: u64) -> usize {
+    c.wait_for(
+        "one ship running on another node and committing",
+        WAIT,
+        || {
+            let [(node, _)] = ships.alive()[..] else {
+                return None;
+            };
+            (node as usize != leader && ships.last_acknowledged() > acked).then_some(node as usize)
+        },
+    )
+}
+
 fn check(c: &Cluster, ships: &Ships) {
     if let Err(e) = ships.check() {
         c.fail(&e);
@@ -169,13 +184,7 @@ fn a_partitioned_leader_stops_its_ship_and_one_ship_remains_after_the_heal() {
     std::thread::sleep(Duration::from_millis(300));
     c.partition(&[leader]);
     let acked = ships.last_acknowledged();
-    let new_leader = c.wait_for("the majority's leader running the ship", WAIT, || {
-        let alive = ships.alive();
-        let [(node, _)] = alive[..] else {
-            return None;
-        };
-        (node as usize != leader && ships.last_acknowledged() > acked).then_some(node as usize)
-    });
+    let new_leader = wait_ship_elsewhere(&c, &ships, leader, acked);
     // The old leader stepped down by itself (check-quorum), partition still in place.
     let st = c.status(leader).unwrap();
     assert!(
@@ -211,13 +220,7 @@ fn a_crashing_ship_is_restarted_with_backoff_then_handed_to_another_member() {
     };
     common::mount::signal(pid, libc::SIGKILL);
     let acked = ships.last_acknowledged();
-    let new_leader = c.wait_for("the ship handed to another member", WAIT, || {
-        let alive = ships.alive();
-        let [(node, _)] = alive[..] else {
-            return None;
-        };
-        (node as usize != leader && ships.last_acknowledged() > acked).then_some(node as usize)
-    });
+    let new_leader = wait_ship_elsewhere(&c, &ships, leader, acked);
     let st = c.status(leader).unwrap();
     assert!(
         st.raw.contains("\"gave_up\":\"the ship failed 3 times"),

@@ -90,6 +90,19 @@ pub fn election_timeout_max_ms(l: &crate::config::Limits) -> u64 {
     l.election_timeout_min_ms + l.election_timeout_min_ms / 4
 }
 
+/// Every member of the cluster `cfg` describes, as a pristine cluster is initialised with
+/// them (by its lowest id, or by `import`).
+pub fn members(cfg: &MountConfig) -> BTreeMap<u64, BasicNode> {
+    match &cfg.cluster {
+        None => BTreeMap::from([(cfg.node_id, BasicNode::new(""))]),
+        Some(c) => c
+            .peers
+            .iter()
+            .map(|(id, addr)| (*id, BasicNode::new(addr)))
+            .collect(),
+    }
+}
+
 /// Open the log and state machine in `dir` and start Raft (and, in a cluster, the peer
 /// listener). A pristine standalone data dir is initialised as a one-voter cluster; in a
 /// cluster the member with the lowest id initialises a pristine cluster with every member
@@ -226,14 +239,7 @@ pub async fn start(
         .is_initialized()
         .await
         .map_err(|e| StartError::Raft(e.to_string()))?;
-    let members: BTreeMap<u64, BasicNode> = match &cfg.cluster {
-        None => BTreeMap::from([(cfg.node_id, BasicNode::new(""))]),
-        Some(c) => c
-            .peers
-            .iter()
-            .map(|(id, addr)| (*id, BasicNode::new(addr)))
-            .collect(),
-    };
+    let members = members(cfg);
     let lowest = *members.keys().next().expect("at least this node");
     if !initialized && cfg.node_id == lowest && !cfg.join {
         tracing::info!(node_id = cfg.node_id, members = ?members.keys().collect::<Vec<_>>(), "initialising a new cluster");

@@ -11,6 +11,17 @@ use std::time::{Duration, Instant};
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Daemon arguments that checkpoint every 16 entries and keep no log below a checkpoint,
+/// so a member behind gets a snapshot (and `raft/purged` is written).
+pub const PURGE_AT_EVERY_CHECKPOINT: [&str; 6] = [
+    "--checkpoint-entries",
+    "16",
+    "--log-keep-entries",
+    "0",
+    "--log-keep-bytes",
+    "0",
+];
+
 pub fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_seguro-fs"))
 }
