@@ -6,21 +6,19 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::Notify;
-
 use crate::admin;
 use crate::config::MountConfig;
 use crate::datadir::{DataDir, DataDirError};
 use crate::fs::overlay::Overlay;
-use crate::fs::pending::Pending;
 use crate::fs::{Fs, FsParts};
 use crate::fuse::FuseAdapter;
 use crate::metrics::{self, Registry};
 use crate::ready::Ready;
 use crate::replication::control::Control;
+use crate::replication::pipeline::{PipelineParts, Replicated};
 use crate::replication::role::{self, Role};
 use crate::replication::state_machine::ObserverSlot;
-use crate::replication::{self, proposer::Proposer, StartError};
+use crate::replication::{self, StartError};
 use crate::ship::{Ship, ShipConfig};
 
 /// The daemon's umask: files it makes for itself are 0600, directories 0700.
@@ -322,24 +320,26 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
             .map_err(|e| MountError::Io(std::io::Error::other(e.to_string())))?;
     }
 
-    let pending = Arc::new(Mutex::new(Pending::new(origin, cfg.limits.entry_bytes_max)));
-    let wake = Arc::new(Notify::new());
-    let fs = Arc::new(Fs::new(FsParts {
+    let pipeline = Replicated::start(PipelineParts {
         rt: rt.handle().clone(),
+        raft: node.raft.clone(),
+        flush_rx: node.flush_rx.clone(),
+        applied_rx: node.applied_rx.clone(),
+        role: role.clone(),
+        matched: node.matched.clone(),
+        origin,
+        my_id: cfg.node_id,
+        acks: cfg.acks,
+        limits: cfg.limits.clone(),
+    });
+    let fs = Arc::new(Fs::new(FsParts {
         data_dir: data_dir.root.clone(),
         tree_root: data_dir.tree_dir(),
         local_root: data_dir.local_dir(),
         local_names: cfg.local_names.clone(),
         limits: cfg.limits.clone(),
-        pending: pending.clone(),
         overlay: overlay.clone(),
-        wake: wake.clone(),
-        flush_rx: node.flush_rx.clone(),
-        applied_rx: node.applied_rx.clone(),
-        role: role.clone(),
-        metrics: node.raft.metrics(),
-        my_id: cfg.node_id,
-        acks: cfg.acks,
+        pipeline,
         registry,
     })?);
     let _ = observer.set(fs.clone());
@@ -354,17 +354,6 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
             tick_ms: cfg.limits.liveness_check_ms,
         },
     ));
-    rt.spawn(
-        Proposer {
-            raft: node.raft.clone(),
-            pending,
-            wake,
-            flush_rx: node.flush_rx.clone(),
-            proposals_inflight_max: cfg.limits.proposals_inflight_max as u64,
-            role: role.clone(),
-        }
-        .run(),
-    );
     if cfg.cluster.is_none() {
         // Standalone: mounted means writable, as it has always been.
         let deadline =

@@ -69,6 +69,7 @@ pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
         registry: std::sync::Arc::new(crate::metrics::Registry::new(&limits, [])),
         // A tool neither leads nor follows.
         liveness: std::sync::Arc::new(crate::replication::quorum::Liveness::new(0)),
+        matched: std::sync::Arc::default(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -25,7 +25,6 @@
 
 pub mod inodes;
 pub mod overlay;
-pub mod pending;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -40,22 +39,17 @@ use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{FileAttr, FileType};
-use tokio::runtime::Handle;
-use tokio::sync::{oneshot, watch, Notify};
 
 use crate::config::Limits;
 use crate::diskfull::SpaceGate;
 use crate::metrics::{FsyncOutcome, Registry};
 use crate::op::{NodeKind, Op, Owner, Timespec};
-use crate::replication::log_store::FlushState;
-use crate::replication::role::{LeadershipHooks, Role};
+use crate::replication::group_commit::split_write;
+use crate::replication::pipeline::{Pipeline, ProposeError};
+use crate::replication::role::LeadershipHooks;
 use crate::replication::state_machine::ApplyObserver;
-
-/// openraft's metrics, as the fsync path reads them.
-pub type Metrics = watch::Receiver<openraft::RaftMetrics<u64, openraft::BasicNode>>;
 use inodes::{join, Area, Inodes, ROOT_INO};
 use overlay::{merge_read, size_after, Overlay, Piece, PieceKind};
-use pending::{split_write, Pending};
 
 /// An errno to answer the kernel with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,7 +76,6 @@ enum OpenHandle {
 
 /// The file system's shared state. All methods are called from FUSE worker threads.
 pub struct Fs {
-    rt: Handle,
     tree_root: PathBuf,
     local_root: PathBuf,
     data_dir: PathBuf,
@@ -92,18 +85,9 @@ pub struct Fs {
     handles: Mutex<HashMap<u64, OpenHandle>>,
     next_fh: AtomicU64,
     ns_lock: RwLock<()>,
-    pending: Arc<Mutex<Pending>>,
     overlay: Arc<Mutex<Overlay>>,
-    wake: Arc<Notify>,
-    flush_rx: watch::Receiver<FlushState>,
-    applied_rx: watch::Receiver<u64>,
-    role: Arc<Role>,
-    metrics: Metrics,
-    my_id: u64,
-    acks: u64,
-    /// Every batch up to this seq is durable on this node and `acks` others: an fsync
-    /// proved it (the only thing a node that stopped leading may still answer 0 for).
-    acked_seq: AtomicU64,
+    /// Replication: every write, fsync and namespace op goes through it.
+    pipeline: Arc<dyn Pipeline>,
     /// Where durability waits are counted and timed.
     registry: Arc<Registry>,
     /// Invalidations go to the kernel from their own thread (see `Invalidator`).
@@ -119,21 +103,13 @@ pub struct Fs {
 
 /// What `Fs::new` needs from the replication side.
 pub struct FsParts {
-    pub rt: Handle,
     pub data_dir: PathBuf,
     pub tree_root: PathBuf,
     pub local_root: PathBuf,
     pub local_names: Vec<String>,
     pub limits: Limits,
-    pub pending: Arc<Mutex<Pending>>,
     pub overlay: Arc<Mutex<Overlay>>,
-    pub wake: Arc<Notify>,
-    pub flush_rx: watch::Receiver<FlushState>,
-    pub applied_rx: watch::Receiver<u64>,
-    pub role: Arc<Role>,
-    pub metrics: Metrics,
-    pub my_id: u64,
-    pub acks: u64,
+    pub pipeline: Arc<dyn Pipeline>,
     pub registry: Arc<Registry>,
 }
 
@@ -195,7 +171,6 @@ impl Fs {
         let root_st_ino = fs::metadata(&p.tree_root)?.ino();
         let space = SpaceGate::new(p.data_dir.clone(), &p.limits, p.registry.disk.clone());
         Ok(Fs {
-            rt: p.rt,
             tree_root: p.tree_root,
             local_root: p.local_root,
             data_dir: p.data_dir,
@@ -205,16 +180,8 @@ impl Fs {
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             ns_lock: RwLock::new(()),
-            pending: p.pending,
             overlay: p.overlay,
-            wake: p.wake,
-            flush_rx: p.flush_rx,
-            applied_rx: p.applied_rx,
-            role: p.role,
-            metrics: p.metrics,
-            my_id: p.my_id,
-            acks: p.acks,
-            acked_seq: AtomicU64::new(0),
+            pipeline: p.pipeline,
             space,
             registry: p.registry,
             invalidator: Invalidator::default(),
@@ -244,14 +211,14 @@ impl Fs {
     }
 
     pub fn writable(&self) -> bool {
-        self.role.writable()
+        self.pipeline.writable()
     }
 
     /// Mutations of the replicated tree need a writable (leader) mount.
     fn check_writable(&self) -> FsResult<()> {
         if self.failed() {
             Err(Errno(libc::EIO))
-        } else if self.role.writable() {
+        } else if self.pipeline.writable() {
             Ok(())
         } else {
             Err(Errno(libc::EROFS))
@@ -287,7 +254,7 @@ impl Fs {
     }
 
     fn failed(&self) -> bool {
-        self.flush_rx.borrow().failed
+        self.pipeline.failed()
     }
 
     fn node(&self, ino: u64) -> FsResult<inodes::Node> {
@@ -369,45 +336,17 @@ impl Fs {
 
     // ---- waiting on the log ----------------------------------------------------------
 
-    fn ack_timeout(&self) -> Duration {
-        Duration::from_millis(self.limits.ack_timeout_ms)
-    }
-
     /// Propose `op` alone and wait until it is applied; returns the tree's errno for it.
     fn propose_and_wait(&self, op: Op) -> FsResult<()> {
         self.check_writable()?;
         if op.needs_room() {
             self.check_room()?;
         }
-        let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .expect("pending mutex poisoned")
-            .push_alone(op, tx);
-        self.wake.notify_one();
-        let timeout = self.ack_timeout();
-        let outcome = self.rt.block_on(async {
-            tokio::time::timeout(timeout, async {
-                let resp_rx = rx.await.map_err(|_| "proposal dropped".to_string())?;
-                let resp = resp_rx
-                    .await
-                    .map_err(|_| "raft dropped the proposal".to_string())?;
-                resp.map_err(|e| e.to_string())
-            })
-            .await
-        });
-        match outcome {
-            Ok(Ok(resp)) => match resp.data.errnos.first() {
-                Some(0) => Ok(()),
-                Some(&e) => Err(Errno(e)),
-                None => Err(Errno(libc::EIO)),
-            },
-            Ok(Err(why)) => {
-                tracing::error!(%why, "namespace op failed to commit");
-                Err(Errno(libc::EIO))
-            }
-            Err(_) => {
-                tracing::error!("namespace op not applied within ack_timeout_ms");
+        match self.pipeline.propose_alone(op) {
+            Ok(0) => Ok(()),
+            Ok(errno) => Err(Errno(errno)),
+            Err(why @ ProposeError::Timeout) | Err(why @ ProposeError::Failed(_)) => {
+                tracing::error!(%why, "namespace op failed");
                 Err(Errno(libc::EIO))
             }
         }
@@ -418,7 +357,7 @@ impl Fs {
     /// is counted and, when it answers 0, timed (`metrics.rs`).
     pub fn wait_durable(&self) -> FsResult<()> {
         let started = std::time::Instant::now();
-        let outcome = self.durable_outcome();
+        let outcome = self.pipeline.durable();
         self.registry.fsync.record(outcome, started.elapsed());
         if outcome == FsyncOutcome::Ok {
             Ok(())
@@ -427,138 +366,11 @@ impl Fs {
         }
     }
 
-    fn durable_outcome(&self) -> FsyncOutcome {
-        let generation = self.role.generation();
-        let term = self.role.term();
-        let target = {
-            let mut p = self.pending.lock().expect("pending mutex poisoned");
-            p.seal();
-            p.last_seq()
-        };
-        if self.role.transferring() {
-            // Leadership is being handed over: batches accepted before are still being
-            // proposed and flushed, but their acknowledgements are not awaited here, so
-            // nothing may be acknowledged (vere should be stopped before a transfer).
-            return FsyncOutcome::NotLeader;
-        }
-        if !self.role.writable() {
-            // Nothing can be acknowledged here any more. An fsync that covers only what an
-            // earlier fsync already acknowledged succeeds; anything else fails, even if
-            // this node's log holds it: flushed here is not acknowledged by K others.
-            let flushed = self.flush_rx.borrow();
-            return if target <= self.acked_seq.load(Ordering::Acquire) {
-                FsyncOutcome::Ok
-            } else if flushed.failed {
-                // A failed log fdatasync is what cost the leadership.
-                FsyncOutcome::LogFailed
-            } else {
-                FsyncOutcome::NotLeader
-            };
-        }
-        self.wake.notify_one();
-        let mut flush = self.flush_rx.clone();
-        let mut metrics = self.metrics.clone();
-        let timeout = self.ack_timeout();
-        let role = &self.role;
-        let deposed = || role.generation() != generation;
-        let outcome = self.rt.block_on(async {
-            tokio::time::timeout(timeout, async {
-                // 1. The local log holds every batch up to `target` (fdatasync'd).
-                let index = loop {
-                    {
-                        let s = flush.borrow_and_update();
-                        if s.failed {
-                            return FsyncOutcome::LogFailed;
-                        }
-                        if deposed() {
-                            return FsyncOutcome::NotLeader;
-                        }
-                        if s.flushed_seq >= target {
-                            break s.flushed_index;
-                        }
-                    }
-                    tokio::select! {
-                        r = flush.changed() => if r.is_err() { return FsyncOutcome::Stopped },
-                        // Leadership changes show up in the metrics.
-                        r = metrics.changed() => if r.is_err() { return FsyncOutcome::Stopped },
-                    }
-                };
-                if self.acks == 0 {
-                    return if deposed() {
-                        FsyncOutcome::NotLeader
-                    } else {
-                        FsyncOutcome::Ok
-                    };
-                }
-                // 2. `acks` other voters have matched it: they answer AppendEntries only
-                //    after their own fdatasync, so matched means durable there.
-                loop {
-                    {
-                        let m = metrics.borrow_and_update();
-                        if deposed()
-                            || m.current_term != term
-                            || m.state != openraft::ServerState::Leader
-                        {
-                            return FsyncOutcome::NotLeader;
-                        }
-                        let voters: Vec<u64> =
-                            m.membership_config.membership().voter_ids().collect();
-                        let acked = m.replication.as_ref().map_or(0, |r| {
-                            r.iter()
-                                .filter(|(id, matched)| {
-                                    **id != self.my_id
-                                        && voters.contains(id)
-                                        && matched.is_some_and(|l| l.index >= index)
-                                })
-                                .count() as u64
-                        });
-                        if acked >= self.acks {
-                            return FsyncOutcome::Ok;
-                        }
-                    }
-                    if metrics.changed().await.is_err() {
-                        return FsyncOutcome::Stopped;
-                    }
-                }
-            })
-            .await
-            .unwrap_or(FsyncOutcome::Timeout)
-        });
-        if outcome == FsyncOutcome::Ok {
-            self.acked_seq.fetch_max(target, Ordering::AcqRel);
-        }
-        outcome
-    }
-
     /// Block while the overlay holds more than `inflight_bytes_max` (backpressure).
     fn wait_for_room(&self) -> FsResult<()> {
         let max = self.limits.inflight_bytes_max;
-        let mut applied = self.applied_rx.clone();
-        let mut flushed = self.flush_rx.clone();
-        let timeout = self.ack_timeout();
-        let room = |o: &Mutex<Overlay>| o.lock().expect("overlay mutex poisoned").bytes() < max;
-        if room(&self.overlay) {
-            return Ok(());
-        }
-        let ok = self.rt.block_on(async {
-            tokio::time::timeout(timeout, async {
-                loop {
-                    if room(&self.overlay) {
-                        return true;
-                    }
-                    if flushed.borrow_and_update().failed {
-                        return false;
-                    }
-                    tokio::select! {
-                        r = applied.changed() => if r.is_err() { return false },
-                        r = flushed.changed() => if r.is_err() { return false },
-                    }
-                }
-            })
-            .await
-            .unwrap_or(false)
-        });
-        if ok {
+        let room = || self.overlay.lock().expect("overlay mutex poisoned").bytes() < max;
+        if self.pipeline.wait_until(&room) {
             Ok(())
         } else {
             Err(Errno(libc::EIO))
@@ -573,19 +385,18 @@ impl Fs {
             .lock()
             .expect("stamps mutex poisoned")
             .insert(ino, now);
-        let mut p = self.pending.lock().expect("pending mutex poisoned");
-        // Lock order: pending, then overlay (the proposer never holds both; the state
-        // machine holds only the overlay). Pieces must enter the overlay under the pending
-        // lock, or their batch could be applied before they are there and they would never
-        // be dropped.
-        let mut o = self.overlay.lock().expect("overlay mutex poisoned");
-        for (op, kind) in ops {
-            let seq = p.push_data_stamped(op, now);
-            o.push(ino, Piece { seq, kind });
-        }
-        drop(o);
-        drop(p);
-        self.wake.notify_one();
+        let mut ops = Some(ops);
+        self.pipeline.accept(&mut |group| {
+            // Lock order: the group commit, then the overlay (the proposer never holds
+            // both; the state machine holds only the overlay). Pieces must enter the
+            // overlay under the group commit's lock, or their batch could be applied before
+            // they are there and they would never be dropped.
+            let mut o = self.overlay.lock().expect("overlay mutex poisoned");
+            for (op, kind) in ops.take().expect("accept runs `add` once") {
+                let seq = group.push_data_stamped(op, now);
+                o.push(ino, Piece { seq, kind });
+            }
+        });
     }
 
     // ---- operations -------------------------------------------------------------------
@@ -1232,32 +1043,40 @@ impl Fs {
         self.check_room()?;
         let _ns = self.ns_lock.read().expect("ns lock poisoned");
         let path = self.node(ino)?.path.ok_or(Errno(libc::ENOENT))?;
-        // Size check and truncate-to-grow are one step under the pending and overlay
-        // locks, so a concurrent write past `end` cannot be cut off by it.
-        let mut p = self.pending.lock().expect("pending mutex poisoned");
-        let mut o = self.overlay.lock().expect("overlay mutex poisoned");
-        let size = size_after(
-            fs::metadata(self.abs(Area::Tree, &path))?.len(),
-            o.pieces(ino),
-        );
-        if end > size {
-            let now = to_timespec(SystemTime::now());
-            self.stamps
-                .lock()
-                .expect("stamps mutex poisoned")
-                .insert(ino, now);
-            let seq = p.push_data_stamped(Op::Truncate { path, size: end }, now);
-            o.push(
-                ino,
-                Piece {
-                    seq,
-                    kind: PieceKind::Truncate { size: end },
-                },
-            );
-            drop(o);
-            drop(p);
-            self.wake.notify_one();
-        }
+        // Size check and truncate-to-grow are one step under the group commit's and the
+        // overlay's locks, so a concurrent write past `end` cannot be cut off by it.
+        // The tree's length is read under them too: an apply in between would move bytes
+        // from the overlay into the tree, and a stale length would then cut them off.
+        let tree_file = self.abs(Area::Tree, &path);
+        let mut path = Some(path);
+        let mut stat = Ok(());
+        self.pipeline.accept(&mut |group| {
+            let mut o = self.overlay.lock().expect("overlay mutex poisoned");
+            let tree_len = match fs::metadata(&tree_file) {
+                Ok(m) => m.len(),
+                Err(e) => {
+                    stat = Err(e);
+                    return;
+                }
+            };
+            if end > size_after(tree_len, o.pieces(ino)) {
+                let now = to_timespec(SystemTime::now());
+                self.stamps
+                    .lock()
+                    .expect("stamps mutex poisoned")
+                    .insert(ino, now);
+                let path = path.take().expect("accept runs `add` once");
+                let seq = group.push_data_stamped(Op::Truncate { path, size: end }, now);
+                o.push(
+                    ino,
+                    Piece {
+                        seq,
+                        kind: PieceKind::Truncate { size: end },
+                    },
+                );
+            }
+        });
+        stat?;
         Ok(())
     }
 }
@@ -1367,7 +1186,7 @@ impl Fs {
 
 impl ApplyObserver for Fs {
     fn applied(&self, op: &Op, own: bool) {
-        if own && self.role.writable() {
+        if own && self.pipeline.writable() {
             // The leader's kernel cache already shows its own writes.
             return;
         }
@@ -1421,7 +1240,7 @@ impl ApplyObserver for Fs {
 impl LeadershipHooks for Fs {
     fn lost(&self) {
         // None of this was acknowledged: fsyncs covering it fail (generation changed).
-        self.pending.lock().expect("pending mutex poisoned").clear();
+        self.pipeline.drop_unproposed();
         self.overlay.lock().expect("overlay mutex poisoned").clear();
         self.stamps.lock().expect("stamps mutex poisoned").clear();
         // The page cache may hold those unacknowledged writes: drop it, so reads come
@@ -1433,3 +1252,6 @@ impl LeadershipHooks for Fs {
         self.invalidate_all();
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,12 +1,14 @@
 //! Raft wiring: the openraft type configuration, and starting a node from a data dir
-//! (log store, state machine, network, proposer) so the file system can propose batches
-//! and wait for durability.
+//! (log store, state machine, network) so `pipeline.rs` can propose batches and wait for
+//! durability.
 
 pub mod checkpoint;
 pub mod control;
 pub mod elections;
+pub mod group_commit;
 pub mod log_store;
 pub mod network;
+pub mod pipeline;
 pub mod proposer;
 pub mod quorum;
 pub mod record;
@@ -83,6 +85,8 @@ pub struct Node {
     pub applied_rx: watch::Receiver<u64>,
     /// Who heard whom: pre-vote and check-quorum read it.
     pub liveness: Arc<quorum::Liveness>,
+    /// How far each follower's log durably matches ours: fsync reads it.
+    pub matched: Arc<quorum::Matched>,
 }
 
 /// The longest election timeout: openraft's leader lease too (see `start`).
@@ -117,6 +121,7 @@ pub async fn start(
     ship: Arc<crate::ship::Ship>,
 ) -> Result<Node, StartError> {
     let liveness = Arc::new(quorum::Liveness::new(election_timeout_max_ms(&cfg.limits)));
+    let matched = Arc::new(quorum::Matched::default());
     let raft_dir = dir.raft_dir();
     let disk = DiskFullPolicy::new(&cfg.limits, registry.disk.clone());
     let (log, flush_rx) = LogStore::open(LogOptions {
@@ -176,6 +181,7 @@ pub async fn start(
         connections_max: l.peer_connections_max,
         registry,
         liveness: liveness.clone(),
+        matched: matched.clone(),
     };
     let listener = match &cfg.cluster {
         Some(c) => Some(
@@ -261,5 +267,6 @@ pub async fn start(
         flush_rx,
         applied_rx,
         liveness,
+        matched,
     })
 }

@@ -21,7 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::control::{ControlServer, OpenImage};
-use super::quorum::Liveness;
+use super::quorum::{Liveness, Matched};
 use super::transport::{ClusterKey, Link, LinkError, LinkLimits};
 use super::wire::{self, RaftRequest, Request, Response};
 use super::TypeConfig;
@@ -43,6 +43,8 @@ pub struct NetConfig {
     /// Fed here (acks as leader, leader traffic as follower), read by pre-vote and
     /// check-quorum.
     pub liveness: Arc<Liveness>,
+    /// Fed here on a leader (how far each follower's log durably matches), read by fsync.
+    pub matched: Arc<Matched>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,8 +171,21 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let resp = self.rpc(req, option, wire::to_append_response).await;
         if let Ok(r) = &resp {
             self.counters.sent_entries(entries, bytes);
+            let term = rpc.vote.leader_id().term;
+            // How far the follower's log now matches ours (it answers after its fdatasync).
+            let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
+            match r {
+                AppendEntriesResponse::Success => {
+                    if let Some(last) = last {
+                        self.cfg.matched.record(self.target, term, last.index);
+                    }
+                }
+                AppendEntriesResponse::PartialSuccess(Some(upto)) => {
+                    self.cfg.matched.record(self.target, term, upto.index);
+                }
+                _ => {}
+            }
             if !matches!(r, AppendEntriesResponse::HigherVote(_)) {
-                let term = rpc.vote.leader_id().term;
                 self.cfg.liveness.acked(self.target, term, sent);
             }
         }

@@ -4,7 +4,7 @@
 //! openraft 0.9 appends and flushes proposals one at a time on the leader, so throughput
 //! comes from batching: while an append is being flushed, new ops pile up in the open
 //! batch; when the flush lands, everything that piled up becomes the next entry. A batch
-//! is also closed early when it reaches `entry_bytes_max` (pending.rs) or when an fsync
+//! is also closed early when it reaches `entry_bytes_max` (group_commit.rs) or when an fsync
 //! needs it. At most `proposals_inflight_max` proposals wait for their flush at once.
 
 use std::sync::{Arc, Mutex};
@@ -12,14 +12,14 @@ use std::sync::{Arc, Mutex};
 use openraft::Raft;
 use tokio::sync::{watch, Notify};
 
+use super::group_commit::GroupCommit;
 use super::log_store::FlushState;
 use super::role::Role;
 use super::TypeConfig;
-use crate::fs::pending::Pending;
 
 pub struct Proposer {
     pub raft: Raft<TypeConfig>,
-    pub pending: Arc<Mutex<Pending>>,
+    pub group: Arc<Mutex<GroupCommit>>,
     pub wake: Arc<Notify>,
     pub flush_rx: watch::Receiver<FlushState>,
     pub proposals_inflight_max: u64,
@@ -42,14 +42,17 @@ impl Proposer {
             if flushed.failed {
                 // Nothing can become durable any more; unproposed ops are dropped
                 // (their fsyncs fail with EIO through the flush state).
-                self.pending.lock().expect("pending mutex poisoned").clear();
+                self.group
+                    .lock()
+                    .expect("group commit mutex poisoned")
+                    .clear();
                 return;
             }
             let inflight = proposed_seq.saturating_sub(flushed.flushed_seq);
             let next = if inflight >= self.proposals_inflight_max {
                 None
             } else {
-                let mut p = self.pending.lock().expect("pending mutex poisoned");
+                let mut p = self.group.lock().expect("group commit mutex poisoned");
                 if let Some(s) = p.take_sealed() {
                     Some(s)
                 } else if p.has_open() && inflight == 0 {
@@ -90,7 +93,10 @@ impl Proposer {
                 },
                 Err(fatal) => {
                     tracing::error!(error = %fatal, "raft stopped; no more proposals");
-                    self.pending.lock().expect("pending mutex poisoned").clear();
+                    self.group
+                        .lock()
+                        .expect("group commit mutex poisoned")
+                        .clear();
                     return;
                 }
             }

@@ -10,12 +10,19 @@
 //!   but "higher vote"). A send time, not a receive time, so the quorum time computed from
 //!   it is never later than the moment the followers really heard us.
 //!
-//! The quorum arithmetic is pure ([`quorum_time`], [`granted`]) and table-tested, as raft-rs
-//! tests its majority code.
+//! It also owns, on a leader, how far each peer's log durably matches this leader's
+//! ([`Matched`]): the evidence behind an fsync's K acknowledgements, recorded the moment an
+//! AppendEntries answer arrives, so the fsync waiter wakes from the answer itself rather
+//! than after openraft's core has processed it and republished its metrics.
+//!
+//! The quorum arithmetic is pure ([`quorum_time`], [`granted`], [`acked_voters`]) and
+//! table-tested, as raft-rs tests its majority code.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
 
 /// The latest instant that a majority of every voter set holds (a joint configuration has
 /// two sets; each needs its own majority). `heard(id)` is when voter `id` last acknowledged
@@ -42,6 +49,65 @@ pub fn quorum_time(
         result = Some(result.map_or(t, |r| r.min(t)));
     }
     result
+}
+
+/// How many voters other than `me` hold this leader's log through `index`, durably:
+/// `matched(id)` is the (leader term, index) peer `id` last answered success for. An answer
+/// given to another term says nothing about this term's entries, so it does not count.
+pub fn acked_voters(
+    matched: impl Fn(u64) -> Option<(u64, u64)>,
+    voters: &[u64],
+    me: u64,
+    term: u64,
+    index: u64,
+) -> u64 {
+    voters
+        .iter()
+        .filter(|id| **id != me)
+        .filter(|id| matched(**id).is_some_and(|(t, i)| t == term && i >= index))
+        .count() as u64
+}
+
+/// Per peer, the newest (leader term, log index) it acknowledged as appended and
+/// fdatasync'd; waiters are woken on every advance.
+#[derive(Debug)]
+pub struct Matched {
+    by_peer: Mutex<BTreeMap<u64, (u64, u64)>>,
+    advanced: watch::Sender<u64>,
+}
+
+impl Default for Matched {
+    fn default() -> Self {
+        Matched {
+            by_peer: Mutex::default(),
+            advanced: watch::channel(0).0,
+        }
+    }
+}
+
+impl Matched {
+    /// Peer `id` answered an AppendEntries of `term` with success: its log matches ours
+    /// through `index`, and it answers only after its own fdatasync.
+    pub fn record(&self, id: u64, term: u64, index: u64) {
+        let mut m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let e = m.entry(id).or_insert((0, 0));
+        if (term, index) > *e {
+            *e = (term, index);
+            drop(m);
+            self.advanced.send_modify(|n| *n += 1);
+        }
+    }
+
+    /// Wakes on every advance of any peer.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.advanced.subscribe()
+    }
+
+    /// [`acked_voters`] over what was recorded.
+    pub fn acked_voters(&self, voters: &[u64], me: u64, term: u64, index: u64) -> u64 {
+        let m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        acked_voters(|id| m.get(&id).copied(), voters, me, term, index)
+    }
 }
 
 /// Whether the voters in `yes` (this node included by the caller if it votes for itself)
@@ -187,6 +253,89 @@ mod tests {
         for (sets, yes, want) in table {
             assert_eq!(granted(sets, yes), *want, "sets {sets:?} yes {yes:?}");
         }
+    }
+
+    /// (voters, this node, what each voter 1..=5 matched as (term, index), term, index,
+    /// expected count).
+    type AckRow<'a> = (&'a [u64], u64, &'a [Option<(u64, u64)>], u64, u64, u64);
+
+    #[test]
+    fn acked_voters_counts_other_voters_matched_in_this_term() {
+        let table: &[AckRow] = &[
+            // Nobody answered yet.
+            (&[1, 2, 3], 1, &[None, None, None], 3, 10, 0),
+            // The leader never counts itself.
+            (&[1, 2, 3], 1, &[Some((3, 99)), None, None], 3, 10, 0),
+            // At the index or past it counts; short of it does not.
+            (
+                &[1, 2, 3],
+                1,
+                &[None, Some((3, 10)), Some((3, 9))],
+                3,
+                10,
+                1,
+            ),
+            (
+                &[1, 2, 3],
+                1,
+                &[None, Some((3, 12)), Some((3, 10))],
+                3,
+                10,
+                2,
+            ),
+            // An answer to an older or newer term says nothing about this term's entries.
+            (
+                &[1, 2, 3],
+                1,
+                &[None, Some((2, 50)), Some((4, 50))],
+                3,
+                10,
+                0,
+            ),
+            // Only voters count: a learner (4) matching is no acknowledgement.
+            (&[1, 2, 3], 1, &[None, None, None, Some((3, 10))], 3, 10, 0),
+            // Five voters, three of them there.
+            (
+                &[1, 2, 3, 4, 5],
+                2,
+                &[Some((7, 5)), None, Some((7, 6)), Some((7, 4)), Some((7, 5))],
+                7,
+                5,
+                3,
+            ),
+            // A leader outside the voter set (being removed) counts every voter.
+            (&[2, 3], 1, &[None, Some((1, 1)), Some((1, 1))], 1, 1, 2),
+        ];
+        for (voters, me, matched, term, index, want) in table {
+            let got = acked_voters(
+                |id| matched.get((id - 1) as usize).copied().flatten(),
+                voters,
+                *me,
+                *term,
+                *index,
+            );
+            assert_eq!(
+                got, *want,
+                "voters {voters:?} me {me} matched {matched:?} term {term} index {index}"
+            );
+        }
+    }
+
+    #[test]
+    fn matched_keeps_the_newest_answer_and_wakes_waiters() {
+        let m = Matched::default();
+        let mut rx = m.subscribe();
+        m.record(2, 3, 10);
+        assert!(rx.has_changed().unwrap());
+        rx.borrow_and_update();
+        // A late answer to an earlier request moves nothing and wakes nobody.
+        m.record(2, 3, 8);
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(m.acked_voters(&[1, 2, 3], 1, 3, 10), 1);
+        // A newer term replaces the old one: its entries may differ.
+        m.record(2, 4, 2);
+        assert_eq!(m.acked_voters(&[1, 2, 3], 1, 3, 10), 0);
+        assert_eq!(m.acked_voters(&[1, 2, 3], 1, 4, 2), 1);
     }
 
     #[test]

@@ -22,7 +22,7 @@ pub struct Sealed {
     pub reply: Option<ResponseSender>,
 }
 
-pub struct Pending {
+pub struct GroupCommit {
     origin: u64,
     entry_bytes_max: usize,
     open: Vec<Op>,
@@ -32,7 +32,7 @@ pub struct Pending {
     sealed: VecDeque<Sealed>,
 }
 
-/// Whether `op` is a stamp (see [`Pending::push_data_stamped`]) of `path`.
+/// Whether `op` is a stamp (see [`GroupCommit::push_data_stamped`]) of `path`.
 fn is_stamp_of(op: &Op, path: &str) -> bool {
     matches!(
         op,
@@ -64,9 +64,9 @@ pub fn split_write(path: &str, offset: u64, data: &[u8], entry_bytes_max: usize)
         .collect()
 }
 
-impl Pending {
-    pub fn new(origin: u64, entry_bytes_max: usize) -> Pending {
-        Pending {
+impl GroupCommit {
+    pub fn new(origin: u64, entry_bytes_max: usize) -> GroupCommit {
+        GroupCommit {
             origin,
             entry_bytes_max,
             open: Vec::new(),
@@ -197,7 +197,7 @@ mod tests {
         let path = "d/".repeat(2047) + "f";
         let ops = split_write(&path, 0, &data, limits.entry_bytes_max);
         assert_eq!(ops.len(), 1, "a {}-byte write was split", data.len());
-        let mut p = Pending::new(1, limits.entry_bytes_max);
+        let mut p = GroupCommit::new(1, limits.entry_bytes_max);
         let seq = p.push_data(ops.into_iter().next().unwrap());
         p.seal();
         let sealed = p.take_sealed().expect("one batch");
@@ -237,7 +237,7 @@ mod tests {
 
     #[test]
     fn batches_group_small_ops_and_respect_the_cap() {
-        let mut p = Pending::new(9, 64 << 10);
+        let mut p = GroupCommit::new(9, 64 << 10);
         let s1 = p.push_data(w(100));
         let s2 = p.push_data(w(100));
         assert_eq!((s1, s2), (1, 1), "small ops share a batch");
@@ -259,7 +259,7 @@ mod tests {
 
     #[test]
     fn alone_ops_come_after_everything_accepted_before() {
-        let mut p = Pending::new(1, 1 << 20);
+        let mut p = GroupCommit::new(1, 1 << 20);
         p.push_data(w(10));
         let (tx, _rx) = oneshot::channel();
         let s = p.push_alone(
@@ -280,7 +280,7 @@ mod tests {
 
     #[test]
     fn a_run_of_writes_to_one_file_carries_one_stamp_at_its_end() {
-        let mut p = Pending::new(1, 1 << 20);
+        let mut p = GroupCommit::new(1, 1 << 20);
         let t = |sec| Timespec { sec, nsec: 0 };
         let write = |path: &str| Op::Write {
             path: path.into(),
