@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, CommandFactory, Parser, Subcommand};
 
-use crate::config::{Limits, MountConfig};
+use crate::config::{MountConfig, LIMITS};
 use crate::settings::{ConfigError, Layer, Origin, Value, CONFIG_KEY};
 
 #[derive(Debug, Parser)]
@@ -264,55 +264,6 @@ pub struct MountArgs {
     /// Address (IP:PORT) of the metrics endpoint (default: none).
     #[arg(long, value_name = "IP:PORT")]
     pub metrics_addr: Option<String>,
-    /// Largest Raft entry (group-commit batch) in bytes.
-    #[arg(long, default_value_t = Limits::default().entry_bytes_max as u64)]
-    pub entry_bytes_max: u64,
-    /// Written-but-unapplied bytes before WRITE blocks (backpressure).
-    #[arg(long, default_value_t = Limits::default().inflight_bytes_max as u64)]
-    pub inflight_bytes_max: u64,
-    /// Batches proposed but not yet flushed to the log.
-    #[arg(long, default_value_t = Limits::default().proposals_inflight_max as u64)]
-    pub proposals_inflight_max: u64,
-    /// How long an fsync waits for durability before failing with EIO.
-    #[arg(long, default_value_t = Limits::default().ack_timeout_ms)]
-    pub ack_timeout_ms: u64,
-    /// Entries between checkpoints (tree synced, log purged).
-    #[arg(long, default_value_t = Limits::default().checkpoint_entries)]
-    pub checkpoint_entries: u64,
-    /// Size at which a log segment file is closed and a new one started.
-    #[arg(long, default_value_t = Limits::default().log_segment_bytes_max)]
-    pub log_segment_bytes_max: u64,
-    /// FUSE worker threads.
-    #[arg(long, default_value_t = Limits::default().fuse_threads as u64)]
-    pub fuse_threads: u64,
-    /// How long to wait for the node to become writable before giving up.
-    #[arg(long, default_value_t = Limits::default().ready_timeout_ms)]
-    pub ready_timeout_ms: u64,
-    /// Log entries kept below a checkpoint for members slightly behind.
-    #[arg(long, default_value_t = Limits::default().log_keep_entries)]
-    pub log_keep_entries: u64,
-    /// Bytes of older log segments also kept below a checkpoint, so a member away for
-    /// minutes replays the log instead of receiving a tree snapshot.
-    #[arg(long, default_value_t = Limits::default().log_keep_bytes)]
-    pub log_keep_bytes: u64,
-    /// Raft heartbeat interval.
-    #[arg(long, default_value_t = Limits::default().heartbeat_ms)]
-    pub heartbeat_ms: u64,
-    /// Shortest election timeout (the longest is 1.25 times this).
-    #[arg(long, default_value_t = Limits::default().election_timeout_min_ms)]
-    pub election_timeout_min_ms: u64,
-    /// Free space on the data dir below which new writes answer ENOSPC.
-    #[arg(long, default_value_t = Limits::default().disk_reserve_bytes)]
-    pub disk_reserve_bytes: u64,
-    /// How long one free-space reading is reused by that check.
-    #[arg(long, default_value_t = Limits::default().disk_free_check_ms)]
-    pub disk_free_check_ms: u64,
-    /// How often a log append or tree apply that met a full disk is retried.
-    #[arg(long, default_value_t = Limits::default().disk_full_retry_ms)]
-    pub disk_full_retry_ms: u64,
-    /// How long a full disk is waited out before it is a fatal storage error.
-    #[arg(long, default_value_t = Limits::default().disk_full_wait_ms)]
-    pub disk_full_wait_ms: u64,
     /// Run the ship on this node while it is the writable leader: a command for
     /// /bin/sh -c (e.g. "urbit -t /srv/zod"), started in the mountpoint with
     /// SEGURO_MOUNTPOINT, SEGURO_NODE_ID and SEGURO_TERM set. See docs/OPERATIONS.md.
@@ -321,26 +272,63 @@ pub struct MountArgs {
     /// Run the ship as this user and its groups (default: the daemon's user).
     #[arg(long, value_name = "USER")]
     pub ship_user: Option<String>,
-    /// Grace between SIGTERM and SIGKILL when the ship is stopped; the same on every
-    /// member (a new leader's ship waits it out before starting).
-    #[arg(long, default_value_t = Limits::default().ship_stop_grace_ms)]
-    pub ship_stop_grace_ms: u64,
-    /// First delay before restarting a ship that exited by itself (doubles each time).
-    #[arg(long, default_value_t = Limits::default().ship_restart_backoff_ms)]
-    pub ship_restart_backoff_ms: u64,
-    /// Longest delay between ship restarts.
-    #[arg(long, default_value_t = Limits::default().ship_restart_backoff_max_ms)]
-    pub ship_restart_backoff_max_ms: u64,
-    /// Ship failures tolerated within --ship-failures-window-ms before this node hands
-    /// leadership (and the ship) to another member.
-    #[arg(long, default_value_t = Limits::default().ship_failures_max)]
-    pub ship_failures_max: u64,
-    #[arg(long, default_value_t = Limits::default().ship_failures_window_ms)]
-    pub ship_failures_window_ms: u64,
+    /// Every settable limit of the table in config.rs, as `--NAME-WITH-DASHES N`.
+    #[command(flatten)]
+    pub limits: LimitFlags,
     /// Test hook: while this file exists the log's fdatasync fails with EIO (ENOSPC if
     /// the file starts with `ENOSPC`).
     #[arg(long, hide = true)]
     pub fault_log_sync_file: Option<PathBuf>,
+}
+
+/// The `mount` flags of the settable limits, made from [`LIMITS`]: `--entry-bytes-max`
+/// for `entry_bytes_max`, with the row's doc as help and its default shown. Only values
+/// given on the command line are kept (the others come from the config file or defaults).
+#[derive(Debug, Clone, Default)]
+pub struct LimitFlags {
+    pub given: Vec<(&'static str, u64)>,
+}
+
+impl clap::FromArgMatches for LimitFlags {
+    fn from_arg_matches(m: &ArgMatches) -> Result<Self, clap::Error> {
+        let mut flags = LimitFlags::default();
+        flags.update_from_arg_matches(m)?;
+        Ok(flags)
+    }
+
+    fn update_from_arg_matches(&mut self, m: &ArgMatches) -> Result<(), clap::Error> {
+        for spec in LIMITS.iter().filter(|l| l.settable) {
+            if m.value_source(spec.name) == Some(ValueSource::CommandLine) {
+                if let Some(v) = m.get_one::<u64>(spec.name) {
+                    self.given.push((spec.name, *v));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Args for LimitFlags {
+    fn augment_args(mut cmd: clap::Command) -> clap::Command {
+        for spec in LIMITS.iter().filter(|l| l.settable) {
+            let doc = spec.doc.split_whitespace().collect::<Vec<_>>().join(" ");
+            let short = doc.split(". ").next().unwrap_or(&doc).trim_end_matches('.');
+            cmd = cmd.arg(
+                clap::Arg::new(spec.name)
+                    .long(spec.name.replace('_', "-"))
+                    .value_name("N")
+                    .value_parser(clap::value_parser!(u64))
+                    .default_value(spec.default.to_string())
+                    .help(format!("{short}."))
+                    .long_help(doc),
+            );
+        }
+        cmd
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::augment_args(cmd)
+    }
 }
 
 /// `seguro-fs SOURCE MOUNTPOINT -o OPTIONS`, as mount.fuse3 runs it for fstab type
@@ -387,51 +375,15 @@ impl MountArgs {
             "metrics_addr",
             Value::Text(self.metrics_addr.unwrap_or_default()),
         )?;
-        put("entry_bytes_max", Value::Int(self.entry_bytes_max))?;
-        put("inflight_bytes_max", Value::Int(self.inflight_bytes_max))?;
-        put(
-            "proposals_inflight_max",
-            Value::Int(self.proposals_inflight_max),
-        )?;
-        put("ack_timeout_ms", Value::Int(self.ack_timeout_ms))?;
-        put("checkpoint_entries", Value::Int(self.checkpoint_entries))?;
-        put(
-            "log_segment_bytes_max",
-            Value::Int(self.log_segment_bytes_max),
-        )?;
-        put("fuse_threads", Value::Int(self.fuse_threads))?;
-        put("ready_timeout_ms", Value::Int(self.ready_timeout_ms))?;
-        put("log_keep_entries", Value::Int(self.log_keep_entries))?;
-        put("log_keep_bytes", Value::Int(self.log_keep_bytes))?;
-        put("heartbeat_ms", Value::Int(self.heartbeat_ms))?;
-        put(
-            "election_timeout_min_ms",
-            Value::Int(self.election_timeout_min_ms),
-        )?;
-        put("disk_reserve_bytes", Value::Int(self.disk_reserve_bytes))?;
-        put("disk_free_check_ms", Value::Int(self.disk_free_check_ms))?;
-        put("disk_full_retry_ms", Value::Int(self.disk_full_retry_ms))?;
-        put("disk_full_wait_ms", Value::Int(self.disk_full_wait_ms))?;
         put(
             "ship_command",
             Value::Text(self.ship_command.unwrap_or_default()),
         )?;
         put("ship_user", Value::Text(self.ship_user.unwrap_or_default()))?;
-        put("ship_stop_grace_ms", Value::Int(self.ship_stop_grace_ms))?;
-        put(
-            "ship_restart_backoff_ms",
-            Value::Int(self.ship_restart_backoff_ms),
-        )?;
-        put(
-            "ship_restart_backoff_max_ms",
-            Value::Int(self.ship_restart_backoff_max_ms),
-        )?;
-        put("ship_failures_max", Value::Int(self.ship_failures_max))?;
-        put(
-            "ship_failures_window_ms",
-            Value::Int(self.ship_failures_window_ms),
-        )?;
         put("fault_log_sync_file", path(self.fault_log_sync_file))?;
+        for (name, value) in self.limits.given {
+            layer.set(name, Value::Int(value), Origin::Flag)?;
+        }
         for opts in &self.options {
             crate::mount_options::parse(opts, self.sloppy, &mut layer)?;
         }
@@ -511,7 +463,7 @@ mod tests {
         let c = mount(&[]).unwrap();
         assert_eq!(c.local_names, vec!["lock.mdb".to_string()]);
         assert_eq!(c.node_id, 1);
-        assert_eq!(c.limits, Limits::default());
+        assert_eq!(c.limits, crate::config::Limits::default());
         assert!(!c.join);
         // SAFETY: geteuid has no preconditions.
         assert_eq!(
@@ -628,21 +580,36 @@ mod tests {
     }
 
     /// docs/CONFIGURATION.md documents every limit, every mount flag and every key, so the
-    /// reference cannot fall behind the code.
+    /// reference cannot fall behind the code: each limit's row names its key (and flag,
+    /// if settable) and states the table's default and maximum.
     #[test]
     fn configuration_doc_covers_every_option() {
         let doc = include_str!("../docs/CONFIGURATION.md");
-        let limits = format!("{:?}", Limits::default());
-        let fields = limits
-            .trim_start_matches("Limits {")
-            .split(", ")
-            .filter_map(|f| f.split(':').next())
-            .map(str::trim)
-            .filter(|f| !f.is_empty() && *f != "}");
-        let mut missing: Vec<String> = fields
-            .filter(|f| !doc.contains(&format!("`{f}`")))
-            .map(String::from)
-            .collect();
+        let mut missing: Vec<String> = Vec::new();
+        for spec in LIMITS {
+            // A limit's row has its key in the second column.
+            let key = format!("`{}`", spec.name);
+            let Some(row) = doc.lines().find(|l| {
+                l.split('|')
+                    .nth(2)
+                    .is_some_and(|c| c.trim().starts_with(&key))
+            }) else {
+                missing.push(format!("a row for {}", spec.name));
+                continue;
+            };
+            let flag = format!("`--{}`", spec.name.replace('_', "-"));
+            if spec.settable != row.contains(&flag) {
+                missing.push(format!(
+                    "{}: flag {flag} shown iff settable: {row}",
+                    spec.name
+                ));
+            }
+            for (what, n) in [("default", spec.default), ("maximum", spec.max)] {
+                if !row.contains(&n.to_string()) {
+                    missing.push(format!("{}: its {what} {n}: {row}", spec.name));
+                }
+            }
+        }
         let cmd = Cli::command();
         let mount = cmd.find_subcommand("mount").unwrap();
         for arg in mount.get_arguments().filter(|a| !a.is_hide_set()) {
@@ -655,15 +622,14 @@ mod tests {
                 missing.push(flag);
             }
         }
-        for key in crate::settings::KEYS {
+        for key in crate::settings::keys() {
             if !doc.contains(&format!("`{}`", key.name)) {
                 missing.push(key.name.into());
             }
         }
         assert!(
             missing.is_empty(),
-            "not in docs/CONFIGURATION.md: {missing:?}"
+            "docs/CONFIGURATION.md lacks: {missing:#?}"
         );
-        assert!(limits.contains("heartbeat_ms"), "{limits}");
     }
 }

@@ -1,146 +1,193 @@
-//! The validated configuration: every limit and timeout of the daemon lives here, with its
-//! default and its allowed range, so there is one place to read and tune them.
+//! The validated configuration: every limit and timeout of the daemon is declared here
+//! once, as a row of the `limits!` table (type, default, range, whether it can be set, and
+//! its doc, which is also its `--help`), so there is one place to read and tune them.
 
 use std::path::PathBuf;
 
-/// Numeric limits. Names carry their unit last (`_bytes_max`, `_ms`).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
+/// How a limit's smallest allowed value is given.
+#[derive(Clone, Copy)]
+pub enum Min {
+    Const(u64),
+    /// Depends on other limits: the function, and how docs/CONFIGURATION.md says it.
+    Of(fn(&Limits) -> u64, &'static str),
+}
+
+/// One row of the limits table: everything the flags, the config file, `-o`, validation
+/// and docs/CONFIGURATION.md know about a limit.
+pub struct LimitSpec {
+    pub name: &'static str,
+    /// Whether flags, `-o` and the config file may set it (the others are fixed here).
+    pub settable: bool,
+    pub default: u64,
+    pub min: Min,
+    pub max: u64,
+    /// Its doc comment, which is also its `--help` text.
+    pub doc: &'static str,
+    get: fn(&Limits) -> u64,
+    set: fn(&mut Limits, u64),
+}
+
+impl LimitSpec {
+    /// The smallest allowed value, given the other limits.
+    pub fn min(&self, l: &Limits) -> u64 {
+        match self.min {
+            Min::Const(m) => m,
+            Min::Of(f, _) => f(l),
+        }
+    }
+}
+
+/// Declares every limit once, as a table row:
+/// `/// doc` `name: type = default, settable|fixed, min M|min (fn, "text"), max N;`
+/// and generates [`Limits`], its `Default`, and [`LIMITS`], from which validation, the
+/// `mount` flags (`cli.rs`), the shared keys (`settings.rs`) and the docs check are made.
+macro_rules! limits {
+    ($(
+        $(#[doc = $doc:literal])*
+        $name:ident: $ty:ty = $default:expr, $settable:ident,
+            min $min:expr, max $max:expr;
+    )*) => {
+        /// Numeric limits. Names carry their unit last (`_bytes_max`, `_ms`).
+        #[derive(Debug, Clone, PartialEq, Eq)]
+        pub struct Limits {
+            $( $(#[doc = $doc])* pub $name: $ty, )*
+        }
+
+        impl Default for Limits {
+            fn default() -> Self {
+                Limits { $( $name: $default, )* }
+            }
+        }
+
+        /// Every limit, in declaration order.
+        pub const LIMITS: &[LimitSpec] = &[ $(
+            LimitSpec {
+                name: stringify!($name),
+                settable: limits!(@settable $settable),
+                default: $default as u64,
+                min: $min,
+                max: $max,
+                doc: concat!($($doc, "\n"),*),
+                get: |l| l.$name as u64,
+                // Only after a range check against `max`, which every row keeps within
+                // its type (`limits::tests::maxima_fit_their_types`).
+                set: |l, v| l.$name = v as $ty,
+            },
+        )* ];
+    };
+    (@settable settable) => { true };
+    (@settable fixed) => { false };
+}
+
+limits! {
     /// Cap on one Raft entry's encoded ops (group-commit batch). Larger writes are split.
     /// The default leaves room for a whole `fuse_write_bytes_max` WRITE and its op header:
     /// at exactly 1 MiB every 1 MiB write became a full entry plus a ~100-byte one, which
     /// doubled the log flushes and replication round trips of sequential writes.
-    pub entry_bytes_max: usize,
+    entry_bytes_max: usize = (1 << 20) + (64 << 10), settable,
+        min Min::Const(64 << 10), max 16 << 20;
     /// Bytes written but not yet applied to the tree (the overlay). WRITE blocks above it:
     /// this is the backpressure that bounds memory while a multi-GB file streams through.
-    pub inflight_bytes_max: usize,
+    inflight_bytes_max: usize = 64 << 20, settable,
+        min Min::Of(|l| l.entry_bytes_max as u64 * 2, "2 × `entry_bytes_max`"), max 16 << 30;
     /// Batches proposed to Raft but not yet flushed to the log.
-    pub proposals_inflight_max: usize,
+    proposals_inflight_max: usize = 8, settable, min Min::Const(1), max 1024;
     /// How long fsync (and a namespace op) waits for durability before answering EIO.
-    pub ack_timeout_ms: u64,
+    ack_timeout_ms: u64 = 10_000, settable, min Min::Const(10), max 3_600_000;
     /// A checkpoint (tree synced, applied id recorded, log purged) after this many entries.
-    pub checkpoint_entries: u64,
+    checkpoint_entries: u64 = 2_000, settable, min Min::Const(16), max 1 << 30;
     /// A log segment file is closed and a new one started past this size.
-    pub log_segment_bytes_max: u64,
+    log_segment_bytes_max: u64 = 64 << 20, settable, min Min::Const(4 << 20), max 4 << 30;
     /// Open files the state machine keeps cached while applying.
-    pub apply_open_files_max: usize,
+    apply_open_files_max: usize = 64, fixed, min Min::Const(4), max 4096;
     /// FUSE worker threads.
-    pub fuse_threads: usize,
+    fuse_threads: usize = 4, settable, min Min::Const(1), max 64;
     /// Largest FUSE WRITE the kernel may send.
-    pub fuse_write_bytes_max: u32,
+    fuse_write_bytes_max: u32 = 1 << 20, fixed, min Min::Const(4096), max 16 << 20;
     /// How long `mount` waits for the node to become a writable leader.
-    pub ready_timeout_ms: u64,
+    ready_timeout_ms: u64 = 30_000, settable, min Min::Const(100), max 3_600_000;
     /// Log entries kept below a checkpoint for members that are slightly behind (at
     /// least; `log_keep_bytes` may keep more). One behind everything kept gets a tree
     /// snapshot.
-    pub log_keep_entries: u64,
+    log_keep_entries: u64 = 1_000, settable, min Min::Const(0), max 1 << 30;
     /// Below a checkpoint, older log segments are kept as well while their bytes stay
     /// within this, so a member away for minutes replays the log instead of receiving
     /// the whole tree. Whichever of this and `log_keep_entries` keeps more wins
     /// (`replication/retention.rs`).
-    pub log_keep_bytes: u64,
+    log_keep_bytes: u64 = 1 << 30, settable, min Min::Const(0), max 1 << 40;
     /// Largest frame on a peer link (an AppendEntries with its entries, or a snapshot chunk).
-    pub frame_bytes_max: usize,
+    /// A full AppendEntries (entries at the cap plus framing) must fit one frame.
+    frame_bytes_max: usize = 32 << 20, fixed,
+        min Min::Of(
+            |l| (l.append_entries_max * (l.entry_bytes_max as u64 + 4096))
+                .max(l.snapshot_chunk_bytes + 4096),
+            "max(`append_entries_max` × (`entry_bytes_max` + 4096), `snapshot_chunk_bytes` + 4096)"
+        ), max 1 << 30;
     /// Entries per AppendEntries.
-    pub append_entries_max: u64,
+    append_entries_max: u64 = 4, fixed, min Min::Const(1), max 1024;
     /// Bytes of tree image per snapshot chunk.
-    pub snapshot_chunk_bytes: u64,
+    snapshot_chunk_bytes: u64 = 4 << 20, fixed, min Min::Const(64 << 10), max 64 << 20;
     /// Connecting (and authenticating) to a peer.
-    pub connect_timeout_ms: u64,
+    connect_timeout_ms: u64 = 1_000, fixed, min Min::Const(10), max 60_000;
     /// Writing or reading one frame once it has started.
-    pub peer_io_timeout_ms: u64,
+    peer_io_timeout_ms: u64 = 10_000, fixed, min Min::Const(100), max 600_000;
     /// Concurrent inbound peer connections.
-    pub peer_connections_max: usize,
+    peer_connections_max: usize = 64, fixed, min Min::Const(2), max 4096;
     /// Raft heartbeat. openraft also uses it as the timeout of one AppendEntries, so it
     /// must exceed the worst-case transfer of `append_entries_max` full entries plus the
-    /// follower's fdatasync. The election timeout is drawn from
-    /// [election_timeout_min_ms, 1.25×].
-    pub heartbeat_ms: u64,
-    pub election_timeout_min_ms: u64,
+    /// follower's fdatasync.
+    heartbeat_ms: u64 = 150, settable, min Min::Const(10), max 10_000;
+    /// The shortest election timeout; the longest (and openraft's leader lease) is 1.25 ×
+    /// this. Elections must not fire between heartbeats.
+    election_timeout_min_ms: u64 = 500, settable,
+        min Min::Of(|l| l.heartbeat_ms * 3, "3 × `heartbeat_ms`"), max 60_000;
     /// Largest HTTP request head (request line and headers) the metrics server reads.
-    pub metrics_request_head_bytes_max: usize,
+    metrics_request_head_bytes_max: usize = 8 << 10, fixed, min Min::Const(1 << 10), max 64 << 10;
     /// Concurrent connections to the metrics server; more are answered 503 and closed.
-    pub metrics_connections_max: usize,
+    metrics_connections_max: usize = 16, fixed, min Min::Const(1), max 1024;
     /// Reading a metrics request head, and writing its answer.
-    pub metrics_io_timeout_ms: u64,
+    metrics_io_timeout_ms: u64 = 5_000, fixed, min Min::Const(100), max 600_000;
     /// The most recent fsync ack latencies kept for `status`'s p50 and p99.
-    pub fsync_recent_samples_max: usize,
+    fsync_recent_samples_max: usize = 1_024, fixed, min Min::Const(16), max 1 << 20;
     /// `members add`: how long a new member may take to catch up before it is promoted.
-    pub member_catchup_timeout_ms: u64,
+    member_catchup_timeout_ms: u64 = 600_000, fixed, min Min::Const(1_000), max 86_400_000;
     /// `transfer-leader`: each of its waits (target catching up, target taking over).
-    pub transfer_timeout_ms: u64,
+    transfer_timeout_ms: u64 = 10_000, fixed, min Min::Const(1_000), max 600_000;
     /// The writable leader answers ENOSPC to new writes while the data dir's file system
     /// has less free space than this, so the log and the tree keep room to finish what was
     /// already accepted.
-    pub disk_reserve_bytes: u64,
+    disk_reserve_bytes: u64 = 64 << 20, settable, min Min::Const(0), max 1 << 40;
     /// How long a free-space reading (statvfs) is reused by that check.
-    pub disk_free_check_ms: u64,
+    disk_free_check_ms: u64 = 100, settable, min Min::Const(1), max 60_000;
     /// A log append, vote or tree apply that met a full disk is retried this often.
-    pub disk_full_retry_ms: u64,
+    disk_full_retry_ms: u64 = 200, settable, min Min::Const(1), max 60_000;
     /// ...for at most this long; then the failure is fatal, as any other storage error.
-    pub disk_full_wait_ms: u64,
+    disk_full_wait_ms: u64 = 600_000, settable, min Min::Const(0), max 86_400_000;
     /// How long `status` (and a metrics scrape) waits for the Raft core's committed index
     /// before reporting the applied index instead (the core is busy while the log waits
     /// for space).
-    pub status_raft_wait_ms: u64,
+    status_raft_wait_ms: u64 = 500, fixed, min Min::Const(10), max 60_000;
+    /// How long a node that just became leader waits for its term's first entry to be
+    /// committed and applied (openraft's `ensure_linearizable`) before it gives up on
+    /// becoming writable this time and tries again.
+    linearizable_timeout_ms: u64 = 30_000, fixed, min Min::Const(100), max 600_000;
     /// How often pre-vote (a follower's campaign condition) and check-quorum (the
     /// leader's) are evaluated; part of the failover freeze.
-    pub liveness_check_ms: u64,
+    liveness_check_ms: u64 = 25, fixed, min Min::Const(5), max 1_000;
     /// The supervised ship gets SIGTERM, then SIGKILL after this long. Every member must
     /// use the same value: a new leader's ship waits it out (the freeze) before starting.
-    pub ship_stop_grace_ms: u64,
+    ship_stop_grace_ms: u64 = 1_000, settable, min Min::Const(0), max 600_000;
     /// The first wait before restarting a ship that exited while this node leads; doubled
     /// after each failure up to `ship_restart_backoff_max_ms`.
-    pub ship_restart_backoff_ms: u64,
-    pub ship_restart_backoff_max_ms: u64,
+    ship_restart_backoff_ms: u64 = 500, settable, min Min::Const(10), max 600_000;
+    /// The longest wait between ship restarts.
+    ship_restart_backoff_max_ms: u64 = 30_000, settable,
+        min Min::Of(|l| l.ship_restart_backoff_ms, "`ship_restart_backoff_ms`"), max 3_600_000;
     /// More ship failures than this within `ship_failures_window_ms` and this node hands
     /// leadership (and the ship) to another member.
-    pub ship_failures_max: u64,
-    pub ship_failures_window_ms: u64,
-}
-
-impl Default for Limits {
-    fn default() -> Self {
-        Limits {
-            entry_bytes_max: (1 << 20) + (64 << 10),
-            inflight_bytes_max: 64 << 20,
-            proposals_inflight_max: 8,
-            ack_timeout_ms: 10_000,
-            checkpoint_entries: 2_000,
-            log_segment_bytes_max: 64 << 20,
-            apply_open_files_max: 64,
-            fuse_threads: 4,
-            fuse_write_bytes_max: 1 << 20,
-            ready_timeout_ms: 30_000,
-            log_keep_entries: 1_000,
-            log_keep_bytes: 1 << 30,
-            frame_bytes_max: 32 << 20,
-            append_entries_max: 4,
-            snapshot_chunk_bytes: 4 << 20,
-            connect_timeout_ms: 1_000,
-            peer_io_timeout_ms: 10_000,
-            peer_connections_max: 64,
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 500,
-            metrics_request_head_bytes_max: 8 << 10,
-            metrics_connections_max: 16,
-            metrics_io_timeout_ms: 5_000,
-            fsync_recent_samples_max: 1_024,
-            member_catchup_timeout_ms: 600_000,
-            transfer_timeout_ms: 10_000,
-            disk_reserve_bytes: 64 << 20,
-            disk_free_check_ms: 100,
-            disk_full_retry_ms: 200,
-            disk_full_wait_ms: 600_000,
-            status_raft_wait_ms: 500,
-            liveness_check_ms: 25,
-            ship_stop_grace_ms: 1_000,
-            ship_restart_backoff_ms: 500,
-            ship_restart_backoff_max_ms: 30_000,
-            ship_failures_max: 5,
-            ship_failures_window_ms: 60_000,
-        }
-    }
+    ship_failures_max: u64 = 5, settable, min Min::Const(0), max 1_000;
+    /// The window of `ship_failures_max`.
+    ship_failures_window_ms: u64 = 60_000, settable, min Min::Const(1_000), max 86_400_000;
 }
 
 /// A limit outside its allowed range.
@@ -153,156 +200,41 @@ pub struct RangeError {
     pub max: u64,
 }
 
-fn check(name: &'static str, value: u64, min: u64, max: u64) -> Result<(), RangeError> {
-    if (min..=max).contains(&value) {
-        Ok(())
-    } else {
-        Err(RangeError {
-            name,
-            value,
-            min,
-            max,
-        })
-    }
-}
-
 impl Limits {
+    /// The row of limit `name`.
+    pub fn spec(name: &str) -> Option<&'static LimitSpec> {
+        LIMITS.iter().find(|s| s.name == name)
+    }
+
+    /// Set limit `name` (one of [`LIMITS`]) to `value`, refusing a value above its maximum
+    /// (its minimum may depend on other limits: [`Limits::validate`] checks it).
+    pub fn set(&mut self, name: &str, value: u64) -> Result<(), RangeError> {
+        let spec = Limits::spec(name).expect("a limit of the table");
+        if value > spec.max {
+            return Err(RangeError {
+                name: spec.name,
+                value,
+                min: spec.min(self),
+                max: spec.max,
+            });
+        }
+        (spec.set)(self, value);
+        Ok(())
+    }
+
+    /// Every limit within its range, in table order.
     pub fn validate(&self) -> Result<(), RangeError> {
-        check(
-            "entry_bytes_max",
-            self.entry_bytes_max as u64,
-            64 << 10,
-            16 << 20,
-        )?;
-        check(
-            "inflight_bytes_max",
-            self.inflight_bytes_max as u64,
-            self.entry_bytes_max as u64 * 2,
-            16 << 30,
-        )?;
-        check(
-            "proposals_inflight_max",
-            self.proposals_inflight_max as u64,
-            1,
-            1024,
-        )?;
-        check("ack_timeout_ms", self.ack_timeout_ms, 10, 3_600_000)?;
-        check("checkpoint_entries", self.checkpoint_entries, 16, 1 << 30)?;
-        check(
-            "log_segment_bytes_max",
-            self.log_segment_bytes_max,
-            4 << 20,
-            4 << 30,
-        )?;
-        check(
-            "apply_open_files_max",
-            self.apply_open_files_max as u64,
-            4,
-            4096,
-        )?;
-        check("fuse_threads", self.fuse_threads as u64, 1, 64)?;
-        check(
-            "fuse_write_bytes_max",
-            self.fuse_write_bytes_max as u64,
-            4096,
-            16 << 20,
-        )?;
-        check("ready_timeout_ms", self.ready_timeout_ms, 100, 3_600_000)?;
-        check("log_keep_entries", self.log_keep_entries, 0, 1 << 30)?;
-        check("log_keep_bytes", self.log_keep_bytes, 0, 1 << 40)?;
-        // A full AppendEntries (entries at the cap plus framing) must fit one frame.
-        let append_bytes = self.append_entries_max * (self.entry_bytes_max as u64 + 4096);
-        check(
-            "frame_bytes_max",
-            self.frame_bytes_max as u64,
-            append_bytes.max(self.snapshot_chunk_bytes + 4096),
-            1 << 30,
-        )?;
-        check("append_entries_max", self.append_entries_max, 1, 1024)?;
-        check(
-            "snapshot_chunk_bytes",
-            self.snapshot_chunk_bytes,
-            64 << 10,
-            64 << 20,
-        )?;
-        check("connect_timeout_ms", self.connect_timeout_ms, 10, 60_000)?;
-        check("peer_io_timeout_ms", self.peer_io_timeout_ms, 100, 600_000)?;
-        check(
-            "peer_connections_max",
-            self.peer_connections_max as u64,
-            2,
-            4096,
-        )?;
-        check("heartbeat_ms", self.heartbeat_ms, 10, 10_000)?;
-        // Elections must not fire between heartbeats.
-        check(
-            "election_timeout_min_ms",
-            self.election_timeout_min_ms,
-            self.heartbeat_ms * 3,
-            60_000,
-        )?;
-        check(
-            "metrics_request_head_bytes_max",
-            self.metrics_request_head_bytes_max as u64,
-            1 << 10,
-            64 << 10,
-        )?;
-        check(
-            "metrics_connections_max",
-            self.metrics_connections_max as u64,
-            1,
-            1024,
-        )?;
-        check(
-            "metrics_io_timeout_ms",
-            self.metrics_io_timeout_ms,
-            100,
-            600_000,
-        )?;
-        check(
-            "fsync_recent_samples_max",
-            self.fsync_recent_samples_max as u64,
-            16,
-            1 << 20,
-        )?;
-        check(
-            "member_catchup_timeout_ms",
-            self.member_catchup_timeout_ms,
-            1_000,
-            86_400_000,
-        )?;
-        check(
-            "transfer_timeout_ms",
-            self.transfer_timeout_ms,
-            1_000,
-            600_000,
-        )?;
-        check("disk_reserve_bytes", self.disk_reserve_bytes, 0, 1 << 40)?;
-        check("disk_free_check_ms", self.disk_free_check_ms, 1, 60_000)?;
-        check("disk_full_retry_ms", self.disk_full_retry_ms, 1, 60_000)?;
-        check("disk_full_wait_ms", self.disk_full_wait_ms, 0, 86_400_000)?;
-        check("status_raft_wait_ms", self.status_raft_wait_ms, 10, 60_000)?;
-        check("liveness_check_ms", self.liveness_check_ms, 5, 1_000)?;
-        check("ship_stop_grace_ms", self.ship_stop_grace_ms, 0, 600_000)?;
-        check(
-            "ship_restart_backoff_ms",
-            self.ship_restart_backoff_ms,
-            10,
-            600_000,
-        )?;
-        check(
-            "ship_restart_backoff_max_ms",
-            self.ship_restart_backoff_max_ms,
-            self.ship_restart_backoff_ms,
-            3_600_000,
-        )?;
-        check("ship_failures_max", self.ship_failures_max, 0, 1_000)?;
-        check(
-            "ship_failures_window_ms",
-            self.ship_failures_window_ms,
-            1_000,
-            86_400_000,
-        )?;
+        for spec in LIMITS {
+            let (value, min) = ((spec.get)(self), spec.min(self));
+            if !(min..=spec.max).contains(&value) {
+                return Err(RangeError {
+                    name: spec.name,
+                    value,
+                    min,
+                    max: spec.max,
+                });
+            }
+        }
         Ok(())
     }
 }
@@ -418,6 +350,30 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         Limits::default().validate().unwrap();
+    }
+
+    /// `set` checks a value against the row's maximum before converting it to the field's
+    /// type, so every maximum must fit its type; and the table's default is the field's.
+    #[test]
+    fn maxima_fit_their_types_and_defaults_round_trip() {
+        let d = Limits::default();
+        for spec in LIMITS {
+            let mut l = Limits::default();
+            l.set(spec.name, spec.max).unwrap();
+            assert_eq!(
+                (spec.get)(&l),
+                spec.max,
+                "{} truncated its maximum",
+                spec.name
+            );
+            assert_eq!((spec.get)(&d), spec.default, "{}", spec.name);
+            assert!(!spec.doc.trim().is_empty(), "{} has no doc", spec.name);
+        }
+        let e = Limits::default().set("fuse_threads", 65).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "fuse_threads = 65 is out of range: allowed 1..=64"
+        );
     }
 
     #[test]

@@ -248,9 +248,36 @@ pub fn preflight(cfg: &MountConfig) -> Result<(), MountError> {
 
 /// Run the daemon until the file system is unmounted or a signal arrives, telling `ready`
 /// once it is mounted. Returns once the mount is gone and everything accepted is
-/// checkpointed.
+/// checkpointed. The phases, in order: open, assemble, mount, serve, drain.
 pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
     preflight(&cfg)?;
+    let opened = open(&cfg)?;
+    let node = assemble(&cfg, opened)?;
+    let mounted = mount(&cfg, &node)?;
+    tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %node.data_dir.root.display(), "mounted");
+    ready.mounted();
+    let Mounted {
+        done_rx,
+        signals,
+        unmounter,
+        fuse_thread,
+        supervisor,
+    } = mounted;
+    let stop = serve(&node, done_rx, signals);
+    // The ship goes first: it must not outlive the mount, nor see it fail under it.
+    node.rt.block_on(node.ship.shutdown());
+    supervisor.abort();
+    take_down(&cfg, stop, unmounter, fuse_thread)?;
+    drain(&cfg, node)
+}
+
+/// Phase 1: the data dir, locked and private, and the runtime.
+struct Opened {
+    data_dir: DataDir,
+    rt: tokio::runtime::Runtime,
+}
+
+fn open(cfg: &MountConfig) -> Result<Opened, MountError> {
     // Everything the daemon creates for itself (log, vote, checkpoints, snapshots) is
     // private to it. The tree's files get exactly the modes their callers asked for from
     // tree.rs, which sets them explicitly.
@@ -264,7 +291,25 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         .enable_all()
         .thread_name("seguro-rt")
         .build()?;
+    Ok(Opened { data_dir, rt })
+}
 
+/// Phase 2: a running node and everything that serves it, not yet mounted.
+struct Assembled {
+    data_dir: DataDir,
+    rt: tokio::runtime::Runtime,
+    node: replication::Node,
+    role: Arc<Role>,
+    control: Arc<Control>,
+    ship: Arc<Ship>,
+    fs: Arc<Fs>,
+    /// Failed FUSE requests, counted by the adapter `mount` builds.
+    fuse_errors: Arc<crate::metrics::FuseErrors>,
+    role_watcher: tokio::task::JoinHandle<()>,
+}
+
+fn assemble(cfg: &MountConfig, opened: Opened) -> Result<Assembled, MountError> {
+    let Opened { data_dir, rt } = opened;
     // A random id for this run's batches: only this run holds their overlay pieces.
     let origin = {
         let mut b = [0u8; 8];
@@ -292,7 +337,7 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         )
     }));
     let node = rt.block_on(replication::start(
-        &cfg,
+        cfg,
         &data_dir,
         origin,
         overlay.clone(),
@@ -338,9 +383,9 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         local_root: data_dir.local_dir(),
         local_names: cfg.local_names.clone(),
         limits: cfg.limits.clone(),
-        overlay: overlay.clone(),
+        overlay,
         pipeline,
-        registry,
+        registry: registry.clone(),
     })?);
     let _ = observer.set(fs.clone());
     let role_watcher = rt.spawn(role::watch(
@@ -352,6 +397,7 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         role::QuorumCheck {
             lease_ms: replication::election_timeout_max_ms(&cfg.limits),
             tick_ms: cfg.limits.liveness_check_ms,
+            linearizable_timeout_ms: cfg.limits.linearizable_timeout_ms,
         },
     ));
     if cfg.cluster.is_none() {
@@ -368,10 +414,39 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
             std::thread::sleep(Duration::from_millis(10));
         }
     }
+    Ok(Assembled {
+        data_dir,
+        rt,
+        node,
+        role,
+        control,
+        ship,
+        fs,
+        fuse_errors: registry.fuse_errors.clone(),
+        role_watcher,
+    })
+}
 
+/// Phase 3: the FUSE session, running on its own thread, and the ship started on it.
+struct Mounted {
+    /// Resolves when the session ends (the file system was unmounted).
+    done_rx: tokio::sync::oneshot::Receiver<()>,
+    signals: Signals,
+    unmounter: fuser::SessionUnmounter,
+    fuse_thread: std::thread::JoinHandle<std::io::Result<()>>,
+    supervisor: tokio::task::JoinHandle<()>,
+}
+
+/// SIGTERM and SIGINT, which unmount cleanly.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+fn mount(cfg: &MountConfig, a: &Assembled) -> Result<Mounted, MountError> {
     let mut fuse_cfg = fuser::Config::default();
     fuse_cfg.mount_options = vec![
-        fuser::MountOption::FSName(format!("seguro-fs:{}", data_dir.root.display())),
+        fuser::MountOption::FSName(format!("seguro-fs:{}", a.data_dir.root.display())),
         fuser::MountOption::Subtype("seguro-fs".into()),
         fuser::MountOption::DefaultPermissions,
         fuser::MountOption::NoDev,
@@ -382,19 +457,20 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
     }
     fuse_cfg.n_threads = Some(cfg.limits.fuse_threads);
     fuse_cfg.clone_fd = true;
-    let adapter = FuseAdapter {
-        fs: fs.clone(),
-        write_bytes_max: cfg.limits.fuse_write_bytes_max,
-    };
     // From before the mount appears: a SIGTERM as soon as it is visible (or READY=1 is
     // sent) must unmount cleanly, not kill the process with the signal's default action.
-    let (mut term, mut int) = {
+    let signals = {
         use tokio::signal::unix::{signal, SignalKind};
-        let _rt = rt.enter();
-        (
-            signal(SignalKind::terminate())?,
-            signal(SignalKind::interrupt())?,
-        )
+        let _rt = a.rt.enter();
+        Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        }
+    };
+    let adapter = FuseAdapter {
+        fs: a.fs.clone(),
+        write_bytes_max: cfg.limits.fuse_write_bytes_max,
+        errors: a.fuse_errors.clone(),
     };
     let mut session =
         fuser::Session::new(adapter, &cfg.mountpoint, &fuse_cfg).map_err(|source| {
@@ -403,17 +479,14 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
                 source,
             }
         })?;
-    fs.set_notifier(session.notifier())?;
-    let mut unmounter = session.unmount_callable();
-    tracing::info!(mountpoint = %cfg.mountpoint.display(), data_dir = %data_dir.root.display(), "mounted");
-    ready.mounted();
+    a.fs.set_notifier(session.notifier())?;
+    let unmounter = session.unmount_callable();
     // Only now: the ship needs the mount.
-    let supervisor = rt.spawn(ship.clone().supervise(
-        role.clone(),
-        node.liveness.clone(),
-        control.clone(),
+    let supervisor = a.rt.spawn(a.ship.clone().supervise(
+        a.role.clone(),
+        a.node.liveness.clone(),
+        a.control.clone(),
     ));
-
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let fuse_thread = std::thread::Builder::new()
         .name("fuse-session".into())
@@ -422,18 +495,35 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
             let _ = done_tx.send(());
             r
         })?;
+    Ok(Mounted {
+        done_rx,
+        signals,
+        unmounter,
+        fuse_thread,
+        supervisor,
+    })
+}
 
-    let stop = rt.block_on(async {
+/// Phase 4: wait for a signal, an unmount from outside, or the Raft core's fatal stop.
+fn serve(a: &Assembled, done_rx: tokio::sync::oneshot::Receiver<()>, mut signals: Signals) -> Stop {
+    a.rt.block_on(async {
         tokio::select! {
-            _ = term.recv() => Stop::Signal,
-            _ = int.recv() => Stop::Signal,
+            _ = signals.term.recv() => Stop::Signal,
+            _ = signals.int.recv() => Stop::Signal,
             _ = done_rx => Stop::Unmounted,
-            why = raft_stopped(node.raft.clone()) => Stop::RaftStopped(why),
+            why = raft_stopped(a.node.raft.clone()) => Stop::RaftStopped(why),
         }
-    });
-    // The ship goes first: it must not outlive the mount, nor see it fail under it.
-    rt.block_on(ship.shutdown());
-    supervisor.abort();
+    })
+}
+
+/// Phase 5a: take the mount down (unless it already is) and wait for the FUSE session to
+/// end; a Raft core that stopped is this node's error.
+fn take_down(
+    cfg: &MountConfig,
+    stop: Stop,
+    mut unmounter: fuser::SessionUnmounter,
+    fuse_thread: std::thread::JoinHandle<std::io::Result<()>>,
+) -> Result<(), MountError> {
     match &stop {
         Stop::Signal => tracing::info!("signal received: unmounting"),
         Stop::RaftStopped(why) => {
@@ -479,25 +569,29 @@ pub fn run(cfg: MountConfig, ready: &mut Ready) -> Result<(), MountError> {
         Err(_) => tracing::error!("fuse session thread panicked"),
     }
 
-    // Drain: everything accepted is made durable, applied and checkpointed, so a restart
-    // replays nothing.
-    let drained = if fs.writable() {
-        fs.wait_durable()
+    Ok(())
+}
+
+/// Phase 5b: everything accepted is made durable, applied and checkpointed, so a restart
+/// replays nothing; then Raft shuts down.
+fn drain(cfg: &MountConfig, a: Assembled) -> Result<(), MountError> {
+    let drained = if a.fs.writable() {
+        a.fs.wait_durable()
     } else {
         Ok(())
     };
     let apply_deadline =
         std::time::Instant::now() + Duration::from_millis(cfg.limits.ack_timeout_ms);
-    while *node.applied_rx.borrow() < node.flush_rx.borrow().flushed_index
+    while *a.node.applied_rx.borrow() < a.node.flush_rx.borrow().flushed_index
         && std::time::Instant::now() < apply_deadline
     {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let ckpt = node.state_machine.checkpoint_now();
+    let ckpt = a.node.state_machine.checkpoint_now();
     // The mount is gone and everything accepted is durable: the watcher would only report
     // the Raft shutdown as a lost leadership (a WARN on every clean stop).
-    role_watcher.abort();
-    let _ = rt.block_on(node.raft.shutdown());
+    a.role_watcher.abort();
+    let _ = a.rt.block_on(a.node.raft.shutdown());
     drained.map_err(|_| {
         MountError::Io(std::io::Error::other(
             "could not make the last writes durable before exiting",

@@ -15,6 +15,7 @@ use fuser::{
 };
 
 use crate::fs::{to_timespec, Errno, Fs};
+use crate::metrics::FuseErrors;
 use crate::op::Owner;
 
 /// How long the kernel may cache entries and attributes. This mount is the only writer
@@ -24,6 +25,8 @@ const TTL: Duration = Duration::from_secs(1);
 pub struct FuseAdapter {
     pub fs: Arc<Fs>,
     pub write_bytes_max: u32,
+    /// Failed requests per operation.
+    pub errors: Arc<FuseErrors>,
 }
 
 /// The caller, who owns what it creates (the kernel sends its fsuid and fsgid).
@@ -34,8 +37,26 @@ fn owner(req: &Request) -> Owner {
     }
 }
 
-fn e(err: Errno) -> FuseErrno {
-    FuseErrno::from_i32(err.0)
+/// Run one request's call into [`Fs`] inside a tracing span named after the operation,
+/// and answer it: `ok` with the value, or the errno, counted per operation
+/// (`seguro_fuse_errors_total`) and logged at debug (ENOENT on a lookup is routine; the
+/// count shows a pattern).
+macro_rules! answer {
+    ($self:ident, $op:literal, $call:expr, $reply:ident, |$v:pat_param| $ok:expr) => {{
+        let result = {
+            let _span = tracing::debug_span!("fuse", op = $op).entered();
+            $call
+        };
+        match result {
+            Ok($v) => $ok,
+            Err(err) => {
+                let err: Errno = err;
+                $self.errors.count($op);
+                tracing::debug!(op = $op, errno = err.0, "fuse request failed");
+                $reply.error(FuseErrno::from_i32(err.0))
+            }
+        }
+    }};
 }
 
 fn time(t: TimeOrNow) -> SystemTime {
@@ -71,10 +92,13 @@ impl Filesystem for FuseAdapter {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.fs.lookup(parent.0, name) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "lookup",
+            self.fs.lookup(parent.0, name),
+            reply,
+            |attr| reply.entry(&TTL, &attr, Generation(0))
+        )
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
@@ -82,10 +106,8 @@ impl Filesystem for FuseAdapter {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.fs.getattr(ino.0) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(self, "getattr", self.fs.getattr(ino.0), reply, |attr| reply
+            .attr(&TTL, &attr))
     }
 
     fn setattr(
@@ -108,17 +130,19 @@ impl Filesystem for FuseAdapter {
     ) {
         let atime = atime.map(|t| to_timespec(time(t)));
         let mtime = mtime.map(|t| to_timespec(time(t)));
-        match self.fs.setattr(ino.0, mode, uid, gid, size, atime, mtime) {
-            Ok(attr) => reply.attr(&TTL, &attr),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "setattr",
+            self.fs.setattr(ino.0, mode, uid, gid, size, atime, mtime),
+            reply,
+            |attr| reply.attr(&TTL, &attr)
+        )
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.fs.readlink(ino.0) {
-            Ok(target) => reply.data(&target),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(self, "readlink", self.fs.readlink(ino.0), reply, |target| {
+            reply.data(&target)
+        })
     }
 
     fn mknod(
@@ -131,13 +155,14 @@ impl Filesystem for FuseAdapter {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        match self
-            .fs
-            .mknod(parent.0, name, mode & !umask, rdev, owner(req))
-        {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "mknod",
+            self.fs
+                .mknod(parent.0, name, mode & !umask, rdev, owner(req)),
+            reply,
+            |attr| reply.entry(&TTL, &attr, Generation(0))
+        )
     }
 
     fn mkdir(
@@ -149,24 +174,29 @@ impl Filesystem for FuseAdapter {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.fs.mkdir(parent.0, name, mode & !umask, owner(req)) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "mkdir",
+            self.fs.mkdir(parent.0, name, mode & !umask, owner(req)),
+            reply,
+            |attr| reply.entry(&TTL, &attr, Generation(0))
+        )
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.unlink(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "unlink",
+            self.fs.unlink(parent.0, name),
+            reply,
+            |()| reply.ok()
+        )
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.fs.rmdir(parent.0, name) {
-            Ok(()) => reply.ok(),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(self, "rmdir", self.fs.rmdir(parent.0, name), reply, |()| {
+            reply.ok()
+        })
     }
 
     fn symlink(
@@ -177,10 +207,13 @@ impl Filesystem for FuseAdapter {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        match self.fs.symlink(parent.0, link_name, target, owner(req)) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "symlink",
+            self.fs.symlink(parent.0, link_name, target, owner(req)),
+            reply,
+            |attr| reply.entry(&TTL, &attr, Generation(0))
+        )
     }
 
     fn rename(
@@ -193,13 +226,14 @@ impl Filesystem for FuseAdapter {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self
-            .fs
-            .rename(parent.0, name, newparent.0, newname, flags.bits())
-        {
-            Ok(()) => reply.ok(),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "rename",
+            self.fs
+                .rename(parent.0, name, newparent.0, newname, flags.bits()),
+            reply,
+            |()| reply.ok()
+        )
     }
 
     fn link(
@@ -210,10 +244,13 @@ impl Filesystem for FuseAdapter {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        match self.fs.link(ino.0, newparent.0, newname) {
-            Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "link",
+            self.fs.link(ino.0, newparent.0, newname),
+            reply,
+            |attr| reply.entry(&TTL, &attr, Generation(0))
+        )
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -226,10 +263,9 @@ impl Filesystem for FuseAdapter {
         } else {
             FopenFlags::empty()
         };
-        match self.fs.open(ino.0, flags.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), keep),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(self, "open", self.fs.open(ino.0, flags.0), reply, |fh| {
+            reply.opened(FileHandle(fh), keep)
+        })
     }
 
     fn read(
@@ -243,10 +279,13 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.fs.read(ino.0, fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "read",
+            self.fs.read(ino.0, fh.0, offset, size),
+            reply,
+            |data| reply.data(&data)
+        )
     }
 
     fn write(
@@ -261,10 +300,13 @@ impl Filesystem for FuseAdapter {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.fs.write(ino.0, fh.0, offset, data) {
-            Ok(n) => reply.written(n),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "write",
+            self.fs.write(ino.0, fh.0, offset, data),
+            reply,
+            |n| reply.written(n)
+        )
     }
 
     fn flush(
@@ -275,10 +317,7 @@ impl Filesystem for FuseAdapter {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.fs.flush() {
-            Ok(()) => reply.ok(),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(self, "flush", self.fs.flush(), reply, |()| reply.ok())
     }
 
     fn release(
@@ -303,17 +342,13 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsync(ino.0, fh.0) {
-            Ok(()) => reply.ok(),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(self, "fsync", self.fs.fsync(ino.0, fh.0), reply, |()| reply
+            .ok())
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.fs.opendir(ino.0) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(self, "opendir", self.fs.opendir(ino.0), reply, |fh| reply
+            .opened(FileHandle(fh), FopenFlags::empty()))
     }
 
     fn readdir(
@@ -324,8 +359,12 @@ impl Filesystem for FuseAdapter {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        match self.fs.readdir(fh.0, offset) {
-            Ok(entries) => {
+        answer!(
+            self,
+            "readdir",
+            self.fs.readdir(fh.0, offset),
+            reply,
+            |entries| {
                 for (i, (ino, kind, name)) in entries.into_iter().enumerate() {
                     let next = offset + i as u64 + 1;
                     if reply.add(INodeNo(ino), next, kind, OsStr::from_bytes(&name)) {
@@ -334,8 +373,7 @@ impl Filesystem for FuseAdapter {
                 }
                 reply.ok();
             }
-            Err(err) => reply.error(e(err)),
-        }
+        )
     }
 
     fn releasedir(
@@ -358,26 +396,20 @@ impl Filesystem for FuseAdapter {
         _datasync: bool,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fsyncdir() {
-            Ok(()) => reply.ok(),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(self, "fsyncdir", self.fs.fsyncdir(), reply, |()| reply.ok())
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.fs.statfs() {
-            Ok(s) => reply.statfs(
-                s.f_blocks,
-                s.f_bfree,
-                s.f_bavail,
-                s.f_files,
-                s.f_ffree,
-                s.f_bsize as u32,
-                s.f_namemax as u32,
-                s.f_frsize as u32,
-            ),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(self, "statfs", self.fs.statfs(), reply, |s| reply.statfs(
+            s.f_blocks,
+            s.f_bfree,
+            s.f_bavail,
+            s.f_files,
+            s.f_ffree,
+            s.f_bsize as u32,
+            s.f_namemax as u32,
+            s.f_frsize as u32,
+        ))
     }
 
     // Extended attributes are not replicated. ENOSYS (not EOPNOTSUPP) makes the kernel
@@ -424,19 +456,20 @@ impl Filesystem for FuseAdapter {
         flags: i32,
         reply: ReplyCreate,
     ) {
-        match self
-            .fs
-            .create(parent.0, name, mode & !umask, flags, owner(req))
-        {
-            Ok((attr, fh)) => reply.created(
+        answer!(
+            self,
+            "create",
+            self.fs
+                .create(parent.0, name, mode & !umask, flags, owner(req)),
+            reply,
+            |(attr, fh)| reply.created(
                 &TTL,
                 &attr,
                 Generation(0),
                 FileHandle(fh),
                 FopenFlags::FOPEN_KEEP_CACHE,
-            ),
-            Err(err) => reply.error(e(err)),
-        }
+            )
+        )
     }
 
     fn fallocate(
@@ -449,9 +482,12 @@ impl Filesystem for FuseAdapter {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        match self.fs.fallocate(ino.0, fh.0, offset, length, mode) {
-            Ok(()) => reply.ok(),
-            Err(err) => reply.error(e(err)),
-        }
+        answer!(
+            self,
+            "fallocate",
+            self.fs.fallocate(ino.0, fh.0, offset, length, mode),
+            reply,
+            |()| reply.ok()
+        )
     }
 }

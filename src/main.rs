@@ -1,34 +1,10 @@
-//! seguro-fs: parse the command line, run the command, map the outcome to an exit code.
-
-mod admin;
-mod assets;
-mod background;
-mod cli;
-mod config;
-mod config_file;
-mod daemon;
-mod datadir;
-mod diskfull;
-mod fs;
-mod fuse;
-mod import;
-mod metrics;
-mod mount_options;
-mod op;
-mod ready;
-mod replication;
-mod restore;
-mod settings;
-mod ship;
-mod sync;
-/// The integration tests' tmpfs guard, shared with the unit tests that need a file
-/// system that really runs out of space.
-#[cfg(test)]
-#[path = "../tests/common/tmpfs.rs"]
-mod test_tmpfs;
-mod tree;
+//! The `seguro-fs` binary: parse the command line, run the command, map the outcome to an
+//! exit code. Everything else is the library (`lib.rs`).
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
+use seguro_fs::{
+    admin, assets, background, cli, config, daemon, datadir, import, ready, restore, settings, ship,
+};
 
 /// Extra time an admin client waits beyond the daemon's own timeout for the operation, so
 /// the daemon's error (not the client's) is what the operator sees.

@@ -217,9 +217,62 @@ impl PeerCounters {
     }
 }
 
+/// FUSE requests answered with an error, per operation (`fuse.rs` counts them).
+#[derive(Default)]
+pub struct FuseErrors {
+    counts: [AtomicU64; FuseErrors::OPS.len()],
+}
+
+impl FuseErrors {
+    /// Every operation the adapter answers with an errno (its `Filesystem` method's name).
+    pub const OPS: [&'static str; 22] = [
+        "lookup",
+        "getattr",
+        "setattr",
+        "readlink",
+        "mknod",
+        "mkdir",
+        "unlink",
+        "rmdir",
+        "symlink",
+        "rename",
+        "link",
+        "open",
+        "read",
+        "write",
+        "flush",
+        "fsync",
+        "opendir",
+        "readdir",
+        "fsyncdir",
+        "statfs",
+        "create",
+        "fallocate",
+    ];
+
+    pub fn count(&self, op: &'static str) {
+        let slot = Self::OPS.iter().position(|o| *o == op);
+        debug_assert!(
+            slot.is_some(),
+            "FUSE operation {op} missing from FuseErrors::OPS"
+        );
+        if let Some(slot) = slot {
+            self.counts[slot].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn get(&self, op: &str) -> u64 {
+        Self::OPS
+            .iter()
+            .position(|o| *o == op)
+            .map_or(0, |slot| self.counts[slot].load(Ordering::Relaxed))
+    }
+}
+
 /// Everything the daemon counts, shared by the parts that count it.
 pub struct Registry {
     pub fsync: FsyncStats,
+    pub fuse_errors: Arc<FuseErrors>,
     /// Disk-full state, set by the log store, the state machine and the leader's
     /// free-space check.
     pub disk: Arc<crate::diskfull::DiskGauges>,
@@ -232,6 +285,7 @@ impl Registry {
     pub fn new(limits: &Limits, others: impl IntoIterator<Item = u64>) -> Registry {
         Registry {
             fsync: FsyncStats::new(limits.fsync_recent_samples_max),
+            fuse_errors: Arc::default(),
             disk: Arc::default(),
             peers: Mutex::new(others.into_iter().map(|id| (id, Arc::default())).collect()),
         }
@@ -497,6 +551,19 @@ pub fn render(st: &Status, reg: &Registry) -> String {
             "seguro_fsync_total",
             &[("result", outcome.label())],
             f.count(outcome),
+        );
+    }
+
+    o.family(
+        "seguro_fuse_errors_total",
+        "counter",
+        "FUSE requests answered with an error, by operation (ENOENT on lookup is routine).",
+    );
+    for op in FuseErrors::OPS {
+        o.sample(
+            "seguro_fuse_errors_total",
+            &[("op", op)],
+            reg.fuse_errors.get(op),
         );
     }
 

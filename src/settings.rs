@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use crate::config::{default_acks, ClusterConfig, Limits, MountConfig, RangeError};
+use crate::config::{default_acks, ClusterConfig, Limits, MountConfig, RangeError, LIMITS};
 use crate::datadir::LOG_FILE_NAME;
 
 /// What a key's value is.
@@ -44,7 +44,7 @@ impl Kind {
 }
 
 /// A setting that flags, `-o` and the config file share.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 pub struct Key {
     pub name: &'static str,
     pub kind: Kind,
@@ -54,7 +54,9 @@ const fn key(name: &'static str, kind: Kind) -> Key {
     Key { name, kind }
 }
 
-/// Every shared key. `config` (which file to read) is a command-line key only.
+/// Every shared key but the limits (those are the settable rows of
+/// [`crate::config::LIMITS`]: see [`keys`]). `config` (which file to read) is a
+/// command-line key only.
 pub const KEYS: &[Key] = &[
     key("data_dir", Kind::Path),
     key("mountpoint", Kind::Path),
@@ -68,36 +70,25 @@ pub const KEYS: &[Key] = &[
     key("allow_other", Kind::Bool),
     key("metrics_addr", Kind::Text),
     key("log_file", Kind::Path),
-    key("entry_bytes_max", Kind::Int),
-    key("inflight_bytes_max", Kind::Int),
-    key("proposals_inflight_max", Kind::Int),
-    key("ack_timeout_ms", Kind::Int),
-    key("checkpoint_entries", Kind::Int),
-    key("log_segment_bytes_max", Kind::Int),
-    key("fuse_threads", Kind::Int),
-    key("ready_timeout_ms", Kind::Int),
-    key("log_keep_entries", Kind::Int),
-    key("log_keep_bytes", Kind::Int),
-    key("heartbeat_ms", Kind::Int),
-    key("election_timeout_min_ms", Kind::Int),
-    key("disk_reserve_bytes", Kind::Int),
-    key("disk_free_check_ms", Kind::Int),
-    key("disk_full_retry_ms", Kind::Int),
-    key("disk_full_wait_ms", Kind::Int),
     key("ship_command", Kind::Text),
     key("ship_user", Kind::Text),
-    key("ship_stop_grace_ms", Kind::Int),
-    key("ship_restart_backoff_ms", Kind::Int),
-    key("ship_restart_backoff_max_ms", Kind::Int),
-    key("ship_failures_max", Kind::Int),
-    key("ship_failures_window_ms", Kind::Int),
 ];
 
 /// The key naming the config file (`--config`, `-o config=`).
 pub const CONFIG_KEY: &str = "config";
 
-pub fn find_key(name: &str) -> Option<&'static Key> {
-    KEYS.iter().find(|k| k.name == name)
+/// Every shared key: [`KEYS`], then the settable limits.
+pub fn keys() -> impl Iterator<Item = Key> {
+    KEYS.iter().copied().chain(
+        crate::config::LIMITS
+            .iter()
+            .filter(|l| l.settable)
+            .map(|l| key(l.name, Kind::Int)),
+    )
+}
+
+pub fn find_key(name: &str) -> Option<Key> {
+    keys().find(|k| k.name == name)
 }
 
 /// Where a value came from.
@@ -363,7 +354,7 @@ impl fmt::Display for ConfigError {
                 f,
                 "unknown mount option {opt:?}: seguro-fs takes {}, {CONFIG_KEY}, and the generic \
                  mount options listed in docs/CONFIGURATION.md (mount -s ignores unknown ones)",
-                KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                keys().map(|k| k.name).collect::<Vec<_>>().join(", ")
             ),
             Problem::ReadOnly => write!(
                 f,
@@ -387,7 +378,7 @@ impl fmt::Display for ConfigError {
             Problem::UnknownKey(k) => write!(
                 f,
                 "{pre}unknown key {k:?}: the keys are {}",
-                KEYS.iter().map(|k| k.name).collect::<Vec<_>>().join(", ")
+                keys().map(|k| k.name).collect::<Vec<_>>().join(", ")
             ),
             Problem::WrongType {
                 key,
@@ -477,38 +468,15 @@ pub fn key_flag(path: &Path) -> Result<crate::replication::transport::ClusterKey
 
 fn validate(m: &Layer) -> Result<MountConfig, ConfigError> {
     let err = |key: &str, problem: Problem| ConfigError::new(m.origin(key), problem);
-    let d = Limits::default();
     let int = |key: &str, default: u64| m.int(key).unwrap_or(default);
-    // Values above usize::MAX cannot occur on the 64-bit targets seguro-fs runs on, and
-    // every one is range-checked below.
-    let size = |key: &str, default: usize| int(key, default as u64) as usize;
-    let limits = Limits {
-        entry_bytes_max: size("entry_bytes_max", d.entry_bytes_max),
-        inflight_bytes_max: size("inflight_bytes_max", d.inflight_bytes_max),
-        proposals_inflight_max: size("proposals_inflight_max", d.proposals_inflight_max),
-        ack_timeout_ms: int("ack_timeout_ms", d.ack_timeout_ms),
-        checkpoint_entries: int("checkpoint_entries", d.checkpoint_entries),
-        log_segment_bytes_max: int("log_segment_bytes_max", d.log_segment_bytes_max),
-        fuse_threads: size("fuse_threads", d.fuse_threads),
-        ready_timeout_ms: int("ready_timeout_ms", d.ready_timeout_ms),
-        log_keep_entries: int("log_keep_entries", d.log_keep_entries),
-        log_keep_bytes: int("log_keep_bytes", d.log_keep_bytes),
-        heartbeat_ms: int("heartbeat_ms", d.heartbeat_ms),
-        election_timeout_min_ms: int("election_timeout_min_ms", d.election_timeout_min_ms),
-        disk_reserve_bytes: int("disk_reserve_bytes", d.disk_reserve_bytes),
-        disk_free_check_ms: int("disk_free_check_ms", d.disk_free_check_ms),
-        disk_full_retry_ms: int("disk_full_retry_ms", d.disk_full_retry_ms),
-        disk_full_wait_ms: int("disk_full_wait_ms", d.disk_full_wait_ms),
-        ship_stop_grace_ms: int("ship_stop_grace_ms", d.ship_stop_grace_ms),
-        ship_restart_backoff_ms: int("ship_restart_backoff_ms", d.ship_restart_backoff_ms),
-        ship_restart_backoff_max_ms: int(
-            "ship_restart_backoff_max_ms",
-            d.ship_restart_backoff_max_ms,
-        ),
-        ship_failures_max: int("ship_failures_max", d.ship_failures_max),
-        ship_failures_window_ms: int("ship_failures_window_ms", d.ship_failures_window_ms),
-        ..d
-    };
+    let mut limits = Limits::default();
+    for spec in LIMITS.iter().filter(|l| l.settable) {
+        if let Some(v) = m.int(spec.name) {
+            limits
+                .set(spec.name, v)
+                .map_err(|e| err(e.name, Problem::Range(e)))?;
+        }
+    }
     limits
         .validate()
         .map_err(|e| err(e.name, Problem::Range(e)))?;

@@ -781,6 +781,44 @@ fn standalone_metrics_http_limits_and_status() {
     assert!(after.value("seguro_committed_index", &[]) >= applied);
     assert!(after.value("seguro_last_log_index", &[]) >= applied);
 
+    eprintln!("--- failed FUSE requests are counted by operation");
+    let lookups = after.value("seguro_fuse_errors_total", &[("op", "lookup")]);
+    let rmdirs = after.value("seguro_fuse_errors_total", &[("op", "rmdir")]);
+    for i in 0..3 {
+        let missing = mnt.join(format!("missing-{i}"));
+        assert_eq!(
+            std::fs::metadata(&missing)
+                .map_err(|e| e.raw_os_error())
+                .err(),
+            Some(Some(libc::ENOENT))
+        );
+    }
+    // The kernel answers EEXIST and the like from its own cache; ENOTEMPTY comes from us.
+    std::fs::create_dir(mnt.join("d")).unwrap();
+    File::create(mnt.join("d/x")).unwrap();
+    assert_eq!(
+        std::fs::remove_dir(mnt.join("d"))
+            .map_err(|e| e.raw_os_error())
+            .err(),
+        Some(Some(libc::ENOTEMPTY))
+    );
+    let errors = scrape(addr);
+    assert!(
+        errors.value("seguro_fuse_errors_total", &[("op", "lookup")]) >= lookups + 3.0,
+        "{}",
+        errors.text
+    );
+    assert_eq!(
+        errors.value("seguro_fuse_errors_total", &[("op", "rmdir")]),
+        rmdirs + 1.0,
+        "{}",
+        errors.text
+    );
+    assert_eq!(
+        errors.value("seguro_fuse_errors_total", &[("op", "write")]),
+        0.0
+    );
+
     eprintln!("--- status --json and the table");
     let line = status_line(&data);
     check_fsync_fields(&line, done.fsyncs);

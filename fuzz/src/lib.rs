@@ -1,14 +1,8 @@
-//! The daemon's decoder modules, compiled unchanged from ../src by `#[path]` includes so
-//! the fuzz targets call exactly the code the daemon runs, without a library target in the
-//! main crate. Only the modules the decoders need are included (`op`, `sync`, and the
-//! `replication` ones in `replication.rs`); their other functions are unused here.
-#![allow(dead_code)]
+//! Helpers of the fuzz targets, over the daemon's library: the targets call exactly the
+//! decoders the daemon runs (`seguro_fs::op`, `seguro_fs::replication::{record, wire}`),
+//! re-exported here under the names the targets use.
 
-#[path = "../../src/op.rs"]
-pub mod op;
-pub mod replication;
-#[path = "../../src/sync.rs"]
-mod sync;
+pub use seguro_fs::{op, replication};
 
 use rkyv::util::AlignedVec;
 

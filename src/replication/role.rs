@@ -97,13 +97,16 @@ pub trait LeadershipHooks: Send + Sync {
     fn gained(&self);
 }
 
-/// How `watch` decides that a leader still holds its quorum.
+/// How `watch` decides that a leader still holds its quorum, and how long it waits to
+/// become writable.
 #[derive(Debug, Clone, Copy)]
 pub struct QuorumCheck {
     /// A leader unacknowledged by a majority for this long steps down (openraft's lease).
     pub lease_ms: u64,
     /// How often the check runs when nothing else wakes the watcher.
     pub tick_ms: u64,
+    /// `linearizable_timeout_ms`: one wait for the term's first entry to be applied.
+    pub linearizable_timeout_ms: u64,
 }
 
 /// Follow openraft's metrics (and the quorum's acknowledgements) and keep `role` up to
@@ -156,8 +159,11 @@ pub async fn watch(
         }
         if !writable && leads && quorum {
             // Writable only once everything of earlier terms is applied here.
-            let ready =
-                tokio::time::timeout(Duration::from_secs(30), raft.ensure_linearizable()).await;
+            let ready = tokio::time::timeout(
+                Duration::from_millis(check.linearizable_timeout_ms),
+                raft.ensure_linearizable(),
+            )
+            .await;
             let still = {
                 let m = raft.metrics().borrow().clone();
                 m.state == ServerState::Leader && m.current_term == term
