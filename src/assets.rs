@@ -14,13 +14,6 @@ use clap_complete::{Generator, Shell};
 /// expects (`seguro-fs.bash`, `_seguro-fs`, `seguro-fs.fish`).
 const SHELLS: [Shell; 3] = [Shell::Bash, Shell::Zsh, Shell::Fish];
 
-#[derive(Debug, clap::Args)]
-pub struct GenerateAssetsArgs {
-    /// Directory to write man/ and completions/ into (created if missing).
-    #[arg(long)]
-    pub out: PathBuf,
-}
-
 /// Write `OUT/man/seguro-fs.1`, one `OUT/man/seguro-fs-SUBCOMMAND.1` per visible subcommand
 /// and `OUT/completions/{seguro-fs.bash,_seguro-fs,seguro-fs.fish}`. Returns the files
 /// written.

@@ -54,7 +54,7 @@ pub enum Command {
     Import(ImportArgs),
     /// Write man pages and shell completions (used by packaging/build).
     #[command(hide = true)]
-    GenerateAssets(crate::assets::GenerateAssetsArgs),
+    GenerateAssets(GenerateAssetsArgs),
     /// Internal: the process between the daemon and its ship (see src/ship.rs).
     #[command(hide = true)]
     ShipGuard,
@@ -189,7 +189,7 @@ impl ImportArgs {
         if let Some(k) = self.cluster_key_file {
             layer.set("cluster_key_file", Value::Path(k), flag)?;
         }
-        crate::settings::resolve(layer)
+        crate::config_file::resolve(layer)
     }
 }
 
@@ -279,6 +279,14 @@ pub struct MountArgs {
     /// the file starts with `ENOSPC`).
     #[arg(long, hide = true)]
     pub fault_log_sync_file: Option<PathBuf>,
+}
+
+/// `seguro-fs generate-assets` (`assets.rs` writes them).
+#[derive(Debug, Args)]
+pub struct GenerateAssetsArgs {
+    /// Directory to write man/ and completions/ into (created if missing).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 /// The `mount` flags of the settable limits, made from [`LIMITS`]: `--entry-bytes-max`
@@ -387,7 +395,7 @@ impl MountArgs {
         for opts in &self.options {
             crate::mount_options::parse(opts, self.sloppy, &mut layer)?;
         }
-        crate::settings::resolve(layer)
+        crate::config_file::resolve(layer)
     }
 }
 

@@ -1,11 +1,25 @@
-//! The TOML config file (`--config FILE`, `-o config=FILE`). Its keys are the flags' long
-//! names with `_` ([`crate::settings::KEYS`]); `[peers]` is a table of `ID = "HOST:PORT"`.
+//! The TOML config file (`--config FILE`, `-o config=FILE`), and [`resolve`], which puts
+//! the command line over it. Its keys are the flags' long names with `_`
+//! ([`crate::settings::keys`]); `[peers]` is a table of `ID = "HOST:PORT"`.
 //! It is read as a plain TOML table and checked key by key, so an unknown key, a wrong
 //! type or a bad value is reported with the file and the key.
 
 use std::path::Path;
 
-use crate::settings::{find_key, ConfigError, Kind, Layer, Origin, Problem, Value};
+use crate::config::MountConfig;
+use crate::settings::{find_key, ConfigError, Kind, Layer, Origin, Problem, Value, CONFIG_KEY};
+
+/// Merge the command line over the config file it names (if any) and validate.
+pub fn resolve(command_line: Layer) -> Result<MountConfig, ConfigError> {
+    let merged = match command_line.path(CONFIG_KEY) {
+        Some(file) => {
+            let file_layer = load(&file)?;
+            command_line.over(file_layer)
+        }
+        None => command_line,
+    };
+    crate::settings::finish(merged)
+}
 
 /// Read `path` into a layer of settings.
 pub fn load(path: &Path) -> Result<Layer, ConfigError> {
@@ -103,7 +117,7 @@ mod tests {
         for (k, v) in cli {
             l.set(k, v.clone(), Origin::Flag).unwrap();
         }
-        crate::settings::resolve(l).map_err(|e| e.to_string())
+        super::resolve(l).map_err(|e| e.to_string())
     }
 
     #[test]

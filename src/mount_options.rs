@@ -127,7 +127,7 @@ mod tests {
 
     fn config(opts: &str) -> Result<crate::config::MountConfig, String> {
         let l = layer(&format!("data_dir=/d,mountpoint=/m,{opts}"))?;
-        crate::settings::resolve(l).map_err(|e| e.to_string())
+        crate::config_file::resolve(l).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -207,7 +207,7 @@ mod tests {
         parse("foo,fuse_threads=2", true, &mut l).unwrap();
         let c = {
             parse("data_dir=/d,mountpoint=/m", false, &mut l).unwrap();
-            crate::settings::resolve(l).unwrap()
+            crate::config_file::resolve(l).unwrap()
         };
         assert_eq!(c.limits.fuse_threads, 2);
         assert!(parse("ro", true, &mut Layer::default()).is_err());

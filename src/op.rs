@@ -7,7 +7,7 @@
 //! machine can put a durability barrier around it (see `tree.rs`).
 //!
 //! Encoding is rkyv; decoding always validates (`rkyv::from_bytes` checks the archive) because
-//! the bytes come from disk or, later, from the network.
+//! the bytes come from disk or from a peer.
 
 use rkyv::{Archive, Deserialize, Serialize};
 

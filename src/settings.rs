@@ -3,7 +3,8 @@
 //! set of keys ([`KEYS`]: flag `--ack-timeout-ms` is key `ack_timeout_ms`). Each source
 //! fills a [`Layer`] that remembers where every value came from; the command line (flags
 //! and `-o`, which may not both give a key) wins over the config file, the file over the
-//! built-in defaults. [`resolve`] validates the result into a [`MountConfig`], and every
+//! built-in defaults. `config_file::resolve` merges the sources and [`finish`] validates
+//! the result into a [`MountConfig`], and every
 //! error names the key the way its source spells it, with the allowed range.
 
 use std::collections::BTreeMap;
@@ -166,7 +167,7 @@ impl Layer {
     }
 
     /// This layer, with `lower`'s values for the keys it does not set.
-    fn over(mut self, lower: Layer) -> Layer {
+    pub fn over(mut self, lower: Layer) -> Layer {
         for (k, v) in lower.values {
             self.values.entry(k).or_insert(v);
         }
@@ -201,7 +202,7 @@ impl Layer {
         }
     }
 
-    fn path(&self, key: &str) -> Option<PathBuf> {
+    pub fn path(&self, key: &str) -> Option<PathBuf> {
         match self.value(key) {
             Some(Value::Path(v)) => Some(v.clone()),
             _ => None,
@@ -392,15 +393,9 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Merge the command line over the config file it names (if any) and validate.
-pub fn resolve(command_line: Layer) -> Result<MountConfig, ConfigError> {
-    let merged = match command_line.path(CONFIG_KEY) {
-        Some(file) => {
-            let file_layer = crate::config_file::load(&file)?;
-            command_line.over(file_layer)
-        }
-        None => command_line,
-    };
+/// Validate merged settings (the command line over the config file, `config_file::resolve`)
+/// over the built-in defaults.
+pub fn finish(merged: Layer) -> Result<MountConfig, ConfigError> {
     validate(&merged.over(built_in_defaults()))
 }
 
@@ -597,6 +592,6 @@ pub mod tests {
             .unwrap();
         l.set("mountpoint", Value::Path(mountpoint.into()), Origin::Flag)
             .unwrap();
-        resolve(l).unwrap()
+        finish(l).unwrap()
     }
 }

@@ -1,4 +1,7 @@
-//! The FUSE-free core of the file system: what each operation means on the leader.
+//! The core of the file system: what each operation means on the leader. It speaks FUSE's
+//! vocabulary (inode numbers, `FileAttr`, the kernel's invalidation notifier) but not its
+//! protocol: `fuse.rs` decodes requests and sends replies, and replication is reached only
+//! through `replication::pipeline::Pipeline`.
 //!
 //! - Data ops (write, truncate, fallocate) join the open batch and the overlay and return
 //!   at once; the page cache and the overlay serve reads until the entry is applied.

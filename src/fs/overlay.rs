@@ -106,6 +106,11 @@ impl Overlay {
             });
             !pieces.is_empty()
         });
+        debug_assert!(
+            freed <= self.bytes,
+            "overlay byte count {} below the {freed} bytes of the pieces it drops",
+            self.bytes
+        );
         self.bytes -= freed;
     }
 

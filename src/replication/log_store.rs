@@ -39,7 +39,7 @@ use crate::sync::{fdatasync, fsync_dir, write_file_durably};
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
 
-/// What the flusher has made durable. fsync waiters watch this.
+/// What `append` has made durable (fdatasync'd before it reports). fsync waiters watch this.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FlushState {
     /// Highest batch seq of this daemon run (`origin`) that is durable in the log.
@@ -713,6 +713,14 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         drop(wait);
         match failure {
             None => {
+                // Flushed never passes written: what is reported is what this append
+                // just wrote and fdatasync'd.
+                debug_assert!(
+                    self.lock()
+                        .last_log_id
+                        .is_some_and(|l| l.index >= last_index),
+                    "reporting index {last_index} flushed beyond the log's last entry"
+                );
                 self.flush.state.send_modify(|s| {
                     s.flushed_index = s.flushed_index.max(last_index);
                     if let Some(seq) = seq {

@@ -70,6 +70,13 @@ impl Proposer {
                 }
                 continue;
             };
+            // Log order is seq order: the group commit seals in seq order and only this
+            // task takes sealed batches.
+            debug_assert!(
+                sealed.batch.seq > proposed_seq,
+                "batch seq {} proposed after {proposed_seq}",
+                sealed.batch.seq
+            );
             proposed_seq = sealed.batch.seq;
             match self.raft.client_write_ff(sealed.batch).await {
                 Ok(rx) => match sealed.reply {
