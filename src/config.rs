@@ -43,8 +43,15 @@ pub struct Limits {
     pub frame_bytes_max: usize,
     /// Entries per AppendEntries.
     pub append_entries_max: u64,
-    /// Bytes of tree image per snapshot chunk.
+    /// Bytes of tree image (or of incremental snapshot) per snapshot chunk.
     pub snapshot_chunk_bytes: u64,
+    /// Largest manifest a member sends a leader before an incremental snapshot (per
+    /// file, 32 bytes per MiB of content: 16 MiB describes ~500 GiB). Files past it are
+    /// left out of the manifest and arrive whole.
+    pub snapshot_manifest_bytes_max: usize,
+    /// How long a leader waits for a member's manifest, and for the member to rebuild
+    /// and install its tree once the last snapshot chunk arrived.
+    pub snapshot_install_timeout_ms: u64,
     /// Connecting (and authenticating) to a peer.
     pub connect_timeout_ms: u64,
     /// Writing or reading one frame once it has started.
@@ -117,6 +124,8 @@ impl Default for Limits {
             frame_bytes_max: 32 << 20,
             append_entries_max: 4,
             snapshot_chunk_bytes: 4 << 20,
+            snapshot_manifest_bytes_max: 16 << 20,
+            snapshot_install_timeout_ms: 600_000,
             connect_timeout_ms: 1_000,
             peer_io_timeout_ms: 10_000,
             peer_connections_max: 64,
@@ -224,6 +233,19 @@ impl Limits {
             self.snapshot_chunk_bytes,
             64 << 10,
             64 << 20,
+        )?;
+        // A manifest travels in one frame.
+        check(
+            "snapshot_manifest_bytes_max",
+            self.snapshot_manifest_bytes_max as u64,
+            64 << 10,
+            self.frame_bytes_max as u64 - 4096,
+        )?;
+        check(
+            "snapshot_install_timeout_ms",
+            self.snapshot_install_timeout_ms,
+            1_000,
+            86_400_000,
         )?;
         check("connect_timeout_ms", self.connect_timeout_ms, 10, 60_000)?;
         check("peer_io_timeout_ms", self.peer_io_timeout_ms, 100, 600_000)?;
