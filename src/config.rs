@@ -120,13 +120,22 @@ limits! {
     frame_bytes_max: usize = 32 << 20, fixed,
         min Min::Of(
             |l| (l.append_entries_max * (l.entry_bytes_max as u64 + 4096))
-                .max(l.snapshot_chunk_bytes + 4096),
-            "max(`append_entries_max` × (`entry_bytes_max` + 4096), `snapshot_chunk_bytes` + 4096)"
+                .max(l.snapshot_chunk_bytes + 4096)
+                .max(l.snapshot_manifest_bytes_max as u64 + 4096),
+            "max(`append_entries_max` × (`entry_bytes_max` + 4096), `snapshot_chunk_bytes` + 4096, `snapshot_manifest_bytes_max` + 4096)"
         ), max 1 << 30;
     /// Entries per AppendEntries.
     append_entries_max: u64 = 4, fixed, min Min::Const(1), max 1024;
-    /// Bytes of tree image per snapshot chunk.
+    /// Bytes of tree image (or of incremental snapshot) per snapshot chunk.
     snapshot_chunk_bytes: u64 = 4 << 20, fixed, min Min::Const(64 << 10), max 64 << 20;
+    /// Largest manifest a member sends a leader before an incremental snapshot (per
+    /// file, 32 bytes per MiB of content: 16 MiB describes ~500 GiB). Files past it are
+    /// left out of the manifest and arrive whole. A manifest travels in one frame.
+    snapshot_manifest_bytes_max: usize = 16 << 20, fixed,
+        min Min::Const(64 << 10), max (1 << 30) - 4096;
+    /// How long a leader waits for a member's manifest, and for the member to rebuild
+    /// and install its tree once the last snapshot chunk arrived.
+    snapshot_install_timeout_ms: u64 = 600_000, fixed, min Min::Const(1_000), max 86_400_000;
     /// Connecting (and authenticating) to a peer.
     connect_timeout_ms: u64 = 1_000, fixed, min Min::Const(10), max 60_000;
     /// Writing or reading one frame once it has started.

@@ -64,6 +64,7 @@ pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
             io_timeout_ms: limits.peer_io_timeout_ms,
         },
         idle_ms: limits.peer_io_timeout_ms,
+        snapshot_install_timeout_ms: limits.snapshot_install_timeout_ms,
         connections_max: 1,
         // A tool's link counts into a registry nobody scrapes.
         registry: std::sync::Arc::new(crate::metrics::Registry::new(&limits, [])),

@@ -128,6 +128,7 @@ pub struct ControlServer {
     pub raft: Raft<TypeConfig>,
     pub state_machine: StateMachine,
     pub chunk_bytes_max: u64,
+    manifest_bytes_max: usize,
     elections: Elections,
     ship: Arc<Ship>,
 }
@@ -148,6 +149,7 @@ impl ControlServer {
             raft,
             state_machine,
             chunk_bytes_max: limits.snapshot_chunk_bytes,
+            manifest_bytes_max: limits.snapshot_manifest_bytes_max,
             elections,
             ship,
         }
@@ -261,6 +263,15 @@ impl ControlServer {
                     ship_stop_grace_ms,
                 ),
             }),
+            ControlRequest::Manifest => {
+                let sm = self.state_machine.clone();
+                let max = self.manifest_bytes_max;
+                let data = tokio::task::spawn_blocking(move || sm.manifest(max))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| format!("building the manifest: {e}"))?;
+                Ok(ControlResponse::Manifest { data })
+            }
             ControlRequest::ShipState => {
                 let s = self.ship.status();
                 Ok(ControlResponse::Ship {

@@ -178,6 +178,7 @@ pub async fn start(
             io_timeout_ms: l.peer_io_timeout_ms,
         },
         idle_ms: l.peer_io_timeout_ms * 6,
+        snapshot_install_timeout_ms: l.snapshot_install_timeout_ms,
         connections_max: l.peer_connections_max,
         registry,
         liveness: liveness.clone(),

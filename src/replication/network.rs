@@ -4,26 +4,40 @@
 //! A client carries one RPC at a time (openraft drives each replication stream
 //! sequentially), so the bytes in flight per peer are bounded by `frame_bytes_max`.
 //!
-//! Entry and snapshot bytes are counted here, per peer and direction (`metrics.rs`).
+//! Entry and snapshot bytes are counted here, per peer and direction (`metrics.rs`), as
+//! they travel: for an incremental snapshot, the delta's bytes.
+//!
+//! Snapshots: a member that already holds a tree is asked for its manifest and sent a
+//! delta against it (`snapshot/delta.rs`) instead of the tree image openraft hands over;
+//! an empty member (or one that cannot answer) gets the image, in openraft's chunks. On
+//! the receiving side the server rebuilds the tree from a delta when its last chunk
+//! arrives, before telling openraft the transfer is done, so that a delta that no longer
+//! fits the tree fails the transfer (retried with a fresh manifest), not the install.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, Unreachable};
+use openraft::error::{
+    Fatal, InstallSnapshotError, NetworkError, RPCError, RaftError, ReplicationClosed,
+    StreamingError, Unreachable,
+};
+use openraft::network::snapshot_transport::{Chunked, SnapshotTransport};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
-    VoteRequest, VoteResponse,
+    SnapshotResponse, VoteRequest, VoteResponse,
 };
-use openraft::{BasicNode, Raft};
+use openraft::storage::Snapshot;
+use openraft::{BasicNode, OptionalSend, Raft, Vote};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::control::{ControlServer, OpenImage};
 use super::quorum::{Liveness, Matched};
+use super::snapshot::delta::{self, Manifest, Piece};
 use super::transport::{ClusterKey, Link, LinkError, LinkLimits};
-use super::wire::{self, RaftRequest, Request, Response};
+use super::wire::{self, ControlRequest, ControlResponse, RaftRequest, Request, Response};
 use super::TypeConfig;
 use crate::metrics::{PeerCounters, Registry};
 
@@ -38,6 +52,8 @@ pub struct NetConfig {
     pub limits: LinkLimits,
     /// How long a server waits for the next request on an idle link.
     pub idle_ms: u64,
+    /// How long a manifest, and the install after the last snapshot chunk, may take.
+    pub snapshot_install_timeout_ms: u64,
     pub connections_max: usize,
     pub registry: Arc<Registry>,
     /// Fed here (acks as leader, leader traffic as follower), read by pre-vote and
@@ -159,7 +175,166 @@ impl PeerClient {
     }
 }
 
+/// Consecutive failures of one snapshot chunk before the transfer is given up (openraft
+/// starts it again later, with a fresh manifest), and the wait after the first.
+const SNAPSHOT_CHUNK_TRIES: u32 = 5;
+const SNAPSHOT_RETRY_MS: u64 = 20;
+
+type SnapshotResult = Result<SnapshotResponse<u64>, StreamingError<TypeConfig, Fatal<u64>>>;
+
+impl PeerClient {
+    /// The target's manifest, or None when it should get the whole image: it holds no
+    /// file, or could not answer (an older release closes the link on a request it does
+    /// not know; that costs bytes, never correctness). A target that cannot be reached is
+    /// an error: openraft backs off and tries again, rather than send a whole tree to a
+    /// member that is only restarting.
+    async fn manifest(&mut self) -> Result<Option<Manifest>, Unreachable> {
+        let ttl = Duration::from_millis(self.cfg.snapshot_install_timeout_ms);
+        let req = Request::Control(ControlRequest::Manifest);
+        self.link().await?;
+        let mut answer = self.call(req.clone(), ttl).await;
+        if answer.is_err() {
+            // The link may be one the member dropped while it was away: once more on a
+            // fresh one (the failed call dropped it).
+            self.link().await?;
+            answer = self.call(req, ttl).await;
+        }
+        let why = match answer {
+            Ok(Response::Control(ControlResponse::Manifest { data })) => {
+                match Manifest::parse(&data) {
+                    Ok(m) if m.is_empty() => return Ok(None),
+                    Ok(m) => {
+                        tracing::info!(
+                            target = self.target,
+                            bytes = data.len(),
+                            "received a manifest"
+                        );
+                        return Ok(Some(m));
+                    }
+                    Err(e) => e.to_string(),
+                }
+            }
+            Ok(Response::Error { message }) => message,
+            Ok(other) => format!("unexpected answer {other:?}"),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(
+            target = self.target,
+            why,
+            "no manifest from the member; sending it the whole tree image"
+        );
+        Ok(None)
+    }
+
+    /// Stream `snapshot` to the target as a delta against `manifest`, in pieces of
+    /// openraft's chunk size, each retried as openraft's own sender does.
+    async fn send_delta(
+        &mut self,
+        vote: Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        manifest: Manifest,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> SnapshotResult {
+        use tokio::io::AsyncSeekExt;
+        let chunk_bytes = option.snapshot_chunk_size().unwrap_or(4 << 20);
+        let Snapshot {
+            meta,
+            snapshot: mut image,
+        } = snapshot;
+        image
+            .seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| net_error(format!("reading the tree image: {e}")))?;
+        // Two pieces ahead at most: the encoder reads the image while a piece travels.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let encoder =
+            tokio::spawn(async move { delta::encode(image, &manifest, chunk_bytes, tx).await });
+        let last_ttl = RPCOption::new(Duration::from_millis(self.cfg.snapshot_install_timeout_ms));
+        let started = Instant::now();
+        let mut cancel = std::pin::pin!(cancel);
+        let mut offset = 0u64;
+        loop {
+            let (data, done) = match rx.recv().await {
+                Some(Piece::Chunk(c)) => (c, false),
+                Some(Piece::Last(c)) => (c, true),
+                Some(Piece::Failed(e)) => {
+                    return Err(net_error(format!("building the delta: {e}")))
+                }
+                None => return Err(net_error("the delta encoder stopped".into())),
+            };
+            let len = data.len() as u64;
+            let req = InstallSnapshotRequest {
+                vote,
+                meta: meta.clone(),
+                offset,
+                data,
+                done,
+            };
+            let opt = if done {
+                last_ttl.clone()
+            } else {
+                option.clone()
+            };
+            let mut tries = 0;
+            let resp = loop {
+                let sent = tokio::select! {
+                    biased;
+                    closed = &mut cancel => return Err(closed.into()),
+                    r = self.install_snapshot(req.clone(), opt.clone()) => r,
+                };
+                match sent {
+                    Ok(r) => break r,
+                    Err(e) => {
+                        tries += 1;
+                        tracing::warn!(target = self.target, offset, error = %e, "sending an incremental snapshot chunk failed");
+                        if tries >= SNAPSHOT_CHUNK_TRIES {
+                            return Err(match e {
+                                RPCError::Unreachable(u) => u.into(),
+                                e => net_error(e.to_string()),
+                            });
+                        }
+                        tokio::time::sleep(Duration::from_millis(SNAPSHOT_RETRY_MS << tries)).await;
+                    }
+                }
+            };
+            if resp.vote > vote || done {
+                if done {
+                    let stats = encoder.await.unwrap_or_default();
+                    tracing::info!(
+                        target = self.target,
+                        image_bytes = stats.image_bytes,
+                        sent_bytes = stats.delta_bytes,
+                        copied_bytes = stats.copied_bytes,
+                        ms = started.elapsed().as_millis() as u64,
+                        "sent an incremental snapshot"
+                    );
+                }
+                return Ok(SnapshotResponse::new(resp.vote));
+            }
+            offset += len;
+        }
+    }
+}
+
+fn net_error(why: String) -> StreamingError<TypeConfig, Fatal<u64>> {
+    NetworkError::new(&NetErr(why)).into()
+}
+
 impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn full_snapshot(
+        &mut self,
+        vote: Vote<u64>,
+        snapshot: Snapshot<TypeConfig>,
+        cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
+        option: RPCOption,
+    ) -> SnapshotResult {
+        match self.manifest().await? {
+            Some(m) => self.send_delta(vote, snapshot, m, cancel, option).await,
+            None => Chunked::send_snapshot(self, vote, snapshot, cancel, option).await,
+        }
+    }
+
     async fn append_entries(
         &mut self,
         rpc: AppendEntriesRequest<TypeConfig>,
@@ -269,8 +444,44 @@ async fn handle(
                 message: e.to_string(),
             },
         },
-        RaftRequest::Snapshot(r) => {
+        RaftRequest::Snapshot(mut r) => {
             let sender = r.vote;
+            let is_delta = |r: &InstallSnapshotRequest<TypeConfig>| {
+                if r.offset == 0 {
+                    r.data.starts_with(delta::DELTA_MAGIC)
+                } else {
+                    control.state_machine.receiving_delta().unwrap_or(false)
+                }
+            };
+            if r.done && is_delta(&r) {
+                // Hand openraft the last bytes without finishing, rebuild the tree from the
+                // delta, and only then finish with an empty last chunk.
+                let end = r.offset + r.data.len() as u64;
+                let meta = r.meta.clone();
+                r.done = false;
+                match raft.install_snapshot(r).await {
+                    Ok(resp) if resp.vote > sender => return wire::snapshot_response(&resp),
+                    Ok(_) => {}
+                    Err(e) => {
+                        return Response::Error {
+                            message: e.to_string(),
+                        }
+                    }
+                }
+                if let Err(e) = control.state_machine.prepare_delta().await {
+                    tracing::warn!(error = %e, "refused an incremental snapshot");
+                    return Response::Error {
+                        message: e.to_string(),
+                    };
+                }
+                r = InstallSnapshotRequest {
+                    vote: sender,
+                    meta,
+                    offset: end,
+                    data: vec![],
+                    done: true,
+                };
+            }
             match raft.install_snapshot(r).await {
                 Ok(resp) => {
                     if resp.vote.leader_id() == sender.leader_id() {

@@ -16,11 +16,15 @@
 //!
 //! Installing writes the image into `tree.new/`, checks the digest, syncs it, and swaps it
 //! in through `install.pending` so that a crash at any step either keeps the old tree or
-//! finishes the swap on restart (`recover_install`).
+//! finishes the swap on restart (`recover_install`). A member that already holds an older
+//! tree receives a delta against it instead (`delta.rs`), rebuilt into the same image
+//! stream and installed the same way.
+
+pub mod delta;
 
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
-use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -316,8 +320,19 @@ fn set_owner(p: &Path, ids: Option<(u32, u32)>) -> io::Result<()> {
 /// Unpack `image` into the empty directory `dest`, verifying the digest; everything is
 /// synced when this returns Ok.
 pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
+    unpack_from(
+        BufReader::with_capacity(BUF_BYTES, File::open(image)?),
+        dest,
+    )
+    .map(|_| ())
+}
+
+/// Unpack the image read from `image` into the empty directory `dest`, verifying and
+/// returning its digest; everything is synced when this returns Ok. Reads exactly the
+/// image's bytes, nothing past its digest.
+fn unpack_from(image: impl Read, dest: &Path) -> io::Result<[u8; 32]> {
     let mut r = HashReader {
-        inner: BufReader::with_capacity(BUF_BYTES, File::open(image)?),
+        inner: image,
         hash: blake3::Hasher::new(),
     };
     let mut magic = [0u8; 8];
@@ -441,7 +456,7 @@ pub fn unpack_image(image: &Path, dest: &Path) -> io::Result<()> {
     for d in synced_dirs {
         fsync_dir(&d)?;
     }
-    Ok(())
+    Ok(digest)
 }
 
 /// Progress of an image being written by another thread.
@@ -460,6 +475,8 @@ pub struct SnapshotFile {
     /// The final length of a growing image (seeks from the end use it).
     final_len: u64,
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Set on a file that receives chunks: reads, writes and seeks go to it directly.
+    direct: Option<File>,
 }
 
 const GROWING_POLL: Duration = Duration::from_millis(5);
@@ -472,7 +489,20 @@ impl SnapshotFile {
             progress: None,
             final_len: 0,
             wait: None,
+            direct: None,
         }
+    }
+
+    /// A file that openraft writes received chunks into. Its writes are made at once, not
+    /// in a background task as tokio's File makes them: when openraft has taken a chunk,
+    /// its bytes are in the file, where the peer server rebuilds a delta from them
+    /// (`network.rs`). A chunk is at most `snapshot_chunk_bytes`, written to the page
+    /// cache.
+    pub fn receiving(file: File) -> io::Result<SnapshotFile> {
+        Ok(SnapshotFile {
+            direct: Some(file.try_clone()?),
+            ..SnapshotFile::complete(file)
+        })
     }
 
     /// A file another thread is still writing up to `final_len` bytes; `progress` says
@@ -483,11 +513,15 @@ impl SnapshotFile {
             progress: Some(progress),
             final_len,
             wait: None,
+            direct: None,
         }
     }
 
     pub async fn sync_data(&self) -> io::Result<()> {
-        self.file.sync_data().await
+        match &self.direct {
+            Some(f) => fdatasync(f),
+            None => self.file.sync_data().await,
+        }
     }
 }
 
@@ -498,6 +532,11 @@ impl tokio::io::AsyncRead for SnapshotFile {
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if let Some(f) = &mut this.direct {
+            let n = f.read(buf.initialize_unfilled())?;
+            buf.advance(n);
+            return Poll::Ready(Ok(()));
+        }
         loop {
             // Read the writer's state before reading: an end of file seen after it was
             // done is the real end.
@@ -528,19 +567,35 @@ impl tokio::io::AsyncWrite for SnapshotFile {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().file).poll_write(cx, buf)
+        let this = self.get_mut();
+        match &mut this.direct {
+            Some(f) => Poll::Ready(f.write(buf)),
+            None => Pin::new(&mut this.file).poll_write(cx, buf),
+        }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().file).poll_flush(cx)
+        let this = self.get_mut();
+        match &this.direct {
+            Some(_) => Poll::Ready(Ok(())),
+            None => Pin::new(&mut this.file).poll_flush(cx),
+        }
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().file).poll_shutdown(cx)
+        let this = self.get_mut();
+        match &this.direct {
+            Some(_) => Poll::Ready(Ok(())),
+            None => Pin::new(&mut this.file).poll_shutdown(cx),
+        }
     }
 }
 
 impl tokio::io::AsyncSeek for SnapshotFile {
     fn start_seek(self: Pin<&mut Self>, position: io::SeekFrom) -> io::Result<()> {
         let this = self.get_mut();
+        if let Some(f) = &mut this.direct {
+            f.seek(position)?;
+            return Ok(());
+        }
         let position = match (position, &this.progress) {
             // The end of a growing image is where it will end, not where it is now.
             (io::SeekFrom::End(delta), Some(_)) => io::SeekFrom::Start(
@@ -553,7 +608,12 @@ impl tokio::io::AsyncSeek for SnapshotFile {
         Pin::new(&mut this.file).start_seek(position)
     }
     fn poll_complete(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<u64>> {
-        Pin::new(&mut self.get_mut().file).poll_complete(cx)
+        let this = self.get_mut();
+        match &mut this.direct {
+            // A direct seek was made in start_seek.
+            Some(f) => Poll::Ready(f.stream_position()),
+            None => Pin::new(&mut this.file).poll_complete(cx),
+        }
     }
 }
 
@@ -568,10 +628,18 @@ pub fn install(
     ckpt: &Checkpoint,
     ckpt_file: &mut CheckpointFile,
 ) -> io::Result<()> {
-    let new = data_dir.join("tree.new");
-    let _ = fs::remove_dir_all(&new);
-    fs::create_dir(&new)?;
-    unpack_image(image, &new)?;
+    if delta::is_delta(image)? {
+        // Usually rebuilt already, when the last chunk arrived (`network.rs`), where a
+        // stale delta can still be refused without stopping this member's Raft.
+        if !delta::prepared(data_dir, &delta::closing_digest(image)?) {
+            delta::prepare(data_dir, image)?;
+        }
+    } else {
+        let new = data_dir.join("tree.new");
+        let _ = fs::remove_dir_all(&new);
+        fs::create_dir(&new)?;
+        unpack_image(image, &new)?;
+    }
     // From here a crash is finished by recover_install: the pending file holds the
     // checkpoint to record once tree.new has become tree.
     let (mut pending, _) = CheckpointFile::open(&pending_path(data_dir))?;
@@ -598,6 +666,7 @@ fn finish_install(
     }
     ckpt_file.write(ckpt)?;
     fs::remove_file(pending_path(data_dir))?;
+    let _ = fs::remove_file(delta::ready_path(data_dir));
     fsync_dir(data_dir)?;
     let _ = fs::remove_dir_all(&old);
     Ok(())
@@ -617,6 +686,7 @@ pub fn recover_install(
     if ckpt.applied.is_none() {
         // The crash hit while the pending checkpoint itself was written: the old tree is
         // intact, so drop the half-done install (openraft will send the snapshot again).
+        let _ = fs::remove_file(delta::ready_path(data_dir));
         let _ = fs::remove_dir_all(data_dir.join("tree.new"));
         fs::remove_file(pending_path(data_dir))?;
         fsync_dir(data_dir)?;

@@ -390,6 +390,52 @@ impl StateMachine {
     }
 }
 
+/// Where openraft writes the snapshot being received (an image or a delta).
+fn incoming_path(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("snapshots/incoming.img")
+}
+
+impl StateMachine {
+    /// This member's manifest (`snapshot/delta.rs`), for a leader about to send it a
+    /// snapshot. Built under the lock, so no apply moves the tree while it is read (and
+    /// one request at a time refreshes the hash cache).
+    pub fn manifest(&self, bytes_max: usize) -> io::Result<Vec<u8>> {
+        let g = self.lock();
+        snapshot::delta::build_manifest(
+            &g.tree_dir,
+            &snapshot::delta::cache_path(&g.data_dir),
+            bytes_max,
+        )
+    }
+
+    /// Is the snapshot being received a delta (its first bytes are in the file)?
+    pub fn receiving_delta(&self) -> io::Result<bool> {
+        snapshot::delta::is_delta(&incoming_path(&self.lock().data_dir))
+    }
+
+    /// Rebuild `tree.new/` from the delta just received, before openraft is told the
+    /// transfer is done: a delta that no longer matches this tree is refused here, as a
+    /// failed transfer the leader retries, where a failed install would stop this
+    /// member's Raft. Elections pause meanwhile, as during an install.
+    pub async fn prepare_delta(&self) -> io::Result<()> {
+        let _pause = self.elections.get().map(Elections::pause);
+        let sm = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let g = sm.lock();
+            let started = std::time::Instant::now();
+            let digest = snapshot::delta::prepare(&g.data_dir, &incoming_path(&g.data_dir))?;
+            tracing::info!(
+                digest = %super::control::hex(&digest[..8]),
+                ms = started.elapsed().as_millis() as u64,
+                "rebuilt the tree from an incremental snapshot"
+            );
+            Ok(())
+        })
+        .await
+        .map_err(io::Error::other)?
+    }
+}
+
 fn meta_of(c: &Checkpoint) -> SnapshotMeta<u64, openraft::BasicNode> {
     let index = c.applied.map_or(0, |l| l.index);
     SnapshotMeta {
@@ -560,15 +606,14 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn begin_receiving_snapshot(&mut self) -> StorageResult<Box<SnapshotFile>> {
         let g = self.lock();
-        let p = g.data_dir.join("snapshots/incoming.img");
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(true)
-            .open(p)
+            .open(incoming_path(&g.data_dir))
             .map_err(sm_err)?;
-        Ok(Box::new(SnapshotFile::complete(f)))
+        Ok(Box::new(SnapshotFile::receiving(f).map_err(sm_err)?))
     }
 
     async fn install_snapshot(
@@ -600,7 +645,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        let image = g.data_dir.join("snapshots/incoming.img");
+        let image = incoming_path(&g.data_dir);
         let data_dir = g.data_dir.clone();
         let started = std::time::Instant::now();
         snapshot::install(&data_dir, &image, &c, &mut g.ckpt_file).map_err(sm_err)?;

@@ -87,6 +87,9 @@ pub enum ControlRequest {
     },
     /// The state of this member's supervised ship (`ship.rs`).
     ShipState,
+    /// What this member's tree holds, per file and chunk (`snapshot/delta.rs`): the
+    /// leader is about to send it a snapshot and sends only what it lacks.
+    Manifest,
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -119,6 +122,9 @@ pub enum ControlResponse {
         /// `ship::State`'s name ("running", "disabled", …).
         state: String,
         starts: u64,
+    },
+    Manifest {
+        data: Vec<u8>,
     },
 }
 
@@ -444,6 +450,7 @@ mod tests {
                 len: 4 << 20,
             },
             ControlRequest::ImageOpen,
+            ControlRequest::Manifest,
         ] {
             let bytes = encode_request(&Request::Control(c.clone()));
             let Ok(RaftRequest::Control(back)) = to_raft_request(decode_request(&bytes).unwrap())
