@@ -7,21 +7,26 @@
 //! `proxy` and `vere` at their root; this file uses them through `crate::`.
 //!
 //! Targets: `native` (a plain directory), `bindfs` (a FUSE passthrough of a plain
-//! directory), `seguro-1` (one standalone daemon) and `seguro-3-k0/k1/k2` (three daemons on
+//! directory), `glusterfs-3` (a GlusterFS replica-3 volume, three bricks on this host,
+//! mounted with its FUSE client: a general-purpose replicated file system to compare
+//! with), `seguro-1` (one standalone daemon) and `seguro-3-k0/k1/k2` (three daemons on
 //! 127.0.0.x with `--acks K`, driven through the leader's mount). All of their directories
-//! are under the same base (`SEGURO_TEST_TMP`, else the system temp dir), so on one disk.
+//! (bricks included) are under the same base (`SEGURO_TEST_TMP`, else the system temp dir),
+//! so on one disk.
 //!
-//! Every loop is bounded by time and by count; every daemon and mount is stopped by a drop
-//! guard, also when a case panics (the panic is caught and reported as that cell's error).
+//! Every loop is bounded by time and by count; every daemon, mount and GlusterFS volume is
+//! stopped by a drop guard, also when a case panics (the panic is caught and reported as
+//! that cell's error).
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write as _;
+use std::io::{Read, Write as _};
 use std::os::unix::fs::FileExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use heed::byteorder::LittleEndian;
@@ -48,6 +53,22 @@ const MAX_ITERS: u64 = 10_000_000;
 const LEADER_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a bindfs mount gets to appear, and to go away after umount.
 const BINDFS_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a glusterd we started gets to answer the CLI, and to exit after SIGTERM.
+const GLUSTERD_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long one `gluster` command (volume create, start, stop, delete) may take.
+const GLUSTER_CLI_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long the GlusterFS client gets to mount a volume and take a first write, and to
+/// exit after umount.
+const GLUSTER_MOUNT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The bricks' host. glusterd refuses `127.0.0.1` and `localhost` as a brick's host, but
+/// takes any other loopback address as this machine, so all traffic stays on `lo`.
+const GLUSTER_HOST: &str = "127.0.0.2";
+/// Where glusterd has each brick process write its log (Debian's build), a file per brick
+/// named after its path; `GlusterVolume::stop` removes its bricks' logs.
+const GLUSTER_BRICK_LOGS: &str = "/var/log/glusterfs/bricks";
+/// Prefix of this benchmark's volume names (then the bench's PID and the case's tag), so
+/// volumes left by a run that was killed can be recognised and deleted.
+const GLUSTER_VOLUME_PREFIX: &str = "seguro-bench-";
 
 // ---------------------------------------------------------------------------------------------
 // Targets, workloads, metrics
@@ -57,13 +78,19 @@ const BINDFS_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum Target {
     Native,
     Bindfs,
+    /// GlusterFS, replica 3 on this host (declared here so its column comes before
+    /// seguro-fs's: the table reads from plain to replicated).
+    Gluster,
     Seguro1,
-    Seguro3 { acks: u64 },
+    Seguro3 {
+        acks: u64,
+    },
 }
 
-pub const ALL_TARGETS: [Target; 6] = [
+pub const ALL_TARGETS: [Target; 7] = [
     Target::Native,
     Target::Bindfs,
+    Target::Gluster,
     Target::Seguro1,
     Target::Seguro3 { acks: 0 },
     Target::Seguro3 { acks: 1 },
@@ -76,6 +103,7 @@ impl Target {
         match self {
             Target::Native => "native".into(),
             Target::Bindfs => "bindfs".into(),
+            Target::Gluster => "glusterfs-3".into(),
             Target::Seguro1 => "seguro-1".into(),
             Target::Seguro3 { acks } => format!("seguro-3-k{acks}"),
         }
@@ -86,6 +114,7 @@ impl Target {
         match self {
             Target::Native => "native".into(),
             Target::Bindfs => "bindfs".into(),
+            Target::Gluster => "GlusterFS replica 3".into(),
             Target::Seguro1 => "seguro-fs 1 node".into(),
             Target::Seguro3 { acks } => format!("3 nodes K={acks}"),
         }
@@ -99,6 +128,7 @@ impl Target {
         match self {
             Target::Native => "#444444",
             Target::Bindfs => "#999999",
+            Target::Gluster => "#9467bd",
             Target::Seguro1 => "#1f77b4",
             Target::Seguro3 { acks: 0 } => "#2ca02c",
             Target::Seguro3 { acks: 1 } => "#ff7f0e",
@@ -292,13 +322,15 @@ pub const USAGE: &str = "\
 seguro_bench [--targets LIST] [--workloads LIST] [--seconds S] [--reps N] [--smoke]
              [--rss-sizes SMALL,LARGE]
              [--out RESULTS.tsv] [--md TABLE.md] [--svg CHART.svg]
-  --targets    comma list of native,bindfs,seguro-1,seguro-3-k0,seguro-3-k1,seguro-3-k2
-               (default: all)
+  --targets    comma list of native,bindfs,glusterfs-3,seguro-1,seguro-3-k0,seguro-3-k1,
+               seguro-3-k2 (default: all; bindfs and glusterfs-3 are skipped, with a note,
+               when they cannot run here)
   --workloads  comma list of lmdb1,lmdb100,pwrite,seq,failover,rss (default: all)
   --seconds    length of each timed case (default 5, env SEGURO_BENCH_SECONDS)
   --reps       repetitions of every cell, median reported (default 3, env SEGURO_BENCH_REPS)
   --rss-sizes  the two sparse file sizes of the RSS rows (default 1G,10G)
-  --smoke      tiny sizes, 1 repetition, 0.5 s cases (what tests/bench_smoke.rs runs)
+  --smoke      tiny sizes, 1 repetition, 0.5 s cases (what tests/bench_smoke.rs runs,
+               without glusterfs-3)
   --out/--md/--svg  write the results as TSV, a markdown section and an SVG chart
 Directories go under SEGURO_TEST_TMP (default: the system temp dir).";
 
@@ -898,6 +930,25 @@ pub fn run(cfg: &Config) -> Results {
             .push("bindfs is not installed (apt-get install bindfs): its column is skipped".into());
         cfg.targets.retain(|t| *t != Target::Bindfs);
     }
+    // Native and bindfs directories and GlusterFS bricks; the daemons' and clusters'
+    // directories are siblings.
+    let base = TestDir::new("bench");
+    // One glusterd serves every repetition's volumes. Declared after `base`, so it is
+    // dropped (and stopped, if this run started it) before `base` is removed.
+    let _glusterd = if cfg.targets.contains(&Target::Gluster) {
+        match Glusterd::ensure(&base) {
+            Ok(g) => Some(g),
+            Err(e) => {
+                notes.push(format!(
+                    "GlusterFS cannot run here ({e}): its column is skipped"
+                ));
+                cfg.targets.retain(|t| *t != Target::Gluster);
+                None
+            }
+        }
+    } else {
+        None
+    };
     let mut res = Results {
         cfg: cfg.clone(),
         samples: BTreeMap::new(),
@@ -909,8 +960,6 @@ pub fn run(cfg: &Config) -> Results {
     for n in &res.notes {
         eprintln!("note: {n}");
     }
-    // Native and bindfs directories; the daemons' and clusters' directories are siblings.
-    let base = TestDir::new("bench");
     let main_workloads: Vec<Workload> = cfg
         .workloads
         .iter()
@@ -1034,6 +1083,7 @@ enum Live {
     Dir(PathBuf),
     /// The mount and its source directory.
     Bindfs(Bindfs, PathBuf),
+    Gluster(GlusterVolume),
     Single(Daemon),
     Cluster {
         c: Cluster,
@@ -1053,6 +1103,7 @@ impl Live {
                 let src = base.join(&format!("{tag}-src"));
                 Live::Bindfs(Bindfs::start(&src, &base.join(&format!("{tag}-mnt"))), src)
             }
+            Target::Gluster => Live::Gluster(GlusterVolume::start(base, tag)),
             Target::Seguro1 => Live::Single(Daemon::start(
                 &base.join(&format!("{tag}-data")),
                 &base.join(&format!("{tag}-mnt")),
@@ -1070,13 +1121,15 @@ impl Live {
         match self {
             Live::Dir(d) => d.clone(),
             Live::Bindfs(b, _) => b.mnt.clone(),
+            Live::Gluster(v) => v.mnt.clone(),
             Live::Single(d) => d.mountpoint.clone(),
             Live::Cluster { c, leader } => c.mountpoint(*leader),
         }
     }
 
-    /// Clean stop (the daemon must exit 0) and removal of the target's directories; a
-    /// cluster is killed by its guard, which removes its directory.
+    /// Clean stop (the daemon must exit 0; a GlusterFS volume is unmounted, stopped and
+    /// deleted) and removal of the target's directories; a cluster is killed by its guard,
+    /// which removes its directory.
     fn stop(self) {
         match self {
             Live::Dir(d) => {
@@ -1086,6 +1139,7 @@ impl Live {
                 b.stop();
                 let _ = fs::remove_dir_all(src);
             }
+            Live::Gluster(v) => v.stop(),
             Live::Single(d) => {
                 let data = d.data_dir.clone();
                 d.stop();
@@ -1446,6 +1500,344 @@ impl Drop for Bindfs {
             signal(child.id(), libc::SIGKILL);
             let _ = child.wait();
             force_unmount(&self.mnt);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GlusterFS
+// ---------------------------------------------------------------------------------------------
+
+/// Run `cmd` (stdin closed, output captured) to its end within `timeout`; past it the
+/// command is killed. Its output, or why there is none.
+fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    fn drain<R: Read + Send + 'static>(mut r: R) -> JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    }
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what}: {e}"))?;
+    // Both pipes are read while we wait, so a chatty command cannot block on a full pipe.
+    let stdout = drain(child.stdout.take().expect("piped"));
+    let stderr = drain(child.stderr.take().expect("piped"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            r => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(match r {
+                    Err(e) => format!("{what}: {e}"),
+                    Ok(_) => format!("{what} did not finish within {timeout:?}"),
+                });
+            }
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
+}
+
+/// `gluster --mode=script ARGS` (script mode: no confirmation prompts), bounded by
+/// `GLUSTER_CLI_TIMEOUT`: its standard output, or everything it said as the error.
+fn gluster(args: &[&str]) -> Result<String, String> {
+    let out = run_bounded(
+        Command::new("gluster").arg("--mode=script").args(args),
+        GLUSTER_CLI_TIMEOUT,
+    )?;
+    let text = |b: &[u8]| String::from_utf8_lossy(b).trim().to_string();
+    if out.status.success() {
+        Ok(text(&out.stdout))
+    } else {
+        Err(format!(
+            "gluster {} failed ({}): {} {}",
+            args.join(" "),
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        ))
+    }
+}
+
+/// A GlusterFS log's first error lines (usually the cause; else its last lines), on one
+/// line, for an error message or a note in the table.
+fn log_errors(path: &Path) -> String {
+    let text = fs::read_to_string(path).unwrap_or_default();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_once("] E ").map(|(_, e)| e.trim()))
+        .take(3)
+        .collect();
+    if !errors.is_empty() {
+        return errors.join(" | ");
+    }
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(3)..].join(" | ")
+}
+
+/// glusterd, GlusterFS's management daemon (it creates, starts and stops the bricks). One
+/// that already runs (a system service) is used and left running; otherwise `ensure`
+/// starts one in the foreground (`-N`: a child, so its PID is known; a container has no
+/// systemd to start it) and the guard stops it by that PID.
+pub struct Glusterd {
+    child: Option<Child>,
+}
+
+impl Glusterd {
+    /// A glusterd that answers the CLI, or why there is none: not installed, or it did not
+    /// start.
+    pub fn ensure(base: &TestDir) -> Result<Glusterd, String> {
+        for tool in ["glusterd", "gluster", "glusterfs"] {
+            let runs = run_bounded(Command::new(tool).arg("--version"), GLUSTER_CLI_TIMEOUT)
+                .is_ok_and(|o| o.status.success());
+            if !runs {
+                return Err(format!(
+                    "{tool} is not installed: apt-get install glusterfs-server glusterfs-client"
+                ));
+            }
+        }
+        let mut g = Glusterd { child: None };
+        if gluster(&["volume", "list"]).is_err() {
+            let log = base.join("glusterd.log");
+            let child = Command::new("glusterd")
+                .arg("-N")
+                .arg("-l")
+                .arg(&log)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("spawn glusterd: {e}"))?;
+            let child = g.child.insert(child);
+            let deadline = Instant::now() + GLUSTERD_TIMEOUT;
+            while let Err(e) = gluster(&["volume", "list"]) {
+                if let Some(st) = child.try_wait().map_err(|e| format!("glusterd: {e}"))? {
+                    g.child = None;
+                    return Err(format!("glusterd exited with {st}: {}", log_errors(&log)));
+                }
+                if Instant::now() > deadline {
+                    // The guard kills it.
+                    return Err(format!(
+                        "glusterd did not answer within {GLUSTERD_TIMEOUT:?} ({e}): {}",
+                        log_errors(&log)
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        delete_leftover_volumes();
+        Ok(g)
+    }
+}
+
+impl Drop for Glusterd {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGTERM);
+            let deadline = Instant::now() + GLUSTERD_TIMEOUT;
+            while child.try_wait().ok().flatten().is_none() {
+                if Instant::now() > deadline {
+                    eprintln!(
+                        "glusterd did not exit within {GLUSTERD_TIMEOUT:?} of SIGTERM: killed"
+                    );
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+}
+
+/// Stop and delete the volumes of earlier benchmark runs that were killed before their
+/// guards ran (the PID in the volume's name is gone), so they do not pile up in glusterd's
+/// state (/var/lib/glusterd), which outlives the run.
+fn delete_leftover_volumes() {
+    let Ok(list) = gluster(&["volume", "list"]) else {
+        return;
+    };
+    for name in list.lines().map(str::trim) {
+        let Some(pid) = name
+            .strip_prefix(GLUSTER_VOLUME_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            eprintln!("note: deleting GlusterFS volume {name}, left by an interrupted benchmark");
+            let _ = gluster(&["volume", "stop", name, "force"]);
+            let _ = gluster(&["volume", "delete", name]);
+        }
+    }
+}
+
+/// A GlusterFS replica-3 volume of three bricks under the bench's base directory, started,
+/// and mounted by the GlusterFS FUSE client as a child (`glusterfs -N`, so its PID is
+/// known). `stop` unmounts, stops and deletes it and removes the bricks; the guard does the
+/// same, forcibly, when a case panics.
+pub struct GlusterVolume {
+    name: String,
+    bricks: Vec<PathBuf>,
+    client: Option<Child>,
+    pub mnt: PathBuf,
+    /// Whether glusterd may know the volume (so the guard must stop and delete it).
+    in_glusterd: bool,
+}
+
+impl GlusterVolume {
+    pub fn start(base: &TestDir, tag: &str) -> GlusterVolume {
+        let bricks: Vec<PathBuf> = (1..=3)
+            .map(|i| base.join(&format!("{tag}-brick{i}")))
+            .collect();
+        let mnt = base.join(&format!("{tag}-mnt"));
+        for d in bricks.iter().chain([&mnt]) {
+            fs::create_dir_all(d).unwrap();
+        }
+        let mut v = GlusterVolume {
+            name: format!("{GLUSTER_VOLUME_PREFIX}{}-{tag}", std::process::id()),
+            bricks,
+            client: None,
+            mnt,
+            // Set before the command: a create that times out may still have happened.
+            in_glusterd: true,
+        };
+        let brick_args: Vec<String> = v
+            .bricks
+            .iter()
+            .map(|b| format!("{GLUSTER_HOST}:{}", b.display()))
+            .collect();
+        let mut create = vec![
+            "volume",
+            "create",
+            &v.name,
+            "replica",
+            "3",
+            "transport",
+            "tcp",
+        ];
+        create.extend(brick_args.iter().map(String::as_str));
+        // force: without it glusterd refuses bricks on the root partition, and the bricks
+        // of one replica set on one host.
+        create.push("force");
+        gluster(&create).unwrap_or_else(|e| panic!("{e}"));
+        gluster(&["volume", "start", &v.name]).unwrap_or_else(|e| panic!("{e}"));
+        v.mount();
+        v
+    }
+
+    /// Start the FUSE client and wait (bounded) until a file on the mount can be created
+    /// and fdatasynced: the client mounts before it has reached the bricks, and a replica-3
+    /// volume takes writes only once a quorum of them is connected.
+    fn mount(&mut self) {
+        let log = self.mnt.with_extension("glusterfs.log");
+        let child = Command::new("glusterfs")
+            .args(["-N", "--process-name", "fuse"])
+            .arg(format!("--volfile-server={GLUSTER_HOST}"))
+            .arg(format!("--volfile-id=/{}", self.name))
+            .arg("-l")
+            .arg(&log)
+            .arg(&self.mnt)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn glusterfs: {e}"));
+        let child = self.client.insert(child);
+        let probe = self.mnt.join(".seguro-bench-probe");
+        let writable = || {
+            File::create(&probe).and_then(|mut f| {
+                f.write_all(b"probe")?;
+                vere::fdatasync(&f)
+            })
+        };
+        let deadline = Instant::now() + GLUSTER_MOUNT_TIMEOUT;
+        // is_mounted first: the probe must not land in the empty directory under the mount.
+        while !(is_mounted(&self.mnt) && writable().is_ok()) {
+            if let Some(st) = child.try_wait().unwrap() {
+                self.client = None;
+                panic!(
+                    "glusterfs exited with {st} before mounting: {}",
+                    log_errors(&log)
+                );
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "GlusterFS volume {} not writable within {GLUSTER_MOUNT_TIMEOUT:?}: {}",
+                    self.name,
+                    log_errors(&log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        fs::remove_file(&probe).unwrap_or_else(|e| panic!("remove {}: {e}", probe.display()));
+    }
+
+    /// umount, then wait (bounded) for the client to exit; stop and delete the volume and
+    /// remove its bricks and their logs. A failure panics, and the guard cleans up (leaving
+    /// the brick logs, to see why).
+    pub fn stop(mut self) {
+        let mut client = self.client.take().expect("mounted");
+        let st = Command::new("umount").arg(&self.mnt).status();
+        let deadline = Instant::now() + GLUSTER_MOUNT_TIMEOUT;
+        while client.try_wait().unwrap().is_none() {
+            if Instant::now() > deadline {
+                let _ = client.kill();
+                let _ = client.wait();
+                panic!(
+                    "glusterfs did not exit within {GLUSTER_MOUNT_TIMEOUT:?} of umount ({st:?})"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            !is_mounted(&self.mnt),
+            "GlusterFS mount still there after umount"
+        );
+        gluster(&["volume", "stop", &self.name]).unwrap_or_else(|e| panic!("{e}"));
+        gluster(&["volume", "delete", &self.name]).unwrap_or_else(|e| panic!("{e}"));
+        self.in_glusterd = false;
+        for b in &self.bricks {
+            fs::remove_dir_all(b).unwrap_or_else(|e| panic!("remove brick {}: {e}", b.display()));
+            // "/var/tmp/x-brick1" logs to "var-tmp-x-brick1.log".
+            let log = b
+                .to_string_lossy()
+                .trim_start_matches('/')
+                .replace('/', "-");
+            let _ = fs::remove_file(Path::new(GLUSTER_BRICK_LOGS).join(format!("{log}.log")));
+        }
+    }
+}
+
+impl Drop for GlusterVolume {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.client.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Harmless when it is not mounted (after `stop`); detaches a dead mount otherwise.
+        force_unmount(&self.mnt);
+        if self.in_glusterd {
+            let _ = gluster(&["volume", "stop", &self.name, "force"]);
+            if let Err(e) = gluster(&["volume", "delete", &self.name]) {
+                eprintln!("warning: GlusterFS volume {} not deleted: {e}", self.name);
+            }
+        }
+        for b in &self.bricks {
+            let _ = fs::remove_dir_all(b);
         }
     }
 }

@@ -1,9 +1,9 @@
 //! seguro-fs benchmark: vere-shaped LMDB commits (1 and 100 events of 512 B per commit),
 //! 4 KiB pwrite + fdatasync latency, a sequential write, failover time and the daemon's peak
-//! RSS on a sparse file, each on a plain directory (native), bindfs, seguro-fs standalone
-//! and a 3-node seguro-fs cluster on loopback with K = 0, 1, 2; one table, each figure with
-//! its ratio to native. The logic is in `bench/suite.rs` (shared with
-//! `tests/bench_smoke.rs`).
+//! RSS on a sparse file, each on a plain directory (native), bindfs, a GlusterFS replica-3
+//! volume on this host, seguro-fs standalone and a 3-node seguro-fs cluster on loopback
+//! with K = 0, 1, 2; one table, each figure with its ratio to native. The logic is in
+//! `bench/suite.rs` (shared with `tests/bench_smoke.rs`).
 //!
 //! `bench/run` runs it in release and writes `docs/BENCHMARKS.md`; by hand:
 //! `cargo bench --bench seguro_bench -- [--targets ..] [--workloads ..] [--seconds S]
