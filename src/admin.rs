@@ -19,7 +19,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
 use crate::metrics::{FsyncOutcome, RecentLatency};
-use crate::replication::control::{json_str, Control};
+use crate::replication::control::Control;
+use serde_json::{json, Value};
 
 /// A request line longer than this is refused.
 const REQUEST_BYTES_MAX: usize = 256;
@@ -76,65 +77,46 @@ pub fn lag_entries(last_index: u64, matched: Option<u64>) -> u64 {
 
 impl Status {
     pub fn to_json(&self) -> String {
-        let opt = |v: Option<u64>| v.map_or("null".to_string(), |v| v.to_string());
-        let members: Vec<String> = self.members.iter().map(u64::to_string).collect();
-        let learners: Vec<String> = self.learners.iter().map(u64::to_string).collect();
-        let object = |pairs: &mut dyn Iterator<Item = (u64, String)>| {
-            let mut out = String::new();
-            for (i, (id, v)) in pairs.enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                let _ = write!(out, "\"{id}\":{v}");
-            }
-            out
+        // Per-member figures are objects keyed by the member's id.
+        let by_member = |pairs: &mut dyn Iterator<Item = (u64, Value)>| {
+            Value::Object(pairs.map(|(id, v)| (id.to_string(), v)).collect())
         };
-        let matched = object(&mut self.matched.iter().map(|(id, m)| (*id, opt(*m))));
-        let lag = object(&mut self.lag.iter().map(|(id, l)| (*id, l.to_string())));
         let recent = self.fsync_recent;
-        let text = |v: &Option<String>| v.as_deref().map_or("null".to_string(), json_str);
         let sh = &self.ship;
-        let ship = format!(
-            "{{\"state\":\"{}\",\"pid\":{},\"starts\":{},\"last_exit\":{},\
-             \"last_failover_downtime_ms\":{},\"gave_up\":{}}}",
-            sh.state.name(),
-            opt(sh.pid.map(u64::from)),
-            sh.starts,
-            text(&sh.last_exit),
-            opt(sh.last_failover_downtime_ms),
-            text(&sh.gave_up),
-        );
-        format!(
-            "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
-             \"log_first_index\":{},\"log_bytes\":{},\"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
-             \"disk_refusing_writes\":{},\"disk_waiting\":{},\"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}},\
-             \"lag\":{{{}}},\"fsync_acks\":{},\"fsync_failures\":{},\"fsync_samples\":{},\
-             \"fsync_p50_us\":{},\"fsync_p99_us\":{},\"ship\":{}}}",
-            self.node_id,
-            self.role,
-            self.term,
-            opt(self.leader_id),
-            self.last_index,
-            self.log_first_index,
-            self.log_bytes,
-            self.committed_index,
-            self.applied_index,
-            self.acks,
-            self.writable,
-            self.disk_refusing_writes,
-            self.disk_waiting,
-            members.join(","),
-            learners.join(","),
-            opt(self.export_until),
-            matched,
-            lag,
-            self.fsync_acks,
-            self.fsync_failures,
-            recent.map_or(0, |r| r.samples),
-            opt(recent.map(|r| r.p50_us)),
-            opt(recent.map(|r| r.p99_us)),
-            ship,
-        )
+        json!({
+            "node_id": self.node_id,
+            "role": self.role,
+            "term": self.term,
+            "leader_id": self.leader_id,
+            "last_index": self.last_index,
+            "log_first_index": self.log_first_index,
+            "log_bytes": self.log_bytes,
+            "committed_index": self.committed_index,
+            "applied_index": self.applied_index,
+            "acks": self.acks,
+            "writable": self.writable,
+            "disk_refusing_writes": self.disk_refusing_writes,
+            "disk_waiting": self.disk_waiting,
+            "members": self.members,
+            "learners": self.learners,
+            "export_until": self.export_until,
+            "matched": by_member(&mut self.matched.iter().map(|(id, m)| (*id, json!(m)))),
+            "lag": by_member(&mut self.lag.iter().map(|(id, l)| (*id, json!(l)))),
+            "fsync_acks": self.fsync_acks,
+            "fsync_failures": self.fsync_failures,
+            "fsync_samples": recent.map_or(0, |r| r.samples),
+            "fsync_p50_us": recent.map(|r| r.p50_us),
+            "fsync_p99_us": recent.map(|r| r.p99_us),
+            "ship": {
+                "state": sh.state.name(),
+                "pid": sh.pid,
+                "starts": sh.starts,
+                "last_exit": sh.last_exit,
+                "last_failover_downtime_ms": sh.last_failover_downtime_ms,
+                "gave_up": sh.gave_up,
+            },
+        })
+        .to_string()
     }
 }
 
@@ -223,8 +205,8 @@ async fn dispatch(control: &Control, line: &str) -> String {
             .ok_or_else(|| format!("{w:?} is not a node id (a number from 1)"))
     };
     let done = |r: Result<String, String>| match r {
-        Ok(msg) => format!("{{\"ok\":true,\"message\":{}}}", json_str(&msg)),
-        Err(e) => format!("{{\"error\":{}}}", json_str(&e)),
+        Ok(msg) => json!({ "ok": true, "message": msg }).to_string(),
+        Err(e) => json!({ "error": e }).to_string(),
     };
     match words.as_slice() {
         ["status"] => collect(control).await.to_json(),
@@ -322,23 +304,8 @@ pub fn request(data_dir: &Path, command: &str, timeout: Duration) -> Result<Stri
 
 /// The string value of `key` in a one-line JSON object written by this module.
 pub fn json_field(line: &str, key: &str) -> Option<String> {
-    let start = line.find(&format!("\"{key}\":\""))? + key.len() + 4;
-    let mut out = String::new();
-    let mut chars = line[start..].chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '"' => return Some(out),
-            '\\' => match chars.next()? {
-                'u' => {
-                    let code: String = chars.by_ref().take(4).collect();
-                    out.push(char::from_u32(u32::from_str_radix(&code, 16).ok()?)?);
-                }
-                c => out.push(c),
-            },
-            c => out.push(c),
-        }
-    }
-    None
+    let v: Value = serde_json::from_str(line).ok()?;
+    v.get(key)?.as_str().map(str::to_string)
 }
 
 /// `seguro-fs status DATA_DIR`: ask the running daemon.
@@ -405,35 +372,22 @@ pub fn verify(data_dir: &Path, timeout_ms: u64, json: bool) -> Result<String, St
     }
 }
 
-/// Render the daemon's JSON as `key value` lines (the daemon owns the field list).
+/// Render the daemon's JSON as `key value` lines (the daemon owns the field list): a
+/// string bare, anything else as compact JSON.
 fn table_from_json(line: &str) -> String {
-    let body = line.strip_prefix('{').unwrap_or(line);
-    let body = body.strip_suffix('}').unwrap_or(body);
+    let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(line) else {
+        return line.to_string();
+    };
     let mut out = String::new();
-    let mut depth = 0;
-    let mut field = String::new();
-    for c in body.chars() {
-        match c {
-            '[' | '{' => depth += 1,
-            ']' | '}' => depth -= 1,
-            _ => {}
-        }
-        if c == ',' && depth == 0 {
-            push_field(&mut out, &field);
-            field.clear();
-        } else {
-            field.push(c);
-        }
-    }
-    push_field(&mut out, &field);
-    out
-}
-
-fn push_field(out: &mut String, field: &str) {
-    if let Some((k, v)) = field.split_once(':') {
+    for (k, v) in fields {
+        let v = match v {
+            Value::String(s) => s,
+            other => other.to_string(),
+        };
         // Keys longer than the column still get a separating space.
-        let _ = writeln!(out, "{:<15} {}", k.trim_matches('"'), v.trim_matches('"'));
+        let _ = writeln!(out, "{k:<15} {v}");
     }
+    out
 }
 
 #[cfg(test)]

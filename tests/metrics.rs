@@ -524,37 +524,27 @@ fn scrape(addr: SocketAddr) -> Scrape {
 // status --json
 // -------------------------------------------------------------------------------------------
 
-/// The raw value of a top-level `"key":` in the status line (an object's inside for `{`).
-fn json_raw<'a>(line: &'a str, key: &str) -> &'a str {
-    let pat = format!("\"{key}\":");
-    let start = line
-        .find(&pat)
+/// A top-level field of the status line.
+fn json_value(line: &str, key: &str) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    v.get(key)
         .unwrap_or_else(|| panic!("no {key} in {line}"))
-        + pat.len();
-    let rest = &line[start..];
-    if let Some(obj) = rest.strip_prefix('{') {
-        return &obj[..obj.find('}').expect("closed object")];
-    }
-    &rest[..rest.find([',', '}']).expect("value ends")]
+        .clone()
 }
 
 fn json_num(line: &str, key: &str) -> Option<u64> {
-    let v = json_raw(line, key);
-    (v != "null").then(|| v.parse().unwrap_or_else(|_| panic!("{key}={v} in {line}")))
+    let v = json_value(line, key);
+    (!v.is_null()).then(|| v.as_u64().unwrap_or_else(|| panic!("{key}={v} in {line}")))
 }
 
 /// `"lag":{"2":0,"3":5}` as a map.
 fn json_map(line: &str, key: &str) -> BTreeMap<usize, Option<u64>> {
-    json_raw(line, key)
-        .split(',')
-        .filter(|p| !p.is_empty())
-        .map(|p| {
-            let (k, v) = p.split_once(':').expect("key:value");
-            (
-                k.trim_matches('"').parse().expect("member id"),
-                (v != "null").then(|| v.parse().expect("number")),
-            )
-        })
+    let v = json_value(line, key);
+    v.as_object()
+        .unwrap_or_else(|| panic!("{key}={v} is not an object"))
+        .iter()
+        .map(|(k, v)| (k.parse().expect("member id"), v.as_u64()))
         .collect()
 }
 

@@ -42,24 +42,6 @@ pub fn hex(d: &[u8]) -> String {
     })
 }
 
-/// Quote a string for the admin socket's JSON answers.
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
-}
-
 /// An authenticated link to one member for a series of control requests.
 pub struct Session {
     link: Link,
@@ -340,25 +322,24 @@ impl Verification {
     }
 
     pub fn to_json(&self) -> String {
-        let members: Vec<String> = self
+        let members: Vec<serde_json::Value> = self
             .members
             .iter()
             .map(|m| {
-                format!(
-                    "{{\"id\":{},\"digest\":{},\"export\":{},\"note\":{}}}",
-                    m.id,
-                    m.digest.map_or("null".into(), |d| json_str(&hex(&d))),
-                    m.export,
-                    json_str(&m.note)
-                )
+                serde_json::json!({
+                    "id": m.id,
+                    "digest": m.digest.map(|d| hex(&d)),
+                    "export": m.export,
+                    "note": m.note,
+                })
             })
             .collect();
-        format!(
-            "{{\"index\":{},\"agree\":{},\"members\":[{}]}}",
-            self.index,
-            self.agrees(),
-            members.join(",")
-        )
+        serde_json::json!({
+            "index": self.index,
+            "agree": self.agrees(),
+            "members": members,
+        })
+        .to_string()
     }
 }
 
@@ -793,6 +774,5 @@ mod tests {
             j.ends_with("{\"id\":2,\"digest\":null,\"export\":false,\"note\":\"\"}]}"),
             "{j}"
         );
-        assert_eq!(json_str("a\"b\\c\n"), "\"a\\\"b\\\\c\\u000a\"");
     }
 }

@@ -53,46 +53,30 @@ pub struct Status {
     pub raw: String,
 }
 
-/// The raw text of `"key":VALUE` in a flat JSON object: a string's contents (without the
-/// quotes), an array's contents (without the brackets), or a scalar up to `,` or `}`.
-fn json_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
-    let pat = format!("\"{key}\":");
-    let start = line.find(&pat)? + pat.len();
-    let rest = line[start..].trim_start();
-    if let Some(s) = rest.strip_prefix('"') {
-        return s.find('"').map(|end| &s[..end]);
-    }
-    if let Some(s) = rest.strip_prefix('[') {
-        return s.find(']').map(|end| &s[..end]);
-    }
-    let end = rest.find([',', '}']).unwrap_or(rest.len());
-    Some(rest[..end].trim())
-}
-
-fn json_u64(line: &str, key: &str) -> Option<u64> {
-    json_field(line, key).and_then(|v| v.parse().ok())
-}
-
 impl Status {
-    /// Parse the one-line JSON; `None` if a required field is missing or malformed.
+    /// Parse the one-line JSON; `None` if it is not JSON or a required field is missing.
     pub fn parse(line: &str) -> Option<Status> {
         let line = line.trim();
+        let v: serde_json::Value = serde_json::from_str(line).ok()?;
+        let u64_of = |key: &str| v.get(key).and_then(serde_json::Value::as_u64);
         Some(Status {
-            node_id: json_u64(line, "node_id")?,
-            role: json_field(line, "role")?.to_string(),
-            term: json_u64(line, "term")?,
+            node_id: u64_of("node_id")?,
+            role: v.get("role")?.as_str()?.to_string(),
+            term: u64_of("term")?,
             // null (no known leader) parses as None.
-            leader_id: json_u64(line, "leader_id"),
-            last_index: json_u64(line, "last_index").unwrap_or(0),
-            committed_index: json_u64(line, "committed_index").unwrap_or(0),
-            applied_index: json_u64(line, "applied_index").unwrap_or(0),
-            acks: json_u64(line, "acks"),
-            writable: json_field(line, "writable")? == "true",
-            members: json_field(line, "members")
-                .map(|m| m.split(',').filter_map(|x| x.trim().parse().ok()).collect())
+            leader_id: u64_of("leader_id"),
+            last_index: u64_of("last_index").unwrap_or(0),
+            committed_index: u64_of("committed_index").unwrap_or(0),
+            applied_index: u64_of("applied_index").unwrap_or(0),
+            acks: u64_of("acks"),
+            writable: v.get("writable")?.as_bool()?,
+            members: v
+                .get("members")
+                .and_then(serde_json::Value::as_array)
+                .map(|m| m.iter().filter_map(serde_json::Value::as_u64).collect())
                 .unwrap_or_default(),
-            ship_state: json_field(line, "state").unwrap_or("").to_string(),
-            ship_starts: json_u64(line, "starts").unwrap_or(0),
+            ship_state: v["ship"]["state"].as_str().unwrap_or("").to_string(),
+            ship_starts: v["ship"]["starts"].as_u64().unwrap_or(0),
             raw: line.to_string(),
         })
     }
