@@ -18,7 +18,7 @@ use openraft::ServerState;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixListener;
 
-use crate::metrics::{FsyncOutcome, RecentLatency};
+use crate::counters::{FsyncOutcome, RecentLatency};
 use crate::replication::control::Control;
 use serde_json::{json, Value};
 

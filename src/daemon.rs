@@ -8,13 +8,14 @@ use std::time::Duration;
 
 use crate::admin;
 use crate::config::MountConfig;
+use crate::counters::Registry;
 use crate::datadir::{DataDir, DataDirError};
-use crate::fs::overlay::Overlay;
 use crate::fs::{Fs, FsParts};
 use crate::fuse::FuseAdapter;
-use crate::metrics::{self, Registry};
+use crate::metrics;
 use crate::ready::Ready;
 use crate::replication::control::Control;
+use crate::replication::overlay::Overlay;
 use crate::replication::pipeline::{PipelineParts, Replicated};
 use crate::replication::role::{self, Role};
 use crate::replication::state_machine::ObserverSlot;
@@ -304,7 +305,7 @@ struct Assembled {
     ship: Arc<Ship>,
     fs: Arc<Fs>,
     /// Failed FUSE requests, counted by the adapter `mount` builds.
-    fuse_errors: Arc<crate::metrics::FuseErrors>,
+    fuse_errors: Arc<crate::counters::FuseErrors>,
     role_watcher: tokio::task::JoinHandle<()>,
 }
 

@@ -14,8 +14,8 @@ use fuser::{
     WriteFlags,
 };
 
+use crate::counters::FuseErrors;
 use crate::fs::{to_timespec, Errno, Fs};
-use crate::metrics::FuseErrors;
 use crate::op::Owner;
 
 /// How long the kernel may cache entries and attributes. This mount is the only writer

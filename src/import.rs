@@ -28,7 +28,7 @@ use openraft::{CommittedLeaderId, LogId, Membership, StoredMembership};
 use crate::config::MountConfig;
 use crate::datadir::{DataDir, IMPORT_PENDING};
 use crate::replication::checkpoint::{Checkpoint, CheckpointFile};
-use crate::replication::control::hex;
+use crate::replication::snapshot::hex;
 use crate::replication::snapshot::tree_digest;
 use crate::sync::{fdatasync, fsync_dir, write_file_durably};
 

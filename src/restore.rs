@@ -12,9 +12,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::config::Limits;
-use crate::replication::control::{hex, Session};
-use crate::replication::network::NetConfig;
+use crate::replication::control_client::Session;
+use crate::replication::net_config::NetConfig;
 use crate::replication::snapshot;
+use crate::replication::snapshot::hex;
 use crate::replication::transport::LinkLimits;
 use crate::replication::wire::{ControlRequest, ControlResponse};
 use crate::sync::{fdatasync, fsync_dir};
@@ -67,7 +68,7 @@ pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
         snapshot_install_timeout_ms: limits.snapshot_install_timeout_ms,
         connections_max: 1,
         // A tool's link counts into a registry nobody scrapes.
-        registry: std::sync::Arc::new(crate::metrics::Registry::new(&limits, [])),
+        registry: std::sync::Arc::new(crate::counters::Registry::new(&limits, [])),
         // A tool neither leads nor follows.
         liveness: std::sync::Arc::new(crate::replication::quorum::Liveness::new(0)),
         matched: std::sync::Arc::default(),

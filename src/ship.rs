@@ -21,14 +21,15 @@
 
 use std::collections::VecDeque;
 use std::ffi::CString;
+use std::future::Future;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
 
 use crate::config::{Limits, SHIP_FREEZE_MARGIN_MS};
-use crate::replication::control::Control;
 use crate::replication::quorum::Liveness;
 use crate::replication::role::Role;
 
@@ -91,6 +92,13 @@ pub struct Status {
     pub last_failover_downtime_ms: Option<u64>,
     /// Why this node handed the ship away, if it did.
     pub gave_up: Option<String>,
+}
+
+/// Who takes leadership (and so the ship) away from this node after too many ship
+/// failures: the cluster's leadership transfer (`Control`, in `replication/control.rs`).
+pub trait Handover: Send + Sync {
+    /// Hand leadership to the most caught-up other voter; a message saying what happened.
+    fn hand_over(&self) -> Pin<Box<dyn Future<Output = Result<String, String>> + Send + '_>>;
 }
 
 /// The ship's command and how to run it.
@@ -264,12 +272,12 @@ impl Ship {
             .load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Supervise until shutdown. `control` hands leadership away after too many failures.
+    /// Supervise until shutdown. `handover` hands leadership away after too many failures.
     pub async fn supervise(
         self: Arc<Self>,
         role: Arc<Role>,
         liveness: Arc<Liveness>,
-        control: Arc<Control>,
+        handover: Arc<dyn Handover>,
     ) {
         let Some(cfg) = self.cfg.clone() else {
             return;
@@ -308,7 +316,7 @@ impl Ship {
                         self.set(|s| s.last_exit = Some(format!("could not start: {e}")));
                         failures.push_back(Instant::now());
                         if !self
-                            .after_failure(&cfg, &mut failures, &mut backoff_ms, &leads, &control)
+                            .after_failure(&cfg, &mut failures, &mut backoff_ms, &leads, &handover)
                             .await
                         {
                             break;
@@ -352,7 +360,7 @@ impl Ship {
                         });
                         failures.push_back(Instant::now());
                         if !self
-                            .after_failure(&cfg, &mut failures, &mut backoff_ms, &leads, &control)
+                            .after_failure(&cfg, &mut failures, &mut backoff_ms, &leads, &handover)
                             .await
                         {
                             break;
@@ -387,7 +395,7 @@ impl Ship {
         failures: &mut VecDeque<Instant>,
         backoff_ms: &mut u64,
         leads: &impl Fn() -> bool,
-        control: &Arc<Control>,
+        handover: &Arc<dyn Handover>,
     ) -> bool {
         let window = Duration::from_millis(cfg.failures_window_ms);
         while failures.front().is_some_and(|t| t.elapsed() > window) {
@@ -403,7 +411,7 @@ impl Ship {
             tracing::error!(reason = %why, "handing leadership (and the ship) to another member");
             self.set(|s| s.gave_up = Some(why));
             failures.clear();
-            match control.transfer_leader(None).await {
+            match handover.hand_over().await {
                 Ok(r) => {
                     tracing::info!(result = %r, "leadership handed over after ship failures");
                     return false;

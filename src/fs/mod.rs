@@ -27,7 +27,6 @@
 //! about to change, and no read sees the tree half-way through a rename.
 
 pub mod inodes;
-pub mod overlay;
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -44,15 +43,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{FileAttr, FileType};
 
 use crate::config::Limits;
+use crate::counters::{FsyncOutcome, Registry};
 use crate::diskfull::SpaceGate;
-use crate::metrics::{FsyncOutcome, Registry};
 use crate::op::{NodeKind, Op, Owner, Timespec};
 use crate::replication::group_commit::split_write;
+use crate::replication::overlay::{merge_read, size_after, Overlay, Piece, PieceKind};
 use crate::replication::pipeline::{Pipeline, ProposeError};
 use crate::replication::role::LeadershipHooks;
 use crate::replication::state_machine::ApplyObserver;
 use inodes::{join, Area, Inodes, ROOT_INO};
-use overlay::{merge_read, size_after, Overlay, Piece, PieceKind};
 
 /// An errno to answer the kernel with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -11,20 +11,20 @@
 //! is undone on the way out, whether the transfer worked or not.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
+use super::control_client::call;
 use super::elections::Elections;
-use super::network::NetConfig;
+use super::net_config::NetConfig;
 use super::role::Role;
+use super::snapshot::hex;
 use super::snapshot::SnapshotFile;
 use super::state_machine::{DigestAnswer, StateMachine};
-use super::transport::Link;
-use super::wire::{self, ControlRequest, ControlResponse, Request, Response};
+use super::wire::{self, ControlRequest, ControlResponse, Response};
 use super::TypeConfig;
 use crate::config::Limits;
 use crate::op::{Batch, Op};
@@ -34,69 +34,6 @@ use crate::ship::{self, Ship};
 const ADMIN_ORIGIN: u64 = 0;
 /// Longest hold or campaign delay a member accepts from a peer.
 const CONTROL_DELAY_MS_MAX: u64 = 60_000;
-
-pub fn hex(d: &[u8]) -> String {
-    d.iter().fold(String::new(), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
-}
-
-/// An authenticated link to one member for a series of control requests.
-pub struct Session {
-    link: Link,
-    addr: String,
-}
-
-impl Session {
-    pub async fn open(net: &NetConfig, addr: &str) -> Result<Session, String> {
-        let key = net
-            .key
-            .as_ref()
-            .ok_or("this node is standalone: it has no cluster key and no peers")?;
-        let sock = tokio::net::lookup_host(addr)
-            .await
-            .ok()
-            .and_then(|mut a| a.next())
-            .ok_or_else(|| format!("cannot resolve {addr}"))?;
-        let link = Link::connect(sock, net.bind_ip, key, net.my_id, net.limits)
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        Ok(Session {
-            link,
-            addr: addr.to_string(),
-        })
-    }
-
-    pub async fn call(
-        &mut self,
-        req: ControlRequest,
-        ttl_ms: u64,
-    ) -> Result<ControlResponse, String> {
-        let addr = &self.addr;
-        self.link
-            .send(&wire::encode_request(&Request::Control(req)))
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let bytes = self
-            .link
-            .recv(ttl_ms)
-            .await
-            .map_err(|e| format!("{addr}: {e}"))?;
-        let resp = wire::decode_response(&bytes).map_err(|e| format!("{addr}: {e}"))?;
-        wire::to_control_response(resp).map_err(|e| format!("{addr}: {e}"))
-    }
-}
-
-/// Send one control request to the member at `addr` over a fresh link.
-pub async fn call(
-    net: &NetConfig,
-    addr: &str,
-    req: ControlRequest,
-    ttl_ms: u64,
-) -> Result<ControlResponse, String> {
-    Session::open(net, addr).await?.call(req, ttl_ms).await
-}
 
 /// A tree image opened for `restore` on one link.
 pub struct OpenImage {
@@ -340,6 +277,16 @@ impl Verification {
             "members": members,
         })
         .to_string()
+    }
+}
+
+/// After too many ship failures the supervisor hands leadership away with a transfer.
+impl ship::Handover for Control {
+    fn hand_over(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<String, String>> + Send + '_>>
+    {
+        Box::pin(self.transfer_leader(None))
     }
 }
 

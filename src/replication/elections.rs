@@ -31,8 +31,8 @@ use std::time::{Duration, Instant};
 
 use openraft::{LogId, Raft, ServerState};
 
-use super::network::NetConfig;
-use super::quorum::{granted, Liveness};
+use super::net_config::NetConfig;
+use super::quorum::{granted, voter_sets, Liveness};
 use super::wire::{ControlRequest, ControlResponse};
 use super::TypeConfig;
 
@@ -246,7 +246,7 @@ impl Elections {
                 asks.spawn(async move {
                     let r = tokio::time::timeout(
                         Duration::from_millis(ttl),
-                        super::control::call(&net, &addr, req, ttl),
+                        super::control_client::call(&net, &addr, req, ttl),
                     )
                     .await;
                     (
@@ -284,14 +284,4 @@ impl Elections {
             }
         }
     }
-}
-
-/// Every voter set of the effective membership (two during a joint change).
-pub fn voter_sets(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Vec<Vec<u64>> {
-    m.membership_config
-        .membership()
-        .get_joint_config()
-        .iter()
-        .map(|s| s.iter().copied().collect())
-        .collect()
 }

@@ -32,7 +32,6 @@ use rkyv::util::AlignedVec;
 use tokio::sync::watch;
 
 use super::record::{self, HEADER_BYTES};
-use super::retention::{Layout, SegmentSpan};
 use super::{Entry, TypeConfig};
 use crate::diskfull::{self, DiskFullPolicy};
 use crate::sync::{fdatasync, fsync_dir, write_file_durably};
@@ -89,6 +88,35 @@ struct Inner {
     last_log_id: Option<LogId<u64>>,
     purged: Option<LogId<u64>>,
     vote: Option<Vote<u64>>,
+}
+
+/// One segment file of the log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentSpan {
+    /// Index of the first record the segment was created for.
+    pub first: u64,
+    /// Index of its last record (for the last segment, the log's last index).
+    pub last: u64,
+    /// Its size on disk.
+    pub bytes: u64,
+}
+
+/// What the log holds now: retention's input, and what `status` and /metrics report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layout {
+    /// Oldest first.
+    pub segments: Vec<SegmentSpan>,
+    /// Entries up to here are purged (openraft will not read them again).
+    pub purged: Option<u64>,
+    /// The oldest entry a lagging member can still be sent.
+    pub first_index: u64,
+}
+
+impl Layout {
+    /// Bytes of the log's segment files.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.bytes).sum()
+    }
 }
 
 /// Durability reporting, shared by the clones of a store.

@@ -4,10 +4,13 @@
 
 pub mod checkpoint;
 pub mod control;
+pub mod control_client;
 pub mod elections;
 pub mod group_commit;
 pub mod log_store;
+pub mod net_config;
 pub mod network;
+pub mod overlay;
 pub mod pipeline;
 pub mod proposer;
 pub mod quorum;
@@ -28,10 +31,11 @@ use tokio::sync::watch;
 use crate::config::MountConfig;
 use crate::datadir::DataDir;
 use crate::diskfull::DiskFullPolicy;
-use crate::fs::overlay::Overlay;
 use crate::op::{ApplyResult, Batch};
 use log_store::{FlushState, LogOptions, LogStore};
-use network::{NetConfig, Network};
+use net_config::NetConfig;
+use network::Network;
+use overlay::Overlay;
 use state_machine::{ObserverSlot, OverlayLink, StateMachine};
 use transport::LinkLimits;
 
@@ -117,7 +121,7 @@ pub async fn start(
     origin: u64,
     overlay: Arc<Mutex<Overlay>>,
     observer: ObserverSlot,
-    registry: Arc<crate::metrics::Registry>,
+    registry: Arc<crate::counters::Registry>,
     ship: Arc<crate::ship::Ship>,
 ) -> Result<Node, StartError> {
     let liveness = Arc::new(quorum::Liveness::new(election_timeout_max_ms(&cfg.limits)));

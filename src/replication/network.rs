@@ -14,7 +14,7 @@
 //! arrives, before telling openraft the transfer is done, so that a delta that no longer
 //! fits the tree fails the transfer (retried with a fresh manifest), not the install.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,34 +34,13 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::control::{ControlServer, OpenImage};
-use super::quorum::{Liveness, Matched};
+use super::net_config::NetConfig;
+use super::quorum::Liveness;
 use super::snapshot::delta::{self, Manifest, Piece};
-use super::transport::{ClusterKey, Link, LinkError, LinkLimits};
+use super::transport::{Link, LinkError};
 use super::wire::{self, ControlRequest, ControlResponse, RaftRequest, Request, Response};
 use super::TypeConfig;
-use crate::metrics::{PeerCounters, Registry};
-
-/// How this node reaches and serves its peers.
-#[derive(Clone)]
-pub struct NetConfig {
-    pub my_id: u64,
-    /// Source address for outgoing links (the node's listen IP), so links leave from the
-    /// address peers know this node by.
-    pub bind_ip: Option<IpAddr>,
-    pub key: Option<ClusterKey>,
-    pub limits: LinkLimits,
-    /// How long a server waits for the next request on an idle link.
-    pub idle_ms: u64,
-    /// How long a manifest, and the install after the last snapshot chunk, may take.
-    pub snapshot_install_timeout_ms: u64,
-    pub connections_max: usize,
-    pub registry: Arc<Registry>,
-    /// Fed here (acks as leader, leader traffic as follower), read by pre-vote and
-    /// check-quorum.
-    pub liveness: Arc<Liveness>,
-    /// Fed here on a leader (how far each follower's log durably matches), read by fsync.
-    pub matched: Arc<Matched>,
-}
+use crate::counters::PeerCounters;
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]

@@ -25,7 +25,7 @@ use super::proposer::Proposer;
 use super::quorum::Matched;
 use super::role::Role;
 use super::TypeConfig;
-use crate::metrics::FsyncOutcome;
+use crate::counters::FsyncOutcome;
 use crate::op::Op;
 
 /// Why an op proposed alone has no result from the tree.

@@ -24,6 +24,16 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+/// Every voter set of the effective membership (two during a joint change).
+pub fn voter_sets(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Vec<Vec<u64>> {
+    m.membership_config
+        .membership()
+        .get_joint_config()
+        .iter()
+        .map(|s| s.iter().copied().collect())
+        .collect()
+}
+
 /// The latest instant that a majority of every voter set holds (a joint configuration has
 /// two sets; each needs its own majority). `heard(id)` is when voter `id` last acknowledged
 /// us; `me` counts as `now`. None if some set has no majority that ever answered.

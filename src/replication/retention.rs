@@ -25,37 +25,8 @@
 
 use openraft::Raft;
 
-use super::log_store::LogStore;
+use super::log_store::{Layout, LogStore};
 use super::TypeConfig;
-
-/// One segment file of the log.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SegmentSpan {
-    /// Index of the first record the segment was created for.
-    pub first: u64,
-    /// Index of its last record (for the last segment, the log's last index).
-    pub last: u64,
-    /// Its size on disk.
-    pub bytes: u64,
-}
-
-/// What the log holds now: retention's input, and what `status` and /metrics report.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Layout {
-    /// Oldest first.
-    pub segments: Vec<SegmentSpan>,
-    /// Entries up to here are purged (openraft will not read them again).
-    pub purged: Option<u64>,
-    /// The oldest entry a lagging member can still be sent.
-    pub first_index: u64,
-}
-
-impl Layout {
-    /// Bytes of the log's segment files.
-    pub fn bytes(&self) -> u64 {
-        self.segments.iter().map(|s| s.bytes).sum()
-    }
-}
 
 /// How much to keep below a checkpoint (`log_keep_entries`, `log_keep_bytes`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,6 +112,7 @@ pub async fn run(raft: Raft<TypeConfig>, log: LogStore, keep: Keep, dir: std::pa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::replication::log_store::SegmentSpan;
 
     fn seg(first: u64, last: u64, bytes: u64) -> SegmentSpan {
         SegmentSpan { first, last, bytes }

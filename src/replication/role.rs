@@ -21,8 +21,7 @@ use std::time::Duration;
 use openraft::{Raft, ServerState};
 use tokio::sync::watch;
 
-use super::elections::voter_sets;
-use super::quorum::Liveness;
+use super::quorum::{voter_sets, Liveness};
 use super::TypeConfig;
 
 #[derive(Debug)]

@@ -22,6 +22,7 @@
 
 pub mod delta;
 
+use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
 use std::future::Future;
 use std::io::{self, BufReader, BufWriter, Read, Seek, Write};
@@ -206,6 +207,14 @@ pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
     inner.write_all(&digest)?;
     fdatasync(&inner)?;
     Ok(inner.metadata()?.len())
+}
+
+/// Bytes (a digest) as lowercase hex, as `status`, `verify` and the logs show them.
+pub fn hex(d: &[u8]) -> String {
+    d.iter().fold(String::new(), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 /// The content digest of a tree: every name, its type, permission bits, size and bytes

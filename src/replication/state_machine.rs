@@ -40,10 +40,10 @@ use tokio::sync::watch;
 
 use super::checkpoint::{Checkpoint, CheckpointFile};
 use super::elections::Elections;
+use super::overlay::Overlay;
 use super::snapshot::{self, SnapshotFile};
 use super::{Entry, TypeConfig};
 use crate::diskfull::DiskFullPolicy;
-use crate::fs::overlay::Overlay;
 use crate::op::{ApplyResult, Batch, Op};
 use crate::tree::TreeApplier;
 
@@ -425,7 +425,7 @@ impl StateMachine {
             let started = std::time::Instant::now();
             let digest = snapshot::delta::prepare(&g.data_dir, &incoming_path(&g.data_dir))?;
             tracing::info!(
-                digest = %super::control::hex(&digest[..8]),
+                digest = %super::snapshot::hex(&digest[..8]),
                 ms = started.elapsed().as_millis() as u64,
                 "rebuilt the tree from an incremental snapshot"
             );

@@ -1,5 +1,6 @@
 //! The pending overlay: data ops (writes, truncates) the leader has accepted but not yet
-//! applied to `tree/`. READ and GETATTR see the tree *through* the overlay, so a reader
+//! applied to `tree/`. Shared by the file system (which adds pieces as it accepts ops, and
+//! reads through them) and the state machine (which drops them as it applies). READ and GETATTR see the tree *through* the overlay, so a reader
 //! never observes a gap between "WRITE answered" and "entry applied".
 //!
 //! Pieces are kept per inode in the order they were accepted, tagged with the batch seq
