@@ -128,11 +128,24 @@ pub enum ControlResponse {
     },
 }
 
+/// How a follower answered an AppendEntries. Archived as one byte, its declaration index,
+/// exactly as the `u8` of earlier releases (0 success, 1 partial success, 2 conflict,
+/// 3 higher vote), so members of both releases understand each other
+/// (`wire::tests::append_answers_keep_the_earlier_encoding`).
+#[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppendKind {
+    Success,
+    /// Matched up to `log_id`.
+    PartialSuccess,
+    Conflict,
+    /// The follower has seen `vote`, newer than the leader's.
+    HigherVote,
+}
+
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub enum Response {
-    /// kind: 0 success, 1 partial success (log_id), 2 conflict, 3 higher vote (vote).
     Append {
-        kind: u8,
+        kind: AppendKind,
         log_id: Option<WLogId>,
         vote: Option<WVote>,
     },
@@ -302,22 +315,22 @@ pub fn to_control_response(r: Response) -> Result<ControlResponse, String> {
 pub fn append_response(r: &AppendEntriesResponse<u64>) -> Response {
     match r {
         AppendEntriesResponse::Success => Response::Append {
-            kind: 0,
+            kind: AppendKind::Success,
             log_id: None,
             vote: None,
         },
         AppendEntriesResponse::PartialSuccess(l) => Response::Append {
-            kind: 1,
+            kind: AppendKind::PartialSuccess,
             log_id: l.as_ref().map(wl),
             vote: None,
         },
         AppendEntriesResponse::Conflict => Response::Append {
-            kind: 2,
+            kind: AppendKind::Conflict,
             log_id: None,
             vote: None,
         },
         AppendEntriesResponse::HigherVote(v) => Response::Append {
-            kind: 3,
+            kind: AppendKind::HigherVote,
             log_id: None,
             vote: Some(wv(v)),
         },
@@ -339,15 +352,23 @@ pub fn snapshot_response(r: &InstallSnapshotResponse<u64>) -> Response {
 /// The response a request kind expects, or why it cannot be had.
 pub fn to_append_response(r: Response) -> Result<AppendEntriesResponse<u64>, String> {
     match r {
-        Response::Append { kind: 0, .. } => Ok(AppendEntriesResponse::Success),
         Response::Append {
-            kind: 1, log_id, ..
+            kind: AppendKind::Success,
+            ..
+        } => Ok(AppendEntriesResponse::Success),
+        Response::Append {
+            kind: AppendKind::PartialSuccess,
+            log_id,
+            ..
         } => Ok(AppendEntriesResponse::PartialSuccess(
             log_id.as_ref().map(rl),
         )),
-        Response::Append { kind: 2, .. } => Ok(AppendEntriesResponse::Conflict),
         Response::Append {
-            kind: 3,
+            kind: AppendKind::Conflict,
+            ..
+        } => Ok(AppendEntriesResponse::Conflict),
+        Response::Append {
+            kind: AppendKind::HigherVote,
             vote: Some(v),
             ..
         } => Ok(AppendEntriesResponse::HigherVote(rv(&v))),
@@ -488,6 +509,46 @@ mod tests {
             assert_eq!(
                 to_append_response(decode_response(&bytes).unwrap()).unwrap(),
                 r
+            );
+        }
+    }
+
+    /// The append answers an earlier release encoded (fuzz/seeds/wire_frames/resp_0..3,
+    /// written by fuzz/examples/make_seeds.rs when `kind` was a `u8`) decode to the same
+    /// answers and encode back to the same bytes.
+    #[test]
+    fn append_answers_keep_the_earlier_encoding() {
+        use openraft::{CommittedLeaderId, LogId, Vote};
+        let seeds: [(&[u8], AppendEntriesResponse<u64>); 4] = [
+            (
+                include_bytes!("../../fuzz/seeds/wire_frames/resp_0"),
+                AppendEntriesResponse::Success,
+            ),
+            (
+                include_bytes!("../../fuzz/seeds/wire_frames/resp_1"),
+                AppendEntriesResponse::PartialSuccess(Some(LogId::new(
+                    CommittedLeaderId::new(2, 1),
+                    6,
+                ))),
+            ),
+            (
+                include_bytes!("../../fuzz/seeds/wire_frames/resp_2"),
+                AppendEntriesResponse::Conflict,
+            ),
+            (
+                include_bytes!("../../fuzz/seeds/wire_frames/resp_3"),
+                AppendEntriesResponse::HigherVote(Vote::new(4, 3)),
+            ),
+        ];
+        for (bytes, want) in seeds {
+            let mut aligned = rkyv::util::AlignedVec::<16>::new();
+            aligned.extend_from_slice(bytes);
+            let got = to_append_response(decode_response(&aligned).unwrap()).unwrap();
+            assert_eq!(got, want);
+            assert_eq!(
+                &encode_response(&append_response(&want))[..],
+                bytes,
+                "{want:?}"
             );
         }
     }
