@@ -59,6 +59,8 @@ pub struct Status {
     pub matched: Vec<(u64, Option<u64>)>,
     /// Per other member: entries of this log it is not known to hold (leader only).
     pub lag: Vec<(u64, u64)>,
+    /// Per other member: the snapshot transfer under way with it (a catch-up).
+    pub catch_up: Vec<(u64, crate::metrics::Transfer)>,
     /// Durability waits answered 0, and those that failed (EIO).
     pub fsync_acks: u64,
     pub fsync_failures: u64,
@@ -91,6 +93,19 @@ impl Status {
         };
         let matched = object(&mut self.matched.iter().map(|(id, m)| (*id, opt(*m))));
         let lag = object(&mut self.lag.iter().map(|(id, l)| (*id, l.to_string())));
+        let catch_up = object(&mut self.catch_up.iter().map(|(id, t)| {
+            (
+                *id,
+                format!(
+                    "{{\"direction\":\"{}\",\"bytes\":{},\"to_go_bytes\":{},\"rate_bytes_per_s\":{},\"seconds\":{}}}",
+                    if t.sending { "sending" } else { "receiving" },
+                    t.bytes,
+                    opt(t.to_go_bytes),
+                    t.rate_bytes_per_s(),
+                    t.last.duration_since(t.started).as_secs(),
+                ),
+            )
+        }));
         let recent = self.fsync_recent;
         let text = |v: &Option<String>| v.as_deref().map_or("null".to_string(), json_str);
         let sh = &self.ship;
@@ -108,7 +123,7 @@ impl Status {
             "{{\"node_id\":{},\"role\":\"{}\",\"term\":{},\"leader_id\":{},\"last_index\":{},\
              \"log_first_index\":{},\"log_bytes\":{},\"committed_index\":{},\"applied_index\":{},\"acks\":{},\"writable\":{},\
              \"disk_refusing_writes\":{},\"disk_waiting\":{},\"members\":[{}],\"learners\":[{}],\"export_until\":{},\"matched\":{{{}}},\
-             \"lag\":{{{}}},\"fsync_acks\":{},\"fsync_failures\":{},\"fsync_samples\":{},\
+             \"lag\":{{{}}},\"catch_up\":{{{}}},\"fsync_acks\":{},\"fsync_failures\":{},\"fsync_samples\":{},\
              \"fsync_p50_us\":{},\"fsync_p99_us\":{},\"ship\":{}}}",
             self.node_id,
             self.role,
@@ -128,6 +143,7 @@ impl Status {
             opt(self.export_until),
             matched,
             lag,
+            catch_up,
             self.fsync_acks,
             self.fsync_failures,
             recent.map_or(0, |r| r.samples),
@@ -206,6 +222,9 @@ pub async fn collect(control: &Control) -> Status {
         export_until: control.state_machine.export_until(),
         matched,
         lag,
+        catch_up: control.net.registry.transfers(Duration::from_millis(
+            control.limits.snapshot_install_timeout_ms,
+        )),
         fsync_acks: fsync.count(FsyncOutcome::Ok),
         fsync_failures: fsync.failures(),
         fsync_recent: fsync.recent(),
@@ -461,6 +480,19 @@ mod tests {
             export_until: None,
             matched: vec![(1, Some(38)), (3, None)],
             lag: vec![(1, lag_entries(40, Some(38))), (3, lag_entries(40, None))],
+            catch_up: {
+                let started = std::time::Instant::now();
+                vec![(
+                    3,
+                    crate::metrics::Transfer {
+                        sending: true,
+                        started,
+                        last: started + std::time::Duration::from_secs(2),
+                        bytes: 8 << 20,
+                        to_go_bytes: Some(1 << 30),
+                    },
+                )]
+            },
             fsync_acks: 12,
             fsync_failures: 1,
             fsync_recent: Some(RecentLatency {
@@ -484,6 +516,8 @@ mod tests {
              \"log_first_index\":5,\"log_bytes\":8192,\"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
              \"disk_refusing_writes\":false,\"disk_waiting\":0,\"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
              \"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
+             \"catch_up\":{\"3\":{\"direction\":\"sending\",\"bytes\":8388608,\
+             \"to_go_bytes\":1073741824,\"rate_bytes_per_s\":4194304,\"seconds\":2}},\
              \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_samples\":12,\
              \"fsync_p50_us\":850,\"fsync_p99_us\":2100,\"ship\":{\"state\":\"running\",\"pid\":4242,\
              \"starts\":3,\"last_exit\":\"exit code 1\",\"last_failover_downtime_ms\":1800,\"gave_up\":null}}"

@@ -1345,16 +1345,36 @@ fn measure_catch_up_behind_the_purged_log() {
     let mut c = Cluster::start_with(3, 3, Some(1), &PURGE_AT_EVERY_CHECKPOINT, &|i| {
         vec!["--metrics-addr".into(), maddr(i).to_string()]
     });
-    let l = c.wait_leader(ELECTION);
-    let mnt = c.mountpoint(l);
-    write_mibs(&c, &mnt.join("image.bin"), pier_mib, 7);
+    // A loaded test box can make a leader step down mid-setup: write at whichever member
+    // leads, again, until the write (and its fdatasync) succeeds.
+    let write = |c: &Cluster, data: &[u8], at: u64| {
+        for _ in 0..20 {
+            let l = c.wait_leader(ELECTION);
+            let ok = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(c.mountpoint(l).join("image.bin"))
+                .and_then(|f| {
+                    f.write_all_at(data, at)?;
+                    f.sync_data()
+                });
+            if ok.is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c.fail("no write succeeded at any leader");
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    for k in 0..pier_mib {
+        mib_pattern(&mut buf, k, 7);
+        write(&c, &buf, k << 20);
+    }
     c.wait_converged(Duration::from_secs(1800));
+    let l = c.wait_leader(ELECTION);
     let x = c.nodes().find(|&i| i != l).expect("a follower");
     c.stop(x);
-    let f = OpenOptions::new()
-        .write(true)
-        .open(mnt.join("image.bin"))
-        .unwrap_or_else(|e| c.fail(&format!("open image.bin: {e}")));
     let mut page = vec![0u8; 4096];
     let mut seed = 0x9e37_79b9_7f4a_7c15u64;
     for k in 0..WRITES {
@@ -1367,23 +1387,25 @@ fn measure_catch_up_behind_the_purged_log() {
         } else {
             (pier_mib << 19) + k * 4096
         };
-        f.write_all_at(&page, at)
-            .unwrap_or_else(|e| c.fail(&format!("write {k}: {e}")));
-        f.sync_data()
-            .unwrap_or_else(|e| c.fail(&format!("fdatasync {k}: {e}")));
+        write(&c, &page, at);
     }
-    drop(f);
     let t = Instant::now();
     c.restart(x);
     c.wait_converged(Duration::from_secs(1800));
     let took = t.elapsed();
     let xs = scrape(maddr(x));
+    let sum = |name: &str| {
+        c.nodes()
+            .filter(|&i| i != x)
+            .map(|i| xs.member(name, i))
+            .sum::<f64>()
+    };
     eprintln!(
         "=== pier {pier_mib} MiB, {WRITES} x 4 KiB {} writes while away: follower received \
          {} snapshot(s), {} snapshot bytes, {} log bytes; caught up in {took:?}",
         if random { "random" } else { "sequential" },
-        xs.member("seguro_snapshot_received_total", l),
-        xs.member("seguro_snapshot_received_bytes_total", l),
-        xs.member("seguro_replication_received_bytes_total", l),
+        sum("seguro_snapshot_received_total"),
+        sum("seguro_snapshot_received_bytes_total"),
+        sum("seguro_replication_received_bytes_total"),
     );
 }

@@ -635,6 +635,7 @@ pub fn build_new_tree(data_dir: &Path, image: &Path) -> io::Result<()> {
         }
         return Ok(());
     }
+    delta::forget_prepared(data_dir)?;
     let new = data_dir.join("tree.new");
     let _ = fs::remove_dir_all(&new);
     fs::create_dir(&new)?;
