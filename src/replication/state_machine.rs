@@ -408,6 +408,23 @@ impl StateMachine {
         )
     }
 
+    /// An unlinked file in `snapshots/`, gone when its last handle closes.
+    pub fn scratch_file(&self) -> io::Result<std::fs::File> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = self.lock().data_dir.join(format!(
+            "snapshots/scratch-{}",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)?;
+        std::fs::remove_file(&p)?;
+        Ok(f)
+    }
+
     /// Is the snapshot being received a delta (its first bytes are in the file)?
     pub fn receiving_delta(&self) -> io::Result<bool> {
         snapshot::delta::is_delta(&incoming_path(&self.lock().data_dir))

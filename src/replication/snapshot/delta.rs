@@ -615,6 +615,17 @@ pub fn prepared(data_dir: &Path, digest: &[u8; 32]) -> bool {
     data_dir.join("tree.new").is_dir() && fs::read(ready_path(data_dir)).is_ok_and(|d| d == digest)
 }
 
+/// Unpack the image that `delta` describes against `old` into the empty directory `new`,
+/// synced, verified against the image's digest (returned). `old` is only read.
+pub fn rebuild(delta: &Path, old: &Path, new: &Path) -> io::Result<[u8; 32]> {
+    let mut r = DeltaReader::open(delta, old)?;
+    let digest = super::unpack_from(&mut r, new)?;
+    if r.finish()? != digest {
+        return Err(bad("the delta's closing digest is not its image's"));
+    }
+    Ok(digest)
+}
+
 /// Drop the record of what `tree.new/` holds, durably, before anything changes it.
 pub fn forget_prepared(data_dir: &Path) -> io::Result<()> {
     match fs::remove_file(ready_path(data_dir)) {
@@ -634,11 +645,7 @@ pub fn prepare(data_dir: &Path, delta: &Path) -> io::Result<[u8; 32]> {
         forget_prepared(data_dir)?;
         let _ = fs::remove_dir_all(&new);
         fs::create_dir(&new)?;
-        let mut r = DeltaReader::open(delta, &data_dir.join("tree"))?;
-        let digest = super::unpack_from(&mut r, &new)?;
-        if r.finish()? != digest {
-            return Err(bad("the delta's closing digest is not its image's"));
-        }
+        let digest = rebuild(delta, &data_dir.join("tree"), &new)?;
         write_file_durably(&ready_path(data_dir), &digest)?;
         Ok(digest)
     })();
