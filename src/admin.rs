@@ -60,6 +60,8 @@ pub struct Status {
     pub matched: Vec<(u64, Option<u64>)>,
     /// Per other member: entries of this log it is not known to hold (leader only).
     pub lag: Vec<(u64, u64)>,
+    /// Per other member: the snapshot transfer under way with it (a catch-up).
+    pub catch_up: Vec<(u64, crate::counters::Transfer)>,
     /// Durability waits answered 0, and those that failed (EIO).
     pub fsync_acks: u64,
     pub fsync_failures: u64,
@@ -102,6 +104,18 @@ impl Status {
             "export_until": self.export_until,
             "matched": by_member(&mut self.matched.iter().map(|(id, m)| (*id, json!(m)))),
             "lag": by_member(&mut self.lag.iter().map(|(id, l)| (*id, json!(l)))),
+            "catch_up": by_member(&mut self.catch_up.iter().map(|(id, t)| {
+                (
+                    *id,
+                    json!({
+                        "direction": if t.sending { "sending" } else { "receiving" },
+                        "bytes": t.bytes,
+                        "to_go_bytes": t.to_go_bytes,
+                        "rate_bytes_per_s": t.rate_bytes_per_s(),
+                        "seconds": t.last.duration_since(t.started).as_secs(),
+                    }),
+                )
+            })),
             "fsync_acks": self.fsync_acks,
             "fsync_failures": self.fsync_failures,
             "fsync_samples": recent.map_or(0, |r| r.samples),
@@ -188,6 +202,9 @@ pub async fn collect(control: &Control) -> Status {
         export_until: control.state_machine.export_until(),
         matched,
         lag,
+        catch_up: control.net.registry.transfers(Duration::from_millis(
+            control.limits.snapshot_install_timeout_ms,
+        )),
         fsync_acks: fsync.count(FsyncOutcome::Ok),
         fsync_failures: fsync.failures(),
         fsync_recent: fsync.recent(),
@@ -415,6 +432,19 @@ mod tests {
             export_until: None,
             matched: vec![(1, Some(38)), (3, None)],
             lag: vec![(1, lag_entries(40, Some(38))), (3, lag_entries(40, None))],
+            catch_up: {
+                let started = std::time::Instant::now();
+                vec![(
+                    3,
+                    crate::counters::Transfer {
+                        sending: true,
+                        started,
+                        last: started + std::time::Duration::from_secs(2),
+                        bytes: 8 << 20,
+                        to_go_bytes: Some(1 << 30),
+                    },
+                )]
+            },
             fsync_acks: 12,
             fsync_failures: 1,
             fsync_recent: Some(RecentLatency {
@@ -438,6 +468,8 @@ mod tests {
              \"log_first_index\":5,\"log_bytes\":8192,\"committed_index\":39,\"applied_index\":39,\"acks\":1,\"writable\":true,\
              \"disk_refusing_writes\":false,\"disk_waiting\":0,\"members\":[1,2,3],\"learners\":[4],\"export_until\":null,\
              \"matched\":{\"1\":38,\"3\":null},\"lag\":{\"1\":2,\"3\":41},\
+             \"catch_up\":{\"3\":{\"direction\":\"sending\",\"bytes\":8388608,\
+             \"to_go_bytes\":1073741824,\"rate_bytes_per_s\":4194304,\"seconds\":2}},\
              \"fsync_acks\":12,\"fsync_failures\":1,\"fsync_samples\":12,\
              \"fsync_p50_us\":850,\"fsync_p99_us\":2100,\"ship\":{\"state\":\"running\",\"pid\":4242,\
              \"starts\":3,\"last_exit\":\"exit code 1\",\"last_failover_downtime_ms\":1800,\"gave_up\":null}}"

@@ -139,8 +139,13 @@ pub struct RestoreArgs {
     /// The cluster's key file.
     #[arg(long)]
     pub cluster_key_file: PathBuf,
-    /// A directory that does not exist yet or is empty.
+    /// A directory that does not exist yet or is empty (or, with --update, holds an older
+    /// copy of the tree).
     pub dest: PathBuf,
+    /// Bring a non-empty DEST, an older copy of the tree, up to date: only the 1 MiB
+    /// chunks it lacks are fetched, the new tree is built beside it and renamed over it.
+    #[arg(long)]
+    pub update: bool,
 }
 
 #[derive(Debug, Args)]

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::config::Limits;
 
@@ -172,6 +172,34 @@ pub struct PeerCounters {
     pub(crate) snapshot_sent_bytes: AtomicU64,
     pub(crate) snapshots_received: AtomicU64,
     pub(crate) snapshot_received_bytes: AtomicU64,
+    /// The snapshot transfer under way with this peer, if any (for `status`).
+    transfer: Mutex<Option<Transfer>>,
+}
+
+/// A snapshot transfer under way with one peer: how far it got and how fast.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transfer {
+    /// This node sends it (else receives it).
+    pub sending: bool,
+    pub started: Instant,
+    /// When its last chunk travelled.
+    pub last: Instant,
+    /// Bytes that travelled so far (an incremental snapshot's: the delta's).
+    pub bytes: u64,
+    /// Bytes of the tree image still to go through on the sender (its length less what
+    /// was read); None on the receiver, which learns the size only at the end.
+    pub to_go_bytes: Option<u64>,
+}
+
+impl Transfer {
+    pub fn rate_bytes_per_s(&self) -> u64 {
+        let s = self.last.duration_since(self.started).as_secs_f64();
+        if s > 0.0 {
+            (self.bytes as f64 / s) as u64
+        } else {
+            0
+        }
+    }
 }
 
 impl PeerCounters {
@@ -193,6 +221,46 @@ impl PeerCounters {
         self.snapshot_sent_bytes.fetch_add(bytes, Ordering::Relaxed);
         self.snapshots_sent
             .fetch_add(u64::from(done), Ordering::Relaxed);
+    }
+
+    /// `bytes` more of a snapshot transfer travelled (starting one if none is under way);
+    /// `to_go_bytes` as [`Transfer`] has it.
+    pub fn transfer_progress(&self, sending: bool, bytes: u64, to_go_bytes: Option<u64>) {
+        let now = Instant::now();
+        let mut t = self.transfer.lock().expect("transfer mutex poisoned");
+        let cur = t.get_or_insert(Transfer {
+            sending,
+            started: now,
+            last: now,
+            bytes: 0,
+            to_go_bytes,
+        });
+        cur.bytes += bytes;
+        cur.last = now;
+        if to_go_bytes.is_some() || !sending {
+            cur.to_go_bytes = to_go_bytes;
+        }
+    }
+
+    /// The sender knows how much of the image is left to go through.
+    pub fn transfer_to_go(&self, to_go_bytes: u64) {
+        if let Some(t) = self
+            .transfer
+            .lock()
+            .expect("transfer mutex poisoned")
+            .as_mut()
+        {
+            t.to_go_bytes = Some(to_go_bytes);
+        }
+    }
+
+    /// The transfer ended (done, given up, or started again from the beginning).
+    pub fn transfer_ended(&self) {
+        *self.transfer.lock().expect("transfer mutex poisoned") = None;
+    }
+
+    pub fn transfer(&self) -> Option<Transfer> {
+        *self.transfer.lock().expect("transfer mutex poisoned")
     }
 
     /// A snapshot chunk of `bytes` from the peer was answered; `done` if it was the last.
@@ -286,6 +354,16 @@ impl Registry {
             .entry(id)
             .or_default()
             .clone()
+    }
+
+    /// Snapshot transfers under way, by peer, whose last chunk travelled within
+    /// `stale_after` (a sender that gave up leaves its receiver's entry behind).
+    pub fn transfers(&self, stale_after: Duration) -> Vec<(u64, Transfer)> {
+        self.peer_list()
+            .into_iter()
+            .filter_map(|(id, c)| c.transfer().map(|t| (id, t)))
+            .filter(|(_, t)| t.last.elapsed() <= stale_after)
+            .collect()
     }
 
     pub fn peer_list(&self) -> Vec<(u64, Arc<PeerCounters>)> {

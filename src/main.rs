@@ -78,7 +78,9 @@ fn main() {
             a.json,
         )
         .map(print),
-        cli::Command::Restore(a) => restore::run(&a.from, &a.cluster_key_file, &a.dest).map(print),
+        cli::Command::Restore(a) => {
+            restore::run(&a.from, &a.cluster_key_file, &a.dest, a.update).map(print)
+        }
         cli::Command::Rekey(a) => rekey(&a),
         cli::Command::Import(a) => {
             let source = a.pier_log_dir.clone();

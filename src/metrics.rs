@@ -540,6 +540,7 @@ mod tests {
             export_until: None,
             matched: vec![(1, Some(40)), (3, None)],
             lag: vec![(1, 0), (3, 41)],
+            catch_up: vec![],
             fsync_acks: 4,
             fsync_failures: 1,
             fsync_recent: None,

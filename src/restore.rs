@@ -6,6 +6,8 @@
 //! image's blake3 digest (a truncated or altered transfer is refused), and the restored
 //! directory's tree digest is printed so it can be compared with `seguro-fs verify`.
 //! The result is a plain directory: a usable `.urb/log` for a pier rebuilt on a new host.
+//! With `--update`, a destination that holds an older copy sends the member its manifest
+//! and receives only what it lacks (an incremental snapshot, `snapshot/delta.rs`).
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
@@ -14,8 +16,7 @@ use std::time::Instant;
 use crate::config::Limits;
 use crate::replication::control_client::Session;
 use crate::replication::net_config::NetConfig;
-use crate::replication::snapshot;
-use crate::replication::snapshot::hex;
+use crate::replication::snapshot::{self, delta, hex};
 use crate::replication::transport::LinkLimits;
 use crate::replication::wire::{ControlRequest, ControlResponse};
 use crate::sync::{fdatasync, fsync_dir};
@@ -26,34 +27,46 @@ const TOOL_NODE_ID: u64 = 0;
 const PROGRESS_LINES: u64 = 10;
 
 fn image_path(dest: &Path) -> PathBuf {
-    let name = dest
-        .file_name()
-        .map_or("restore".into(), |n| n.to_string_lossy());
-    dest.with_file_name(format!(".{name}.seguro-restore.img"))
+    beside(dest, "img")
 }
 
-fn prepare(dest: &Path) -> Result<(), String> {
+/// Whether `dest` holds anything (after making it if it does not exist); with `update`
+/// unset, a non-empty `dest` is refused.
+fn prepare(dest: &Path, update: bool) -> Result<bool, String> {
     match std::fs::read_dir(dest) {
         Ok(mut entries) => {
-            if entries.next().is_some() {
+            let full = entries.next().is_some();
+            if full && !update {
                 return Err(format!(
-                    "{} is not empty; restore into a new or empty directory",
+                    "{} is not empty; restore into a new or empty directory, or pass \
+                     --update to bring an older copy of the tree up to date",
                     dest.display()
                 ));
             }
-            Ok(())
+            Ok(full)
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(dest).map_err(|e| format!("creating {}: {e}", dest.display()))
-        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => std::fs::create_dir_all(dest)
+            .map(|()| false)
+            .map_err(|e| format!("creating {}: {e}", dest.display())),
         Err(e) => Err(format!("{}: {e}", dest.display())),
     }
 }
 
-/// Restore from the member at `from` into `dest`; the summary line.
-pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
+/// Beside `dest`, hidden: `.NAME.seguro-restore.SUFFIX`.
+fn beside(dest: &Path, suffix: &str) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map_or("restore".into(), |n| n.to_string_lossy());
+    dest.with_file_name(format!(".{name}.seguro-restore.{suffix}"))
+}
+
+/// Restore from the member at `from` into `dest`; the summary line. With `update`, a
+/// `dest` that holds an older copy of the tree is brought up to date: only the chunks it
+/// lacks travel (an incremental snapshot, `snapshot/delta.rs`), the new tree is built
+/// beside it and then renamed over it.
+pub fn run(from: &str, key_file: &Path, dest: &Path, update: bool) -> Result<String, String> {
     let key = crate::settings::key_flag(key_file)?;
-    prepare(dest)?;
+    let incremental = prepare(dest, update)?;
     let limits = Limits::default();
     let net = NetConfig {
         my_id: TOOL_NODE_ID,
@@ -78,7 +91,25 @@ pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
         .build()
         .map_err(|e| e.to_string())?;
     let img = image_path(dest);
-    let result = rt.block_on(download(&net, from, &img, limits.snapshot_chunk_bytes));
+    let open = if incremental {
+        let cache = beside(dest, "manifest");
+        let manifest = delta::build_manifest(dest, &cache, limits.snapshot_manifest_bytes_max);
+        let _ = std::fs::remove_file(&cache);
+        let manifest = manifest.map_err(|e| format!("hashing {}: {e}", dest.display()))?;
+        (
+            ControlRequest::ImageOpenDelta { manifest },
+            limits.snapshot_install_timeout_ms,
+        )
+    } else {
+        (ControlRequest::ImageOpen, limits.peer_io_timeout_ms)
+    };
+    let result = rt.block_on(download(
+        &net,
+        from,
+        &img,
+        limits.snapshot_chunk_bytes,
+        open,
+    ));
     let (index, len) = match result {
         Ok(x) => x,
         Err(e) => {
@@ -86,24 +117,57 @@ pub fn run(from: &str, key_file: &Path, dest: &Path) -> Result<String, String> {
             return Err(e);
         }
     };
-    let unpacked = snapshot::unpack_image(&img, dest);
+    let unpacked = if incremental {
+        rebuild(&img, dest)
+    } else {
+        snapshot::unpack_image(&img, dest).map_err(|e| {
+            format!(
+                "{e}; {} is incomplete, remove it and try again",
+                dest.display()
+            )
+        })
+    };
     let _ = std::fs::remove_file(&img);
-    unpacked.map_err(|e| {
-        format!(
-            "{e}; {} is incomplete, remove it and try again",
-            dest.display()
-        )
-    })?;
+    unpacked?;
     if let Some(parent) = dest.parent().filter(|p| !p.as_os_str().is_empty()) {
         fsync_dir(parent).map_err(|e| e.to_string())?;
     }
     let digest = snapshot::tree_digest(dest).map_err(|e| e.to_string())?;
     Ok(format!(
-        "restored {} at log index {index} from {from}: {len} image bytes, blake3 verified; \
+        "restored {} at log index {index} from {from}: {len} {} bytes, blake3 verified; \
          tree digest {}",
         dest.display(),
+        if incremental {
+            "incremental snapshot"
+        } else {
+            "image"
+        },
         hex(&digest)
     ))
+}
+
+/// Build the tree the delta at `img` describes against `dest` beside it, then put it in
+/// `dest`'s place. `dest` is only read until the swap; a failure before it leaves `dest`
+/// as it was.
+fn rebuild(img: &Path, dest: &Path) -> Result<(), String> {
+    let new = beside(dest, "new");
+    let old = beside(dest, "old");
+    let _ = std::fs::remove_dir_all(&new);
+    std::fs::create_dir(&new).map_err(|e| format!("{}: {e}", new.display()))?;
+    if let Err(e) = delta::rebuild(img, dest, &new) {
+        let _ = std::fs::remove_dir_all(&new);
+        return Err(format!("{e}; {} is unchanged", dest.display()));
+    }
+    let swap = std::fs::rename(dest, &old).and_then(|()| std::fs::rename(&new, dest));
+    swap.map_err(|e| {
+        format!(
+            "moving the new tree into place: {e}; the old one is {}, the new one {}",
+            old.display(),
+            new.display()
+        )
+    })?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
 }
 
 /// Fetch the member's image into `img`; (index, length).
@@ -112,11 +176,12 @@ async fn download(
     from: &str,
     img: &Path,
     chunk_bytes: u64,
+    (open, open_ttl): (ControlRequest, u64),
 ) -> Result<(u64, u64), String> {
     let ttl = net.limits.io_timeout_ms;
     // One link for the whole transfer: the member keeps the open image per link.
     let mut link = Session::open(net, from).await?;
-    let (index, len) = match link.call(ControlRequest::ImageOpen, ttl).await? {
+    let (index, len) = match link.call(open, open_ttl).await? {
         ControlResponse::Image { index, len } => (index, len),
         other => return Err(format!("{from}: unexpected answer {other:?}")),
     };

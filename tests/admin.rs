@@ -101,6 +101,31 @@ fn restore(from: &str, key: &str, dest: &std::path::Path) -> Out {
     ])
 }
 
+/// `seguro-fs restore --update` from the member at `from` into `dest`.
+fn restore_update(from: &str, key: &str, dest: &std::path::Path) -> Out {
+    seguro(&[
+        "restore",
+        "--update",
+        "--from",
+        from,
+        "--cluster-key-file",
+        key,
+        dest.to_str().unwrap(),
+    ])
+}
+
+/// The byte count in `restore`'s summary ("…: N {what} bytes, …").
+fn restored_bytes(stdout: &str, what: &str) -> u64 {
+    let end = stdout
+        .find(&format!(" {what} bytes"))
+        .unwrap_or_else(|| panic!("no '{what} bytes' in {stdout}"));
+    stdout[..end]
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count in {stdout}"))
+}
+
 /// `seguro-fs members remove` of node `id`, asked of node `via`.
 fn remove(c: &Cluster, via: usize, id: usize) -> Out {
     seguro(&["members", "remove", &data(c, via), &id.to_string()])
@@ -383,9 +408,47 @@ fn verify_catches_a_tampered_byte_and_restore_copies_the_tree() {
         .collect();
     assert_eq!(leftovers.len(), 1, "no image left behind: {leftovers:?}");
 
+    let image_bytes = restored_bytes(&o.stdout, "image");
+
     phase("restore refuses a non-empty destination and a wrong key");
     let o = restore(&from, &key, &dest);
     assert!(!o.ok && o.stderr.contains("not empty"), "{}", o.stderr);
+
+    phase("restore --update brings a damaged copy back, fetching only what it lacks");
+    let mut files = vec![];
+    let mut dirs = vec![dest.clone()];
+    while let Some(d) = dirs.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let e = e.unwrap();
+            let m = fs::symlink_metadata(e.path()).unwrap();
+            if m.is_dir() {
+                dirs.push(e.path());
+            } else if m.is_file() {
+                files.push((m.len(), e.path()));
+            }
+        }
+    }
+    files.sort();
+    let (len, biggest) = files.pop().expect("a file in the restored tree");
+    let mut bytes = fs::read(&biggest).unwrap();
+    bytes[(len / 2) as usize] ^= 0x20;
+    fs::write(&biggest, &bytes).unwrap();
+    if let Some((_, small)) = files.first() {
+        fs::remove_file(small).unwrap();
+    }
+    let o = restore_update(&from, &key, &dest);
+    assert!(o.ok, "restore --update: {}", o.stderr);
+    assert_eq!(dir_digest(&dest).unwrap(), digest, "{}", o.stdout);
+    let delta_bytes = restored_bytes(&o.stdout, "incremental snapshot");
+    assert!(
+        delta_bytes < image_bytes,
+        "{delta_bytes} bytes fetched for an image of {image_bytes}"
+    );
+    let leftovers: Vec<_> = fs::read_dir(dest.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(leftovers.len(), 1, "nothing left behind: {leftovers:?}");
     let bad_key = c.dir().join("other.key");
     common::cluster::write_key_file(&bad_key);
     let dest2 = c.dir().join("restored2");

@@ -15,7 +15,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::cluster::{pid_alive, Cluster};
-use common::mount::{bin, copy_tree, write_fsync, Daemon, TestDir};
+use common::mount::{bin, copy_tree, write_fsync, Daemon, TestDir, PURGE_AT_EVERY_CHECKPOINT};
 use common::tmpfs::Tmpfs;
 use common::vere;
 
@@ -501,4 +501,66 @@ fn a_disk_full_past_the_wait_stops_the_daemon_with_an_error() {
         b"acknowledged before the disk filled"
     );
     d.stop();
+}
+
+/// A follower behind the purged log comes back to a disk with room for the incremental
+/// snapshot it receives but not for the tree it rebuilds from it: the rebuild waits for
+/// space (the follower keeps running, the old tree stays), and once space is freed the
+/// install finishes and the trees converge.
+#[test]
+fn a_snapshot_install_on_a_full_disk_waits_and_converges() {
+    const FILE_BYTES: usize = 24 << 20;
+    let mut args = PURGE_AT_EVERY_CHECKPOINT.to_vec();
+    args.extend(["--disk-full-retry-ms", "20"]);
+    let mut c = Cluster::start_on_tmpfs(3, Some(1), &args, 256 << 20);
+    let l = c.wait_leader(Duration::from_secs(30));
+    let mnt = c.mountpoint(l);
+    write_fsync(&mnt.join("image.bin"), &vec![1u8; FILE_BYTES])
+        .unwrap_or_else(|e| c.fail(&format!("write image.bin: {e}")));
+    c.wait_converged(Duration::from_secs(60));
+    let f = c.nodes().find(|i| *i != l).unwrap();
+    let f_last = c.status(f).map_or(0, |s| s.last_index);
+    c.stop(f);
+    // Every chunk changes: the delta carries the whole file.
+    write_fsync(&mnt.join("image.bin"), &vec![2u8; FILE_BYTES])
+        .unwrap_or_else(|e| c.fail(&format!("rewrite image.bin: {e}")));
+    for k in 0..40 {
+        write_fsync(&mnt.join(format!("small{k}")), b"x")
+            .unwrap_or_else(|e| c.fail(&format!("write small{k}: {e}")));
+    }
+    c.wait_for(
+        "the leader's log to be purged past the follower",
+        Duration::from_secs(60),
+        || {
+            let s = c.status_raw(l).ok()?;
+            let first: u64 = s
+                .split("\"log_first_index\":")
+                .nth(1)?
+                .split(|ch: char| !ch.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()?;
+            (first > f_last + 1).then_some(())
+        },
+    );
+    // Room for the 24 MiB delta, not also for the 24 MiB tree rebuilt from it.
+    c.leave_free(f, 40 << 20);
+    c.restart(f);
+    c.wait_for(
+        "the install to wait for space",
+        Duration::from_secs(60),
+        || {
+            c.status_raw(f)
+                .ok()
+                .filter(|s| !s.contains("\"disk_waiting\":0"))
+        },
+    );
+    c.free_disk(f);
+    c.wait_converged(Duration::from_secs(60));
+    let text = c.stop(f);
+    assert!(
+        text.lines().any(|l| l.contains("done waiting for space")
+            && l.contains("rebuilding the tree from an incremental snapshot")),
+        "{text}"
+    );
 }

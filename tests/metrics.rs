@@ -1351,3 +1351,89 @@ fn follower_killed_while_installing_an_incremental_snapshot_converges() {
     let _serial = serial();
     delta_catch_up(true);
 }
+
+/// Not a test: the figures in docs/ARCHITECTURE.md (Snapshots). A 3-node cluster (K=1)
+/// that keeps no log below its checkpoints holds a `SEGURO_MEASURE_PIER_MIB` (256) MiB
+/// `image.bin`; one follower is stopped while the leader makes 3,000 fdatasync'd 4 KiB
+/// writes (12 MiB), sequential (`SEGURO_MEASURE_PATTERN=seq`, an appended log) or spread
+/// over the whole file (`random`); then it comes back. Prints the snapshot bytes it
+/// received and the time until every member has the same digest. `SEGURO_BIN` runs
+/// another build. Run: `cargo test --test metrics measure_catch_up -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn measure_catch_up_behind_the_purged_log() {
+    const WRITES: u64 = 3_000;
+    let _serial = serial();
+    let env = |k: &str, d: &str| std::env::var(k).unwrap_or_else(|_| d.into());
+    let pier_mib: u64 = env("SEGURO_MEASURE_PIER_MIB", "256").parse().unwrap();
+    let random = env("SEGURO_MEASURE_PATTERN", "seq") == "random";
+    let ips: Vec<Ipv4Addr> = (1..=3).map(real_ip).collect();
+    let mport = pick_port(&ips);
+    let maddr = |i: usize| SocketAddr::from((real_ip(i), mport));
+    let mut c = Cluster::start_with(3, 3, Some(1), &PURGE_AT_EVERY_CHECKPOINT, &|i| {
+        vec!["--metrics-addr".into(), maddr(i).to_string()]
+    });
+    // A loaded test box can make a leader step down mid-setup: write at whichever member
+    // leads, again, until the write (and its fdatasync) succeeds.
+    let write = |c: &Cluster, data: &[u8], at: u64| {
+        for _ in 0..20 {
+            let l = c.wait_leader(ELECTION);
+            let ok = OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(c.mountpoint(l).join("image.bin"))
+                .and_then(|f| {
+                    f.write_all_at(data, at)?;
+                    f.sync_data()
+                });
+            if ok.is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        c.fail("no write succeeded at any leader");
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    for k in 0..pier_mib {
+        mib_pattern(&mut buf, k, 7);
+        write(&c, &buf, k << 20);
+    }
+    c.wait_converged(Duration::from_secs(1800));
+    let l = c.wait_leader(ELECTION);
+    let x = c.nodes().find(|&i| i != l).expect("a follower");
+    c.stop(x);
+    let mut page = vec![0u8; 4096];
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    for k in 0..WRITES {
+        page.fill((k % 251) as u8 + 1);
+        let at = if random {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % (pier_mib << 8) * 4096
+        } else {
+            (pier_mib << 19) + k * 4096
+        };
+        write(&c, &page, at);
+    }
+    let t = Instant::now();
+    c.restart(x);
+    c.wait_converged(Duration::from_secs(1800));
+    let took = t.elapsed();
+    let xs = scrape(maddr(x));
+    let sum = |name: &str| {
+        c.nodes()
+            .filter(|&i| i != x)
+            .map(|i| xs.member(name, i))
+            .sum::<f64>()
+    };
+    eprintln!(
+        "=== pier {pier_mib} MiB, {WRITES} x 4 KiB {} writes while away: follower received \
+         {} snapshot(s), {} snapshot bytes, {} log bytes; caught up in {took:?}",
+        if random { "random" } else { "sequential" },
+        sum("seguro_snapshot_received_total"),
+        sum("seguro_snapshot_received_bytes_total"),
+        sum("seguro_replication_received_bytes_total"),
+    );
+}

@@ -1,5 +1,6 @@
 //! Operator work that spans members: membership changes, export learners, leadership
-//! transfer, digest verification, and serving tree images to `restore`.
+//! transfer, digest verification, and serving tree images (whole, or as a delta against
+//! a manifest) to `restore`.
 //!
 //! The leader-side operations run in the daemon that the admin socket (`admin.rs`) talks
 //! to; what they need from other members travels as [`ControlRequest`]s over the same
@@ -15,12 +16,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use openraft::{BasicNode, ChangeMembers, Raft, ServerState};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 use super::control_client::call;
 use super::elections::Elections;
 use super::net_config::NetConfig;
 use super::role::Role;
+use super::snapshot::delta::{self, Manifest, Piece};
 use super::snapshot::hex;
 use super::snapshot::SnapshotFile;
 use super::state_machine::{DigestAnswer, StateMachine};
@@ -79,6 +81,30 @@ impl ControlServer {
             Ok(r) => Response::Control(r),
             Err(message) => Response::Error { message },
         }
+    }
+
+    /// The image of the applied tree (built or reused), its length and the index it holds.
+    async fn open_image(&self) -> Result<(Box<SnapshotFile>, u64, u64), String> {
+        let sm = self.state_machine.clone();
+        let snap = tokio::task::spawn_blocking(move || sm.current_image())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("building a tree image: {e}"))?;
+        let mut file = snap.snapshot;
+        let len = file
+            .seek(std::io::SeekFrom::End(0))
+            .await
+            .map_err(|e| e.to_string())?;
+        file.seek(std::io::SeekFrom::Start(0))
+            .await
+            .map_err(|e| e.to_string())?;
+        let applied = snap.meta.last_log_id.map_or(0, |l| l.index);
+        // An export's tree is the state at its frozen index, not at the applied one.
+        let index = self
+            .state_machine
+            .export_until()
+            .map_or(applied, |until| until.min(applied));
+        Ok((file, len, index))
     }
 
     async fn answer(
@@ -152,23 +178,47 @@ impl ControlServer {
                 export_until: self.state_machine.export_until(),
             }),
             ControlRequest::ImageOpen => {
-                let sm = self.state_machine.clone();
-                let snap = tokio::task::spawn_blocking(move || sm.current_image())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| format!("building a tree image: {e}"))?;
-                let mut file = snap.snapshot;
-                let len = file
-                    .seek(std::io::SeekFrom::End(0))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let applied = snap.meta.last_log_id.map_or(0, |l| l.index);
-                // An export's tree is the state at its frozen index, not at the applied one.
-                let index = self
-                    .state_machine
-                    .export_until()
-                    .map_or(applied, |until| until.min(applied));
+                let (file, len, index) = self.open_image().await?;
                 *image = Some(OpenImage { file, len });
+                Ok(ControlResponse::Image { index, len })
+            }
+            ControlRequest::ImageOpenDelta { manifest } => {
+                let manifest =
+                    Manifest::parse(&manifest).map_err(|e| format!("the manifest sent: {e}"))?;
+                let (file, _, index) = self.open_image().await?;
+                // The delta is written whole into an unlinked scratch file, then read in
+                // chunks like an image: a restore may read it at its own pace.
+                let scratch = self
+                    .state_machine
+                    .scratch_file()
+                    .map_err(|e| format!("a scratch file for the delta: {e}"))?;
+                let mut out =
+                    tokio::fs::File::from_std(scratch.try_clone().map_err(|e| e.to_string())?);
+                let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+                let chunk = self.chunk_bytes_max as usize;
+                let encoder = tokio::spawn(async move {
+                    delta::encode(file, &manifest, chunk, tx, Arc::default()).await
+                });
+                loop {
+                    let (piece, last) = match rx.recv().await {
+                        Some(Piece::Chunk(c)) => (c, false),
+                        Some(Piece::Last(c)) => (c, true),
+                        Some(Piece::Failed(e)) => return Err(format!("building the delta: {e}")),
+                        None => return Err("the delta encoder stopped".into()),
+                    };
+                    out.write_all(&piece)
+                        .await
+                        .map_err(|e| format!("writing the delta: {e}"))?;
+                    if last {
+                        break;
+                    }
+                }
+                out.flush().await.map_err(|e| e.to_string())?;
+                let len = encoder.await.map_err(|e| e.to_string())?.delta_bytes;
+                *image = Some(OpenImage {
+                    file: Box::new(SnapshotFile::complete(scratch)),
+                    len,
+                });
                 Ok(ControlResponse::Image { index, len })
             }
             ControlRequest::PreVote {

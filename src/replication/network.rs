@@ -57,6 +57,8 @@ pub struct PeerClient {
     cfg: NetConfig,
     link: Option<Link>,
     counters: Arc<PeerCounters>,
+    /// The length of the whole image being sent in openraft's chunks, for progress.
+    image_len: Option<u64>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -68,6 +70,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             cfg: self.cfg.clone(),
             link: None,
             counters: self.cfg.registry.peer(target),
+            image_len: None,
         }
     }
 }
@@ -221,14 +224,22 @@ impl PeerClient {
             meta,
             snapshot: mut image,
         } = snapshot;
+        let image_len = image
+            .seek(std::io::SeekFrom::End(0))
+            .await
+            .map_err(|e| net_error(format!("reading the tree image: {e}")))?;
         image
             .seek(std::io::SeekFrom::Start(0))
             .await
             .map_err(|e| net_error(format!("reading the tree image: {e}")))?;
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
         // Two pieces ahead at most: the encoder reads the image while a piece travels.
         let (tx, mut rx) = tokio::sync::mpsc::channel(2);
+        let reading = read.clone();
         let encoder =
-            tokio::spawn(async move { delta::encode(image, &manifest, chunk_bytes, tx).await });
+            tokio::spawn(
+                async move { delta::encode(image, &manifest, chunk_bytes, tx, reading).await },
+            );
         let last_ttl = RPCOption::new(Duration::from_millis(self.cfg.snapshot_install_timeout_ms));
         let started = Instant::now();
         let mut cancel = std::pin::pin!(cancel);
@@ -277,6 +288,9 @@ impl PeerClient {
                     }
                 }
             };
+            self.counters.transfer_to_go(
+                image_len.saturating_sub(read.load(std::sync::atomic::Ordering::Relaxed)),
+            );
             if resp.vote > vote || done {
                 if done {
                     let stats = encoder.await.unwrap_or_default();
@@ -308,10 +322,19 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> SnapshotResult {
-        match self.manifest().await? {
+        let sent = match self.manifest().await? {
             Some(m) => self.send_delta(vote, snapshot, m, cancel, option).await,
-            None => Chunked::send_snapshot(self, vote, snapshot, cancel, option).await,
-        }
+            None => {
+                use tokio::io::AsyncSeekExt;
+                let mut snapshot = snapshot;
+                self.image_len = snapshot.snapshot.seek(std::io::SeekFrom::End(0)).await.ok();
+                let sent = Chunked::send_snapshot(self, vote, snapshot, cancel, option).await;
+                self.image_len = None;
+                sent
+            }
+        };
+        self.counters.transfer_ended();
+        sent
     }
 
     async fn append_entries(
@@ -362,8 +385,10 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             )
             .await;
         if resp.is_ok() {
-            self.counters
-                .sent_snapshot_chunk(rpc.data.len() as u64, rpc.done);
+            let len = rpc.data.len() as u64;
+            self.counters.sent_snapshot_chunk(len, rpc.done);
+            let to_go = self.image_len.map(|l| l.saturating_sub(rpc.offset + len));
+            self.counters.transfer_progress(true, len, to_go);
         }
         resp
     }
@@ -481,8 +506,8 @@ enum Counted {
     /// Votes and control requests (which tools send too: they get no counters).
     Nothing,
     Entries((u64, u64)),
-    /// A snapshot chunk's bytes and whether it is the last.
-    Chunk(u64, bool),
+    /// A snapshot chunk's offset, bytes and whether it is the last.
+    Chunk(u64, u64, bool),
 }
 
 /// One accepted connection: authenticate, then answer requests until the peer goes away
@@ -519,7 +544,9 @@ async fn serve_link(
         };
         let decoded = wire::decode_request(&bytes).and_then(|r| {
             let counted = match &r {
-                Request::Snapshot { data, done, .. } => Counted::Chunk(data.len() as u64, *done),
+                Request::Snapshot {
+                    offset, data, done, ..
+                } => Counted::Chunk(*offset, data.len() as u64, *done),
                 Request::Append { .. } => Counted::Entries(entry_bytes(&r)),
                 _ => Counted::Nothing,
             };
@@ -544,9 +571,17 @@ async fn serve_link(
                 peer_counters().received_entries(entries, bytes);
             }
             // An error answer (a chunk Raft could not take) counts nothing.
-            Counted::Chunk(bytes, done) => {
+            Counted::Chunk(offset, bytes, done) => {
                 if matches!(resp, Response::Snapshot { .. }) {
-                    peer_counters().received_snapshot_chunk(bytes, done);
+                    let c = peer_counters();
+                    c.received_snapshot_chunk(bytes, done);
+                    if offset == 0 {
+                        c.transfer_ended();
+                    }
+                    c.transfer_progress(false, bytes, None);
+                    if done {
+                        c.transfer_ended();
+                    }
                 }
             }
         }

@@ -20,6 +20,9 @@
 //! tree receives a delta against it instead (`delta.rs`), rebuilt into the same image
 //! stream and installed the same way.
 
+// A path of its own: fuzz/ includes this file by #[path], where a nested module would be
+// looked for beside it.
+#[path = "snapshot/delta.rs"]
 pub mod delta;
 
 use std::fmt::Write as _;
@@ -630,25 +633,31 @@ fn pending_path(data_dir: &Path) -> PathBuf {
     data_dir.join("install.pending")
 }
 
-/// Replace `data_dir/tree` with the image's contents and record `ckpt` as applied.
-pub fn install(
-    data_dir: &Path,
-    image: &Path,
-    ckpt: &Checkpoint,
-    ckpt_file: &mut CheckpointFile,
-) -> io::Result<()> {
+/// Build `data_dir/tree.new` from the received `image` (or delta), synced. `tree/` is
+/// left alone, so this can be tried again from the start (after a full disk, say).
+pub fn build_new_tree(data_dir: &Path, image: &Path) -> io::Result<()> {
     if delta::is_delta(image)? {
         // Usually rebuilt already, when the last chunk arrived (`network.rs`), where a
         // stale delta can still be refused without stopping this member's Raft.
         if !delta::prepared(data_dir, &delta::closing_digest(image)?) {
             delta::prepare(data_dir, image)?;
         }
-    } else {
-        let new = data_dir.join("tree.new");
-        let _ = fs::remove_dir_all(&new);
-        fs::create_dir(&new)?;
-        unpack_image(image, &new)?;
+        return Ok(());
     }
+    delta::forget_prepared(data_dir)?;
+    let new = data_dir.join("tree.new");
+    let _ = fs::remove_dir_all(&new);
+    fs::create_dir(&new)?;
+    unpack_image(image, &new)
+}
+
+/// Swap the tree `build_new_tree` made in for `tree/` and record `ckpt` as applied. Can be
+/// tried again after a failure: every step is idempotent.
+pub fn install(
+    data_dir: &Path,
+    ckpt: &Checkpoint,
+    ckpt_file: &mut CheckpointFile,
+) -> io::Result<()> {
     // From here a crash is finished by recover_install: the pending file holds the
     // checkpoint to record once tree.new has become tree.
     let (mut pending, _) = CheckpointFile::open(&pending_path(data_dir))?;

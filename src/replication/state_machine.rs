@@ -408,6 +408,23 @@ impl StateMachine {
         )
     }
 
+    /// An unlinked file in `snapshots/`, gone when its last handle closes.
+    pub fn scratch_file(&self) -> io::Result<std::fs::File> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = self.lock().data_dir.join(format!(
+            "snapshots/scratch-{}",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)?;
+        std::fs::remove_file(&p)?;
+        Ok(f)
+    }
+
     /// Is the snapshot being received a delta (its first bytes are in the file)?
     pub fn receiving_delta(&self) -> io::Result<bool> {
         snapshot::delta::is_delta(&incoming_path(&self.lock().data_dir))
@@ -419,20 +436,25 @@ impl StateMachine {
     /// member's Raft. Elections pause meanwhile, as during an install.
     pub async fn prepare_delta(&self) -> io::Result<()> {
         let _pause = self.elections.get().map(Elections::pause);
-        let sm = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let g = sm.lock();
-            let started = std::time::Instant::now();
-            let digest = snapshot::delta::prepare(&g.data_dir, &incoming_path(&g.data_dir))?;
-            tracing::info!(
-                digest = %super::snapshot::hex(&digest[..8]),
-                ms = started.elapsed().as_millis() as u64,
-                "rebuilt the tree from an incremental snapshot"
-            );
-            Ok(())
-        })
-        .await
-        .map_err(io::Error::other)?
+        let started = std::time::Instant::now();
+        // A full disk is waited out as an install waits it out; each try starts again
+        // from the delta. The peer server's runtime is multi-threaded: the rebuild blocks
+        // this worker only.
+        let digest = self
+            .disk
+            .retry("rebuilding the tree from an incremental snapshot", || {
+                tokio::task::block_in_place(|| {
+                    let g = self.lock();
+                    snapshot::delta::prepare(&g.data_dir, &incoming_path(&g.data_dir))
+                })
+            })
+            .await?;
+        tracing::info!(
+            digest = %super::snapshot::hex(&digest[..8]),
+            ms = started.elapsed().as_millis() as u64,
+            "rebuilt the tree from an incremental snapshot"
+        );
+        Ok(())
     }
 }
 
@@ -628,35 +650,56 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         // the image back by path.
         snapshot.sync_data().await.map_err(sm_err)?;
         drop(snapshot);
-        let mut g = self.lock();
-        if let (Some(until), Some(last)) = (g.shared.export_until(), meta.last_log_id) {
-            if last.index > until {
-                // Installing would move the export past its index. Refusing stops this
-                // member's Raft: the export cannot be made from this cluster's log.
-                return Err(sm_err(io::Error::other(format!(
-                    "this export stops at index {until}, but the cluster can only send a \
-                     snapshot at index {} (its log below that is compacted); choose a \
-                     later --until-index",
-                    last.index
-                ))));
+        let data_dir = {
+            let g = self.lock();
+            if let (Some(until), Some(last)) = (g.shared.export_until(), meta.last_log_id) {
+                if last.index > until {
+                    // Installing would move the export past its index. Refusing stops this
+                    // member's Raft: the export cannot be made from this cluster's log.
+                    return Err(sm_err(io::Error::other(format!(
+                        "this export stops at index {until}, but the cluster can only send a \
+                         snapshot at index {} (its log below that is compacted); choose a \
+                         later --until-index",
+                        last.index
+                    ))));
+                }
             }
-        }
+            g.data_dir.clone()
+        };
         let c = Checkpoint {
             applied: meta.last_log_id,
             membership: meta.last_membership.clone(),
         };
-        let image = incoming_path(&g.data_dir);
-        let data_dir = g.data_dir.clone();
+        let image = incoming_path(&data_dir);
         let started = std::time::Instant::now();
-        snapshot::install(&data_dir, &image, &c, &mut g.ckpt_file).map_err(sm_err)?;
+        // A full disk is waited out like an apply: the old tree stays in place until the
+        // new one is whole, so each try starts again from the received snapshot.
+        self.disk
+            .retry("installing a snapshot", || {
+                let _g = self.lock();
+                snapshot::build_new_tree(&data_dir, &image)
+            })
+            .await
+            .map_err(sm_err)?;
+        self.disk
+            .retry("installing a snapshot", || {
+                // One lock from the swap to the new state: nobody sees the new tree with
+                // the old applied index.
+                let mut g = self.lock();
+                snapshot::install(&data_dir, &c, &mut g.ckpt_file)?;
+                g.tree = TreeApplier::new(g.tree_dir.clone(), g.open_files_max);
+                g.applied = c.applied;
+                g.membership = c.membership.clone();
+                g.snapshot = Some(c.clone());
+                g.applied_tx
+                    .send_replace(meta.last_log_id.map_or(0, |l| l.index));
+                Ok(())
+            })
+            .await
+            .map_err(sm_err)?;
         let _ = std::fs::remove_file(&image);
         tracing::info!(applied = ?c.applied, ms = started.elapsed().as_millis() as u64, "installed tree snapshot");
-        g.tree = TreeApplier::new(g.tree_dir.clone(), g.open_files_max);
-        g.applied = c.applied;
-        g.membership = c.membership.clone();
-        g.snapshot = Some(c);
-        g.applied_tx
-            .send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        let g = self.lock();
         if let Some(obs) = g.observer.get() {
             obs.reset();
         }

@@ -90,6 +90,9 @@ pub enum ControlRequest {
     /// What this member's tree holds, per file and chunk (`snapshot/delta.rs`): the
     /// leader is about to send it a snapshot and sends only what it lacks.
     Manifest,
+    /// As `ImageOpen`, but the image as a delta against `manifest` (`restore --update`
+    /// of a directory that holds an older copy of the tree).
+    ImageOpenDelta { manifest: Vec<u8> },
 }
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
@@ -472,6 +475,9 @@ mod tests {
             },
             ControlRequest::ImageOpen,
             ControlRequest::Manifest,
+            ControlRequest::ImageOpenDelta {
+                manifest: vec![1, 2, 3],
+            },
         ] {
             let bytes = encode_request(&Request::Control(c.clone()));
             let Ok(RaftRequest::Control(back)) = to_raft_request(decode_request(&bytes).unwrap())

@@ -546,6 +546,17 @@ impl Cluster {
             .len()
     }
 
+    /// Fill node `i`'s disk but for `bytes`.
+    pub fn leave_free(&self, i: usize, bytes: u64) {
+        let len = self.fill_disk(i);
+        let filler = self.data_dir(i).join(FILLER_NAME);
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&filler)
+            .and_then(|f| f.set_len(len.saturating_sub(bytes)))
+            .unwrap_or_else(|e| self.fail(&format!("{}: {e}", filler.display())));
+    }
+
     /// Give node `i`'s disk its space back.
     pub fn free_disk(&self, i: usize) {
         match fs::remove_file(self.data_dir(i).join(FILLER_NAME)) {

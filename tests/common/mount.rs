@@ -22,8 +22,13 @@ pub const PURGE_AT_EVERY_CHECKPOINT: [&str; 6] = [
     "0",
 ];
 
+/// The daemon under test; `SEGURO_BIN` names another build (to measure a release against
+/// an earlier one with the same test).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_seguro-fs"))
+    std::env::var_os("SEGURO_BIN").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_seguro-fs")),
+        PathBuf::from,
+    )
 }
 
 /// A directory removed on drop. Declare it before the daemons that use it, so it is

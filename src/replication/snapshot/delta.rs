@@ -33,11 +33,13 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, Read};
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use tokio::io::AsyncRead;
 
 use super::{read_str, read_u32, read_u64, walk, BUF_BYTES, MAGIC, PATH_BYTES_MAX};
-use crate::sync::write_file_durably;
+use crate::sync::{fsync_dir, write_file_durably};
 
 /// Manifest chunk size: fixed, so that a manifest and a delta always agree on it.
 pub const CHUNK_BYTES: u64 = 1 << 20;
@@ -265,6 +267,8 @@ struct Encoder<'a, R> {
     chunk_bytes: usize,
     tx: tokio::sync::mpsc::Sender<Piece>,
     stats: EncodeStats,
+    /// Image bytes read so far, for progress reports while the delta travels.
+    read: Arc<AtomicU64>,
 }
 
 impl<R: AsyncRead + Unpin> Encoder<'_, R> {
@@ -299,10 +303,15 @@ impl<R: AsyncRead + Unpin> Encoder<'_, R> {
 
     /// `n` image bytes taken as they are.
     async fn take(&mut self, n: usize) -> io::Result<&[u8]> {
+        // Headers alone (a tree of many small or empty files) must not grow it unbounded.
+        if self.lit.len() >= LITERAL_BYTES_MAX {
+            self.flush_lit().await?;
+        }
         let at = self.lit.len();
         self.lit.resize(at + n, 0);
         tokio::io::AsyncReadExt::read_exact(&mut self.r, &mut self.lit[at..]).await?;
         self.stats.image_bytes += n as u64;
+        self.read.store(self.stats.image_bytes, Ordering::Relaxed);
         Ok(&self.lit[at..])
     }
 
@@ -324,6 +333,7 @@ impl<R: AsyncRead + Unpin> Encoder<'_, R> {
             let n = (size - i * CHUNK_BYTES).min(CHUNK_BYTES) as usize;
             tokio::io::AsyncReadExt::read_exact(&mut self.r, &mut buf[..n]).await?;
             self.stats.image_bytes += n as u64;
+            self.read.store(self.stats.image_bytes, Ordering::Relaxed);
             let h = *blake3::hash(&buf[..n]).as_bytes();
             match self.manifest.find(&h) {
                 Some((path, index)) => {
@@ -394,13 +404,15 @@ impl<R: AsyncRead + Unpin> Encoder<'_, R> {
 }
 
 /// Translate the image read from `image` into a delta against `manifest`, sent as pieces of
-/// `chunk_bytes` through `tx` (a failure is sent as `Piece::Failed`). Memory: one chunk of
-/// content, one literal and one piece, whatever the image's size.
+/// `chunk_bytes` through `tx` (a failure is sent as `Piece::Failed`); `read` follows the
+/// image bytes read. Memory: one chunk of content, one literal and one piece, whatever
+/// the image's size.
 pub async fn encode<R: AsyncRead + Unpin>(
     image: R,
     manifest: &Manifest,
     chunk_bytes: usize,
     tx: tokio::sync::mpsc::Sender<Piece>,
+    read: Arc<AtomicU64>,
 ) -> EncodeStats {
     let mut e = Encoder {
         r: tokio::io::BufReader::with_capacity(BUF_BYTES, image),
@@ -410,6 +422,7 @@ pub async fn encode<R: AsyncRead + Unpin>(
         chunk_bytes,
         tx: tx.clone(),
         stats: EncodeStats::default(),
+        read,
     };
     if let Err(err) = e.run().await {
         let _ = tx.send(Piece::Failed(err.to_string())).await;
@@ -602,6 +615,26 @@ pub fn prepared(data_dir: &Path, digest: &[u8; 32]) -> bool {
     data_dir.join("tree.new").is_dir() && fs::read(ready_path(data_dir)).is_ok_and(|d| d == digest)
 }
 
+/// Unpack the image that `delta` describes against `old` into the empty directory `new`,
+/// synced, verified against the image's digest (returned). `old` is only read.
+pub fn rebuild(delta: &Path, old: &Path, new: &Path) -> io::Result<[u8; 32]> {
+    let mut r = DeltaReader::open(delta, old)?;
+    let digest = super::unpack_from(&mut r, new)?;
+    if r.finish()? != digest {
+        return Err(bad("the delta's closing digest is not its image's"));
+    }
+    Ok(digest)
+}
+
+/// Drop the record of what `tree.new/` holds, durably, before anything changes it.
+pub fn forget_prepared(data_dir: &Path) -> io::Result<()> {
+    match fs::remove_file(ready_path(data_dir)) {
+        Ok(()) => fsync_dir(data_dir),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
 /// Rebuild `tree.new/` from the delta at `delta` and the current `tree/`, verified against
 /// the leader's image digest and synced, and record it in `tree.new.ready`. `tree/` is
 /// only read. On failure nothing but `tree.new` is left, and the manifest cache is dropped
@@ -609,17 +642,10 @@ pub fn prepared(data_dir: &Path, digest: &[u8; 32]) -> bool {
 pub fn prepare(data_dir: &Path, delta: &Path) -> io::Result<[u8; 32]> {
     let new = data_dir.join("tree.new");
     let result = (|| {
-        match fs::remove_file(ready_path(data_dir)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
+        forget_prepared(data_dir)?;
         let _ = fs::remove_dir_all(&new);
         fs::create_dir(&new)?;
-        let mut r = DeltaReader::open(delta, &data_dir.join("tree"))?;
-        let digest = super::unpack_from(&mut r, &new)?;
-        if r.finish()? != digest {
-            return Err(bad("the delta's closing digest is not its image's"));
-        }
+        let digest = rebuild(delta, &data_dir.join("tree"), &new)?;
         write_file_durably(&ready_path(data_dir), &digest)?;
         Ok(digest)
     })();
@@ -663,7 +689,8 @@ mod tests {
         let stats = rt.block_on(async {
             let (tx, mut rx) = tokio::sync::mpsc::channel(2);
             let f = tokio::fs::File::from_std(File::open(&img).unwrap());
-            let enc = encode(f, &manifest, chunk, tx);
+            let read = Arc::new(AtomicU64::new(0));
+            let enc = encode(f, &manifest, chunk, tx, read.clone());
             let mut out = Vec::new();
             let collect = async {
                 loop {
@@ -681,6 +708,7 @@ mod tests {
                 }
             };
             let (stats, ()) = tokio::join!(enc, collect);
+            assert_eq!(read.load(Ordering::Relaxed), stats.image_bytes);
             fs::write(&delta, &out).unwrap();
             stats
         });
