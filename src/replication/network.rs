@@ -209,7 +209,7 @@ impl PeerClient {
     }
 
     /// Stream `snapshot` to the target as a delta against `manifest`, in pieces of
-    /// openraft's chunk size, each retried as openraft's own sender does.
+    /// openraft's chunk size, each resent as it is after a failure (but the last).
     async fn send_delta(
         &mut self,
         vote: Vote<u64>,
@@ -278,7 +278,10 @@ impl PeerClient {
                     Err(e) => {
                         tries += 1;
                         tracing::warn!(target = self.target, offset, error = %e, "sending an incremental snapshot chunk failed");
-                        if tries >= SNAPSHOT_CHUNK_TRIES {
+                        // The last chunk is answered after the member rebuilt its tree: a
+                        // failure there is most likely its refusal (the tree moved), which
+                        // the same delta would meet again. Start over with a new manifest.
+                        if done || tries >= SNAPSHOT_CHUNK_TRIES {
                             return Err(match e {
                                 RPCError::Unreachable(u) => u.into(),
                                 e => net_error(e.to_string()),
