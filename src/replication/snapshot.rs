@@ -20,9 +20,6 @@
 //! tree receives a delta against it instead (`delta.rs`), rebuilt into the same image
 //! stream and installed the same way.
 
-// A path of its own: fuzz/ includes this file by #[path], where a nested module would be
-// looked for beside it.
-#[path = "snapshot/delta.rs"]
 pub mod delta;
 
 use std::fmt::Write as _;
