@@ -8,8 +8,8 @@ use std::path::PathBuf;
 #[derive(Clone, Copy)]
 pub enum Min {
     Const(u64),
-    /// Depends on other limits: the function, and how docs/CONFIGURATION.md says it.
-    Of(fn(&Limits) -> u64, &'static str),
+    /// Depends on other limits (docs/CONFIGURATION.md says how, in words).
+    Of(fn(&Limits) -> u64),
 }
 
 /// One row of the limits table: everything the flags, the config file, `-o`, validation
@@ -32,7 +32,7 @@ impl LimitSpec {
     pub fn min(&self, l: &Limits) -> u64 {
         match self.min {
             Min::Const(m) => m,
-            Min::Of(f, _) => f(l),
+            Min::Of(f) => f(l),
         }
     }
 }
@@ -89,7 +89,7 @@ limits! {
     /// Bytes written but not yet applied to the tree (the overlay). WRITE blocks above it:
     /// this is the backpressure that bounds memory while a multi-GB file streams through.
     inflight_bytes_max: usize = 64 << 20, settable,
-        min Min::Of(|l| l.entry_bytes_max as u64 * 2, "2 × `entry_bytes_max`"), max 16 << 30;
+        min Min::Of(|l| l.entry_bytes_max as u64 * 2), max 16 << 30;
     /// Batches proposed to Raft but not yet flushed to the log.
     proposals_inflight_max: usize = 8, settable, min Min::Const(1), max 1024;
     /// How long fsync (and a namespace op) waits for durability before answering EIO.
@@ -121,8 +121,7 @@ limits! {
         min Min::Of(
             |l| (l.append_entries_max * (l.entry_bytes_max as u64 + 4096))
                 .max(l.snapshot_chunk_bytes + 4096)
-                .max(l.snapshot_manifest_bytes_max as u64 + 4096),
-            "max(`append_entries_max` × (`entry_bytes_max` + 4096), `snapshot_chunk_bytes` + 4096, `snapshot_manifest_bytes_max` + 4096)"
+                .max(l.snapshot_manifest_bytes_max as u64 + 4096)
         ), max 1 << 30;
     /// Entries per AppendEntries.
     append_entries_max: u64 = 4, fixed, min Min::Const(1), max 1024;
@@ -154,7 +153,7 @@ limits! {
     /// The shortest election timeout; the longest (and openraft's leader lease) is 1.25 ×
     /// this. Elections must not fire between heartbeats.
     election_timeout_min_ms: u64 = 500, settable,
-        min Min::Of(|l| l.heartbeat_ms * 3, "3 × `heartbeat_ms`"), max 60_000;
+        min Min::Of(|l| l.heartbeat_ms * 3), max 60_000;
     /// Largest HTTP request head (request line and headers) the metrics server reads.
     metrics_request_head_bytes_max: usize = 8 << 10, fixed, min Min::Const(1 << 10), max 64 << 10;
     /// Concurrent connections to the metrics server; more are answered 503 and closed.
@@ -196,7 +195,7 @@ limits! {
     ship_restart_backoff_ms: u64 = 500, settable, min Min::Const(10), max 600_000;
     /// The longest wait between ship restarts.
     ship_restart_backoff_max_ms: u64 = 30_000, settable,
-        min Min::Of(|l| l.ship_restart_backoff_ms, "`ship_restart_backoff_ms`"), max 3_600_000;
+        min Min::Of(|l| l.ship_restart_backoff_ms), max 3_600_000;
     /// More ship failures than this within `ship_failures_window_ms` and this node hands
     /// leadership (and the ship) to another member.
     ship_failures_max: u64 = 5, settable, min Min::Const(0), max 1_000;

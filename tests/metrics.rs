@@ -1059,6 +1059,16 @@ struct CatchUp {
     log_bytes: f64,
 }
 
+/// A follower of leader `l`, and the last index its status reports.
+fn a_follower_and_its_last_index(c: &Cluster, l: usize) -> (usize, u64) {
+    let x = c.nodes().find(|&i| i != l).expect("a follower");
+    let last = c
+        .status(x)
+        .unwrap_or_else(|| c.fail(&format!("no status from node {x}")))
+        .last_index;
+    (x, last)
+}
+
 /// A 3-node cluster (K=1) checkpointing every 16 entries and keeping 16 entries below each,
 /// on 4 MiB log segments, plus `extra`: holding a 32 MiB file, one follower stops cleanly
 /// while the leader makes `AWAY_WRITES` fdatasync'd 16 KiB writes (8 MiB, far more entries
@@ -1104,11 +1114,7 @@ fn follower_away_and_back(extra: &[&str], reaches: bool) -> CatchUp {
         .unwrap_or_else(|e| c.fail(&format!("fdatasync image.bin: {e}")));
     c.wait_converged(CONVERGE);
 
-    let x = c.nodes().find(|&i| i != l).expect("a follower");
-    let x_last = c
-        .status(x)
-        .unwrap_or_else(|| c.fail(&format!("no status from node {x}")))
-        .last_index;
+    let (x, x_last) = a_follower_and_its_last_index(&c, l);
     eprintln!("--- stop follower {x} at index {x_last}; leader {l} writes 8 MiB");
     c.stop(x);
     let t = Instant::now();
@@ -1263,11 +1269,7 @@ fn delta_catch_up(kill_mid_install: bool) {
     write_mibs(&c, &mnt.join("0i1/log.bin"), 2, 4);
     c.wait_converged(CONVERGE);
 
-    let x = c.nodes().find(|&i| i != l).expect("a follower");
-    let x_last = c
-        .status(x)
-        .unwrap_or_else(|| c.fail(&format!("no status from node {x}")))
-        .last_index;
+    let (x, x_last) = a_follower_and_its_last_index(&c, l);
     c.stop(x);
     std::fs::rename(mnt.join("0i1"), mnt.join("0i2"))
         .unwrap_or_else(|e| c.fail(&format!("rename the epoch dir: {e}")));

@@ -48,7 +48,7 @@ use crate::diskfull::SpaceGate;
 use crate::op::{NodeKind, Op, Owner, Timespec};
 use crate::replication::group_commit::split_write;
 use crate::replication::overlay::{merge_read, size_after, Overlay, Piece, PieceKind};
-use crate::replication::pipeline::{Pipeline, ProposeError};
+use crate::replication::pipeline::Pipeline;
 use crate::replication::role::LeadershipHooks;
 use crate::replication::state_machine::ApplyObserver;
 use inodes::{join, Area, Inodes, ROOT_INO};
@@ -347,7 +347,7 @@ impl Fs {
         match self.pipeline.propose_alone(op) {
             Ok(0) => Ok(()),
             Ok(errno) => Err(Errno(errno)),
-            Err(why @ ProposeError::Timeout) | Err(why @ ProposeError::Failed(_)) => {
+            Err(why) => {
                 tracing::error!(%why, "namespace op failed");
                 Err(Errno(libc::EIO))
             }

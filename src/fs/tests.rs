@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::replication::group_commit::GroupCommit;
+use crate::replication::pipeline::ProposeError;
 use crate::sync::tests::TempDir;
 use crate::tree::TreeApplier;
 
