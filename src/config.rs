@@ -135,11 +135,6 @@ limits! {
     /// How long a leader waits for a member's manifest, and for the member to rebuild
     /// and install its tree once the last snapshot chunk arrived.
     snapshot_install_timeout_ms: u64 = 600_000, fixed, min Min::Const(1_000), max 86_400_000;
-    /// A tree image built for a member behind the purged log is sent again, rather than
-    /// rebuilt, for this long: openraft asks again about every 500 ms while the member is
-    /// unreachable, and each build walks the whole tree with applies paused. 0 rebuilds
-    /// whenever the applied index moved.
-    snapshot_image_reuse_ms: u64 = 60_000, fixed, min Min::Const(0), max 3_600_000;
     /// Connecting (and authenticating) to a peer.
     connect_timeout_ms: u64 = 1_000, fixed, min Min::Const(10), max 60_000;
     /// Writing or reading one frame once it has started.

@@ -147,7 +147,6 @@ pub async fn start(
         disk,
     )
     .map_err(StartError::StateMachine)?;
-    state_machine.set_image_reuse_ms(cfg.limits.snapshot_image_reuse_ms);
 
     let l = &cfg.limits;
     let raft_config = openraft::Config {

@@ -80,10 +80,8 @@ struct Inner {
     observer: ObserverSlot,
     /// openraft's first `get_current_snapshot` (at startup) only wants the id.
     startup_probe_answered: bool,
-    /// The newest image.
-    image: Option<Image>,
-    /// How long an image is sent again rather than rebuilt (`snapshot_image_reuse_ms`).
-    image_reuse: std::time::Duration,
+    /// The newest image: (applied index it holds, path, writer's progress).
+    image: Option<(u64, PathBuf, Arc<AtomicU8>, u64)>,
     ckpt_file: CheckpointFile,
     applied: Option<LogId<u64>>,
     membership: StoredMembership<u64, openraft::BasicNode>,
@@ -258,25 +256,7 @@ pub struct StateMachine {
     elections: Arc<OnceLock<Elections>>,
 }
 
-/// A tree image built (or being built) for members behind the purged log.
-struct Image {
-    /// The applied index it holds, and its checkpoint (what its snapshot meta says).
-    index: u64,
-    holds: Checkpoint,
-    path: PathBuf,
-    /// The writer's progress (`snapshot::IMAGE_*`).
-    progress: Arc<AtomicU8>,
-    len: u64,
-    built: std::time::Instant,
-}
-
 impl StateMachine {
-    /// Set `snapshot_image_reuse_ms` (0, the default, rebuilds whenever the applied index
-    /// moved).
-    pub fn set_image_reuse_ms(&self, ms: u64) {
-        self.lock().image_reuse = std::time::Duration::from_millis(ms);
-    }
-
     /// Open the state machine over `DATA_DIR/tree/` and its checkpoint, finishing a
     /// snapshot install that a crash interrupted.
     pub fn open(
@@ -313,7 +293,6 @@ impl StateMachine {
                     observer,
                     startup_probe_answered: false,
                     image: None,
-                    image_reuse: std::time::Duration::ZERO,
                     ckpt_file,
                     applied: c.applied,
                     membership: c.membership,
@@ -511,20 +490,18 @@ impl StateMachine {
         {
             let g = self.lock();
             let index = g.applied.map_or(0, |l| l.index);
-            if let Some(img) = &g.image {
-                // While a member stays unreachable openraft asks again about every 500 ms,
-                // and each build walks the whole tree with applies paused: an image of an
-                // older index is sent again for a while rather than rebuilt. The member
-                // then replays the log from that index (or, if the log no longer reaches
-                // back to it, asks again once the image is too old to reuse).
-                let fresh = img.index == index || img.built.elapsed() < g.image_reuse;
-                if fresh && img.progress.load(Ordering::Acquire) != snapshot::IMAGE_FAILED {
+            if let Some((i, p, progress, len)) = &g.image {
+                if *i == index && progress.load(Ordering::Acquire) != snapshot::IMAGE_FAILED {
+                    let now = Checkpoint {
+                        applied: g.applied,
+                        membership: g.membership.clone(),
+                    };
                     return Ok(Snapshot {
-                        meta: meta_of(&img.holds),
+                        meta: meta_of(&now),
                         snapshot: Box::new(SnapshotFile::growing(
-                            std::fs::File::open(&img.path)?,
-                            img.progress.clone(),
-                            img.len,
+                            std::fs::File::open(p)?,
+                            progress.clone(),
+                            *len,
                         )),
                     });
                 }
@@ -554,16 +531,9 @@ impl StateMachine {
                         return;
                     }
                 };
-                let image = Image {
-                    index,
-                    holds: now.clone(),
-                    path,
-                    progress: progress.clone(),
-                    len,
-                    built: std::time::Instant::now(),
-                };
-                if let Some(old) = g.image.replace(image) {
-                    let _ = std::fs::remove_file(old.path);
+                if let Some((_, old, _, _)) = g.image.replace((index, path, progress.clone(), len))
+                {
+                    let _ = std::fs::remove_file(old);
                 }
                 let _ = tx.send(Ok((now, reader, progress.clone(), len)));
                 let started = std::time::Instant::now();
@@ -818,42 +788,5 @@ mod tests {
         assert_eq!(gauges.waiting.load(Ordering::Relaxed), 0);
         let data = std::fs::read(t.path().join("tree/a")).unwrap();
         assert!(data.len() == 256 << 10 && data.iter().all(|&b| b == 7));
-    }
-
-    /// While a member stays behind, openraft asks for the snapshot again and again: an
-    /// image younger than `snapshot_image_reuse_ms` is sent again (with its own, older
-    /// index) instead of walking the tree anew; past it, or at 0, the image is rebuilt.
-    #[test]
-    fn a_recent_image_is_sent_again_rather_than_rebuilt() {
-        let tmp = TempDir::new("sm-reuse");
-        let sm = StateMachine::for_test(tmp.path()).unwrap();
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let entry = |i: u64| openraft::Entry::<TypeConfig> {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
-            payload: EntryPayload::Normal(Batch {
-                origin: 1,
-                seq: i,
-                ops: vec![Op::Truncate {
-                    path: format!("f{i}"),
-                    size: 0,
-                }],
-            }),
-        };
-        let mut applier = sm.clone();
-        let index_of = |s: &Snapshot<TypeConfig>| s.meta.last_log_id.map(|l| l.index);
-        rt.block_on(applier.apply([entry(1)])).unwrap();
-        sm.set_image_reuse_ms(600_000);
-        let first = sm.current_image().unwrap();
-        assert_eq!(index_of(&first), Some(1));
-        rt.block_on(applier.apply([entry(2)])).unwrap();
-        let again = sm.current_image().unwrap();
-        assert_eq!(
-            index_of(&again),
-            Some(1),
-            "the image of index 1 is sent again"
-        );
-        sm.set_image_reuse_ms(0);
-        let rebuilt = sm.current_image().unwrap();
-        assert_eq!(index_of(&rebuilt), Some(2), "rebuilt once reuse is off");
     }
 }
