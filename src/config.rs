@@ -92,6 +92,11 @@ limits! {
         min Min::Of(|l| l.entry_bytes_max as u64 * 2), max 16 << 30;
     /// Batches proposed to Raft but not yet flushed to the log.
     proposals_inflight_max: usize = 8, settable, min Min::Const(1), max 1024;
+    /// How long a small open batch waits, while the log is idle, for the FSYNC that
+    /// usually follows its WRITEs before it is proposed anyway. vere writes its pages then
+    /// syncs at once: proposing the first WRITE alone made the FSYNC wait for two log
+    /// flushes (and replication rounds) in a row. 0 proposes at once.
+    batch_linger_us: u64 = 2_000, settable, min Min::Const(0), max 1_000_000;
     /// How long fsync (and a namespace op) waits for durability before answering EIO.
     ack_timeout_ms: u64 = 10_000, settable, min Min::Const(10), max 3_600_000;
     /// A checkpoint (tree synced, applied id recorded, log purged) after this many entries.

@@ -9,6 +9,7 @@ use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::time::Duration;
 
+use common::cluster::{status_of, Status};
 use common::mount::{Daemon, TestDir};
 
 fn errno(e: &std::io::Error) -> i32 {
@@ -136,6 +137,52 @@ fn acknowledged_writes_survive_sigkill() {
     d.stop();
     // And the tree holds it too once the daemon has checkpointed on stop.
     assert_eq!(std::fs::read(data.join("tree/f")).unwrap(), expect);
+}
+
+/// Group commit's linger (`batch_linger_us`): a commit's WRITEs wait for the FSYNC that
+/// follows them and travel with it as one log entry, so the sync point costs one log
+/// flush; a WRITE that no FSYNC follows is still logged once the linger is over.
+#[test]
+fn the_writes_before_an_fsync_travel_in_one_entry_and_unsynced_writes_still_go() {
+    let t = TestDir::new("fsync-linger");
+    let data = t.join("data");
+    let mnt = t.join("mnt");
+    // Long enough for the three writes below on a loaded machine, short enough to wait out.
+    let d = Daemon::start(&data, &mnt, &["--batch-linger-us", "1000000"]);
+    let last_index = || {
+        let line = status_of(&data).unwrap_or_else(|e| panic!("status: {e}"));
+        Status::parse(&line)
+            .unwrap_or_else(|| panic!("status: {line}"))
+            .last_index
+    };
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(mnt.join("f"))
+        .unwrap();
+    // The create was applied before open returned: its entry is in the log.
+    let before = last_index();
+    for (k, word) in [&b"one"[..], b"two", b"three"].into_iter().enumerate() {
+        f.write_all_at(word, k as u64 * 4096).unwrap();
+    }
+    f.sync_data().unwrap();
+    assert_eq!(
+        last_index(),
+        before + 1,
+        "three WRITEs and their FSYNC as one entry"
+    );
+    f.write_all_at(b"four", 3 * 4096).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while last_index() < before + 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a WRITE without FSYNC was never logged"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(f);
+    d.stop();
 }
 
 /// After a crash the next start cleans up: a killed daemon's dead mount ("Transport endpoint
