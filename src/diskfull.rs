@@ -8,6 +8,7 @@
 //! become the fatal storage error it used to be at once. EIO and EROFS are not retried: they
 //! say the device lost data, not that it lacks room.
 
+use std::borrow::Cow;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -52,7 +53,17 @@ impl DiskFullPolicy {
     /// One write's wait for space; `what` names it in the log.
     pub fn waiter(&self, what: &'static str) -> Waiter<'_> {
         Waiter {
-            policy: self,
+            policy: Cow::Borrowed(self),
+            what,
+            since: None,
+        }
+    }
+
+    /// A waiter that owns its policy, for a write that is polled rather than awaited in
+    /// one place (a snapshot file's `poll_write`).
+    pub fn into_waiter(self, what: &'static str) -> Waiter<'static> {
+        Waiter {
+            policy: Cow::Owned(self),
             what,
             since: None,
         }
@@ -101,7 +112,7 @@ impl Default for DiskFullPolicy {
 
 /// Tracks one write's wait: a warning when it starts, one line when it ends, none per retry.
 pub struct Waiter<'a> {
-    policy: &'a DiskFullPolicy,
+    policy: Cow<'a, DiskFullPolicy>,
     what: &'static str,
     since: Option<Instant>,
 }

@@ -509,6 +509,21 @@ fn a_disk_full_past_the_wait_stops_the_daemon_with_an_error() {
 /// install finishes and the trees converge.
 #[test]
 fn a_snapshot_install_on_a_full_disk_waits_and_converges() {
+    // Room for the 24 MiB delta, not also for the 24 MiB tree rebuilt from it.
+    snapshot_meets_a_full_disk(40 << 20, "rebuilding the tree from an incremental snapshot");
+}
+
+/// The same follower comes back to a disk without room even for the snapshot's chunks:
+/// the chunk that meets the full disk waits for space (it used to fail the transfer, again
+/// and again), and once space is freed the transfer goes on and the trees converge.
+#[test]
+fn snapshot_chunks_arriving_on_a_full_disk_wait_and_converge() {
+    snapshot_meets_a_full_disk(8 << 20, "receiving a snapshot chunk");
+}
+
+/// A follower away while a 24 MiB file was rewritten comes back, behind the purged log,
+/// with `free_bytes` left on its disk; `waiter` names the write that must wait for space.
+fn snapshot_meets_a_full_disk(free_bytes: u64, waiter: &str) {
     const FILE_BYTES: usize = 24 << 20;
     let mut args = PURGE_AT_EVERY_CHECKPOINT.to_vec();
     args.extend(["--disk-full-retry-ms", "20"]);
@@ -543,8 +558,7 @@ fn a_snapshot_install_on_a_full_disk_waits_and_converges() {
             (first > f_last + 1).then_some(())
         },
     );
-    // Room for the 24 MiB delta, not also for the 24 MiB tree rebuilt from it.
-    c.leave_free(f, 40 << 20);
+    c.leave_free(f, free_bytes);
     c.restart(f);
     c.wait_for(
         "the install to wait for space",
@@ -559,8 +573,8 @@ fn a_snapshot_install_on_a_full_disk_waits_and_converges() {
     c.wait_converged(Duration::from_secs(60));
     let text = c.stop(f);
     assert!(
-        text.lines().any(|l| l.contains("done waiting for space")
-            && l.contains("rebuilding the tree from an incremental snapshot")),
+        text.lines()
+            .any(|l| l.contains("done waiting for space") && l.contains(waiter)),
         "{text}"
     );
 }

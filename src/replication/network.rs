@@ -59,6 +59,8 @@ pub struct PeerClient {
     counters: Arc<PeerCounters>,
     /// The length of the whole image being sent in openraft's chunks, for progress.
     image_len: Option<u64>,
+    /// The last attempt to connect failed (the member is down or cut off).
+    unreachable: bool,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -71,6 +73,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             link: None,
             counters: self.cfg.registry.peer(target),
             image_len: None,
+            unreachable: false,
         }
     }
 }
@@ -94,6 +97,7 @@ impl PeerClient {
             let link = Link::connect(addr, self.cfg.bind_ip, key, self.cfg.my_id, self.cfg.limits)
                 .await
                 .map_err(|e| {
+                    self.unreachable = true;
                     if matches!(e, LinkError::Auth(_)) {
                         tracing::warn!(target = self.target, addr = %self.addr, error = %e, "peer link refused");
                     }
@@ -105,6 +109,7 @@ impl PeerClient {
                     self.addr, link.peer_id, self.target
                 )));
             }
+            self.unreachable = false;
             self.link = Some(link);
         }
         Ok(self.link.as_mut().expect("just set"))
@@ -325,6 +330,18 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         cancel: impl std::future::Future<Output = ReplicationClosed> + OptionalSend + 'static,
         option: RPCOption,
     ) -> SnapshotResult {
+        if self.unreachable && self.link.is_none() {
+            // The member was down at the last try, and openraft asks again every 500 ms
+            // while it stays down. Give the image up before connecting, so its build (which
+            // pauses applies) stops within a MiB instead of walking the tree for the time a
+            // connect takes to fail; if the member is back, the next try builds afresh.
+            drop(snapshot);
+            self.link().await?;
+            return Err(net_error(format!(
+                "node {} is reachable again: the next try sends a fresh image",
+                self.target
+            )));
+        }
         let sent = match self.manifest().await? {
             Some(m) => self.send_delta(vote, snapshot, m, cancel, option).await,
             None => {

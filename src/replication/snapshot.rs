@@ -35,6 +35,7 @@ use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use super::checkpoint::{Checkpoint, CheckpointFile};
+use crate::diskfull::{self, DiskFullPolicy, Waiter};
 use crate::sync::{fdatasync, fsync_dir};
 
 const MAGIC: &[u8; 8] = b"SEGSNAP2";
@@ -146,8 +147,21 @@ pub fn image_len(root: &Path) -> io::Result<u64> {
     Ok(len)
 }
 
-/// Write the image of `root` into `f` (synced); returns its size.
-pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
+/// Why [`write_image`] stopped before the end: its `keep_going` said nobody wants the
+/// image any more.
+#[derive(Debug, thiserror::Error)]
+#[error("abandoned: no member reads this image any more")]
+pub struct Abandoned;
+
+/// Whether `e` is [`write_image`] giving up because of `keep_going`.
+pub fn is_abandoned(e: &io::Error) -> bool {
+    e.get_ref().is_some_and(|inner| inner.is::<Abandoned>())
+}
+
+/// Write the image of `root` into `f` (synced); returns its size. `keep_going` is asked
+/// before each node and after each MiB of content; when it says no, the write stops with
+/// [`Abandoned`].
+pub fn write_image(root: &Path, f: File, keep_going: &dyn Fn() -> bool) -> io::Result<u64> {
     let mut w = HashWriter {
         inner: BufWriter::with_capacity(BUF_BYTES, f),
         hash: blake3::Hasher::new(),
@@ -157,7 +171,15 @@ pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
     w.write_all(&(root_meta.mode() & 0o7777).to_le_bytes())?;
     put_owner(&mut w, &root_meta)?;
     let mut buf = vec![0u8; BUF_BYTES];
+    let stop_unless_wanted = || {
+        if keep_going() {
+            Ok(())
+        } else {
+            Err(io::Error::other(Abandoned))
+        }
+    };
     walk(root, |rel, m| {
+        stop_unless_wanted()?;
         let p = root.join(rel);
         let mtime = |w: &mut HashWriter<_>| -> io::Result<()> {
             w.write_all(&m.mtime().to_le_bytes())?;
@@ -197,6 +219,7 @@ pub fn write_image(root: &Path, f: File) -> io::Result<u64> {
                 src.read_exact(&mut buf[..n])?;
                 w.write_all(&buf[..n])?;
                 left -= n as u64;
+                stop_unless_wanted()?;
             }
         }
         Ok(())
@@ -486,6 +509,10 @@ pub struct SnapshotFile {
     wait: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Set on a file that receives chunks: reads, writes and seeks go to it directly.
     direct: Option<File>,
+    /// How a received chunk that meets a full disk waits for space (receiving files only),
+    /// and the wait under way.
+    disk: Option<DiskFullPolicy>,
+    full: Option<Waiter<'static>>,
 }
 
 const GROWING_POLL: Duration = Duration::from_millis(5);
@@ -499,6 +526,8 @@ impl SnapshotFile {
             final_len: 0,
             wait: None,
             direct: None,
+            disk: None,
+            full: None,
         }
     }
 
@@ -506,10 +535,13 @@ impl SnapshotFile {
     /// in a background task as tokio's File makes them: when openraft has taken a chunk,
     /// its bytes are in the file, where the peer server rebuilds a delta from them
     /// (`network.rs`). A chunk is at most `snapshot_chunk_bytes`, written to the page
-    /// cache.
-    pub fn receiving(file: File) -> io::Result<SnapshotFile> {
+    /// cache. A write that meets a full disk is tried again every `disk_full_retry_ms` for
+    /// up to `disk_full_wait_ms` (its request waits; the leader resends a request that
+    /// times out meanwhile), like an apply, instead of failing the transfer.
+    pub fn receiving(file: File, disk: DiskFullPolicy) -> io::Result<SnapshotFile> {
         Ok(SnapshotFile {
             direct: Some(file.try_clone()?),
+            disk: Some(disk),
             ..SnapshotFile::complete(file)
         })
     }
@@ -518,11 +550,9 @@ impl SnapshotFile {
     /// when it is done.
     pub fn growing(file: File, progress: Arc<AtomicU8>, final_len: u64) -> SnapshotFile {
         SnapshotFile {
-            file: tokio::fs::File::from_std(file),
             progress: Some(progress),
             final_len,
-            wait: None,
-            direct: None,
+            ..SnapshotFile::complete(file)
         }
     }
 
@@ -577,9 +607,30 @@ impl tokio::io::AsyncWrite for SnapshotFile {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        match &mut this.direct {
-            Some(f) => Poll::Ready(f.write(buf)),
-            None => Pin::new(&mut this.file).poll_write(cx, buf),
+        let Some(f) = &mut this.direct else {
+            return Pin::new(&mut this.file).poll_write(cx, buf);
+        };
+        loop {
+            if let Some(sleep) = &mut this.wait {
+                ready!(sleep.as_mut().poll(cx));
+                this.wait = None;
+            }
+            match (f.write(buf), &this.disk) {
+                (Err(e), Some(disk)) if diskfull::is_full(&e) => {
+                    let waiter = this.full.get_or_insert_with(|| {
+                        disk.clone().into_waiter("receiving a snapshot chunk")
+                    });
+                    match waiter.full(&e) {
+                        Some(d) => this.wait = Some(Box::pin(tokio::time::sleep(d))),
+                        None => return Poll::Ready(Err(e)),
+                    }
+                }
+                (written, _) => {
+                    // Ends a wait for space, if there was one (logged when dropped).
+                    this.full = None;
+                    return Poll::Ready(written);
+                }
+            }
         }
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -781,7 +832,7 @@ mod tests {
         let writer = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(30));
             let f = OpenOptions::new().write(true).open(&grown2).unwrap();
-            write_image(&src2, f).unwrap();
+            write_image(&src2, f, &|| true).unwrap();
             p2.store(IMAGE_DONE, Ordering::Release);
         });
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -804,7 +855,7 @@ mod tests {
         assert_eq!(streamed, fs::read(&grown).unwrap());
         assert!(streamed.len() > 3 * BUF_BYTES);
         let img = t.path().join("img");
-        write_image(&src, File::create(&img).unwrap()).unwrap();
+        write_image(&src, File::create(&img).unwrap(), &|| true).unwrap();
         let dst = t.path().join("dst");
         fs::create_dir(&dst).unwrap();
         unpack_image(&img, &dst).unwrap();
@@ -850,7 +901,7 @@ mod tests {
         set_mtime(&a.join("0i0/data.mdb"), 5, 6).unwrap();
         assert_eq!(tree_digest(&a).unwrap(), d0, "mtimes are not part of it");
         let img = t.path().join("img");
-        write_image(&a, File::create(&img).unwrap()).unwrap();
+        write_image(&a, File::create(&img).unwrap(), &|| true).unwrap();
         let b = t.path().join("b");
         fs::create_dir(&b).unwrap();
         unpack_image(&img, &b).unwrap();

@@ -482,6 +482,10 @@ impl Inner {
     }
 }
 
+/// Holders of an image's progress flag that do not read it: the thread writing it and
+/// `Inner::image`.
+const IMAGE_HOLDERS_NOT_READING: usize = 2;
+
 impl StateMachine {
     /// The image of the tree at the applied index, for a member that is behind. A thread
     /// writes it while holding the state machine lock (no entry is applied meanwhile, so
@@ -537,7 +541,12 @@ impl StateMachine {
                 }
                 let _ = tx.send(Ok((now, reader, progress.clone(), len)));
                 let started = std::time::Instant::now();
-                match snapshot::write_image(&g.tree_dir, writer) {
+                // Held by this thread and by `g.image`; every other holder is a reader. A
+                // transfer that fails before it reads (its member is unreachable: openraft
+                // asks again every 500 ms while it stays down) drops its reader, and the
+                // walk stops instead of pausing applies for the whole tree each time.
+                let wanted = || Arc::strong_count(&progress) > IMAGE_HOLDERS_NOT_READING;
+                match snapshot::write_image(&g.tree_dir, writer, &wanted) {
                     Ok(bytes) if bytes != len => {
                         progress.store(snapshot::IMAGE_FAILED, Ordering::Release);
                         tracing::error!(
@@ -554,6 +563,17 @@ impl StateMachine {
                             bytes,
                             ms = started.elapsed().as_millis() as u64,
                             "built tree image for a member that is behind"
+                        );
+                    }
+                    Err(e) if snapshot::is_abandoned(&e) => {
+                        progress.store(snapshot::IMAGE_FAILED, Ordering::Release);
+                        if let Some((_, path, _, _)) = g.image.take() {
+                            let _ = std::fs::remove_file(path);
+                        }
+                        tracing::info!(
+                            index,
+                            ms = started.elapsed().as_millis() as u64,
+                            "stopped building a tree image: its transfer ended before reading it"
                         );
                     }
                     Err(e) => {
@@ -635,7 +655,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .truncate(true)
             .open(incoming_path(&g.data_dir))
             .map_err(sm_err)?;
-        Ok(Box::new(SnapshotFile::receiving(f).map_err(sm_err)?))
+        Ok(Box::new(
+            SnapshotFile::receiving(f, self.disk.clone()).map_err(sm_err)?,
+        ))
     }
 
     async fn install_snapshot(
@@ -788,5 +810,43 @@ mod tests {
         assert_eq!(gauges.waiting.load(Ordering::Relaxed), 0);
         let data = std::fs::read(t.path().join("tree/a")).unwrap();
         assert!(data.len() == 256 << 10 && data.iter().all(|&b| b == 7));
+    }
+
+    /// A tree image whose transfer ends before reading it (its member is unreachable, and
+    /// openraft asks again every 500 ms) stops being built: the walk gives up, its file
+    /// goes and the lock is free again. One that is read is built to the end.
+    #[test]
+    fn an_image_nobody_reads_stops_being_built() {
+        let tmp = TempDir::new("sm-abandon");
+        std::fs::create_dir_all(tmp.path().join("tree")).unwrap();
+        // Far more than the walk's check interval (1 MiB); sparse, so it costs no disk.
+        let big = std::fs::File::create(tmp.path().join("tree/big")).unwrap();
+        big.set_len(256 << 20).unwrap();
+        let (sm, _) = StateMachine::open(
+            tmp.path().into(),
+            8,
+            None,
+            Arc::default(),
+            DiskFullPolicy::default(),
+        )
+        .unwrap();
+        let image = tmp.path().join("snapshots/tree-0.img");
+        let snapshot = sm.current_image().unwrap();
+        assert!(image.exists());
+        drop(snapshot);
+        wait_until("the image nobody reads to be given up", || {
+            !image.exists() && sm.lock().image.is_none()
+        });
+        let snapshot = sm.current_image().unwrap();
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut data = snapshot.snapshot;
+        let read = rt
+            .block_on(tokio::io::copy(&mut *data, &mut tokio::io::sink()))
+            .unwrap();
+        assert!(read > 256 << 20, "the whole image was read: {read} bytes");
+        let g = sm.lock();
+        let (_, path, progress, len) = g.image.as_ref().expect("the image is kept");
+        assert_eq!(progress.load(Ordering::Acquire), snapshot::IMAGE_DONE);
+        assert_eq!((read, path.exists()), (*len, true));
     }
 }

@@ -679,7 +679,7 @@ mod tests {
     fn delta_of(t: &Path, src: &Path, data_dir: &Path, chunk: usize) -> (PathBuf, EncodeStats) {
         let img = t.join("img");
         fs::create_dir_all(data_dir.join("snapshots")).unwrap();
-        super::super::write_image(src, File::create(&img).unwrap()).unwrap();
+        super::super::write_image(src, File::create(&img).unwrap(), &|| true).unwrap();
         let man = build_manifest(&data_dir.join("tree"), &cache_path(data_dir), 1 << 24).unwrap();
         let manifest = Manifest::parse(&man).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
