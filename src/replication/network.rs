@@ -36,6 +36,7 @@ use tokio::sync::Semaphore;
 use super::control::{ControlServer, OpenImage};
 use super::net_config::NetConfig;
 use super::quorum::Liveness;
+use super::snapshot;
 use super::snapshot::delta::{self, Manifest, Piece};
 use super::transport::{Link, LinkError};
 use super::wire::{self, ControlRequest, ControlResponse, RaftRequest, Request, Response};
@@ -526,8 +527,14 @@ enum Counted {
     /// Votes and control requests (which tools send too: they get no counters).
     Nothing,
     Entries((u64, u64)),
-    /// A snapshot chunk's offset, bytes and whether it is the last.
-    Chunk(u64, u64, bool),
+    /// A snapshot chunk: where it goes, its length, whether it is the last, and the
+    /// length of the whole image its id names (if it does).
+    Chunk {
+        offset: u64,
+        bytes: u64,
+        done: bool,
+        image_bytes: Option<u64>,
+    },
 }
 
 /// One accepted connection: authenticate, then answer requests until the peer goes away
@@ -565,8 +572,17 @@ async fn serve_link(
         let decoded = wire::decode_request(&bytes).and_then(|r| {
             let counted = match &r {
                 Request::Snapshot {
-                    offset, data, done, ..
-                } => Counted::Chunk(*offset, data.len() as u64, *done),
+                    offset,
+                    data,
+                    done,
+                    meta,
+                    ..
+                } => Counted::Chunk {
+                    offset: *offset,
+                    bytes: data.len() as u64,
+                    done: *done,
+                    image_bytes: snapshot::image_len_of_id(meta.id()),
+                },
                 Request::Append { .. } => Counted::Entries(entry_bytes(&r)),
                 _ => Counted::Nothing,
             };
@@ -591,14 +607,24 @@ async fn serve_link(
                 peer_counters().received_entries(entries, bytes);
             }
             // An error answer (a chunk Raft could not take) counts nothing.
-            Counted::Chunk(offset, bytes, done) => {
+            Counted::Chunk {
+                offset,
+                bytes,
+                done,
+                image_bytes,
+            } => {
                 if matches!(resp, Response::Snapshot { .. }) {
                     let c = peer_counters();
                     c.received_snapshot_chunk(bytes, done);
                     if offset == 0 {
                         c.transfer_ended();
                     }
-                    c.transfer_progress(false, bytes, None);
+                    // A whole image's length is in its id; a delta's own length is known
+                    // only once it ends (its bytes are fewer than the image's).
+                    let to_go = image_bytes
+                        .filter(|_| !control.state_machine.receiving_delta().unwrap_or(true))
+                        .map(|len| len.saturating_sub(offset + bytes));
+                    c.transfer_progress(false, bytes, to_go);
                     if done {
                         c.transfer_ended();
                     }

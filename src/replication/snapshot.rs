@@ -232,6 +232,18 @@ pub fn write_image(root: &Path, f: File, keep_going: &dyn Fn() -> bool) -> io::R
     Ok(inner.metadata()?.len())
 }
 
+/// The snapshot id of a tree image of `len` bytes at `index`, as sent to a member.
+pub fn image_id(index: u64, len: u64) -> String {
+    format!("tree-{index}-{len}")
+}
+
+/// The image length an id made by [`image_id`] carries; None for another id (a checkpoint's
+/// `tree-INDEX`, or an earlier release's image).
+pub fn image_len_of_id(id: &str) -> Option<u64> {
+    let (_, len) = id.strip_prefix("tree-")?.split_once('-')?;
+    len.parse().ok()
+}
+
 /// Bytes (a digest) as lowercase hex, as `status`, `verify` and the logs show them.
 pub fn hex(d: &[u8]) -> String {
     d.iter().fold(String::new(), |mut s, b| {
@@ -765,6 +777,20 @@ pub fn recover_install(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member learns a whole image's length from its id (to show what it has still to
+    /// receive); a checkpoint's id, or an earlier release's, carries none.
+    #[test]
+    fn an_image_id_carries_its_length() {
+        assert_eq!(
+            image_len_of_id(&image_id(42, 268_435_456)),
+            Some(268_435_456)
+        );
+        assert_eq!(image_len_of_id(&image_id(0, 0)), Some(0));
+        assert_eq!(image_len_of_id("tree-42"), None);
+        assert_eq!(image_len_of_id("tree-42-x"), None);
+        assert_eq!(image_len_of_id("other-1-2"), None);
+    }
     use crate::sync::tests::TempDir;
 
     fn digest_dir(root: &Path) -> Vec<(String, Vec<u8>, u32)> {

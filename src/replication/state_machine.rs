@@ -467,6 +467,15 @@ fn meta_of(c: &Checkpoint) -> SnapshotMeta<u64, openraft::BasicNode> {
     }
 }
 
+/// The meta of a tree image of `len` bytes sent to a member: its id carries the length, so
+/// the member can show what it has still to receive (`snapshot::image_len_of_id`).
+fn image_meta(c: &Checkpoint, len: u64) -> SnapshotMeta<u64, openraft::BasicNode> {
+    SnapshotMeta {
+        snapshot_id: snapshot::image_id(c.applied.map_or(0, |l| l.index), len),
+        ..meta_of(c)
+    }
+}
+
 impl Inner {
     /// An empty file standing in for snapshot data that is never read (checkpoints and the
     /// startup probe only carry an id).
@@ -501,7 +510,7 @@ impl StateMachine {
                         membership: g.membership.clone(),
                     };
                     return Ok(Snapshot {
-                        meta: meta_of(&now),
+                        meta: image_meta(&now, *len),
                         snapshot: Box::new(SnapshotFile::growing(
                             std::fs::File::open(p)?,
                             progress.clone(),
@@ -586,7 +595,7 @@ impl StateMachine {
             .recv()
             .map_err(|_| io::Error::other("tree image thread died"))??;
         Ok(Snapshot {
-            meta: meta_of(&now),
+            meta: image_meta(&now, len),
             snapshot: Box::new(SnapshotFile::growing(reader, progress, len)),
         })
     }

@@ -233,6 +233,13 @@ pub fn vote_request(r: &VoteRequest<u64>) -> Request {
     }
 }
 
+impl WSnapshotMeta {
+    /// The snapshot's id, as its sender chose it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
 fn meta_to_wire(m: &SnapshotMeta<u64, BasicNode>) -> WSnapshotMeta {
     WSnapshotMeta {
         last: m.last_log_id.as_ref().map(wl),
