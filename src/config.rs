@@ -101,6 +101,10 @@ limits! {
     ack_timeout_ms: u64 = 10_000, settable, min Min::Const(10), max 3_600_000;
     /// A checkpoint (tree synced, applied id recorded, log purged) after this many entries.
     checkpoint_entries: u64 = 2_000, settable, min Min::Const(16), max 1 << 30;
+    /// The newest log entries kept decoded in memory (record bytes), so the apply and the
+    /// replication streams read what was just appended without reading, checksumming and
+    /// decoding it again. 0 reads everything from the segment files.
+    log_cache_bytes: u64 = 16 << 20, settable, min Min::Const(0), max 1 << 30;
     /// A log segment file is closed and a new one started past this size.
     log_segment_bytes_max: u64 = 64 << 20, settable, min Min::Const(4 << 20), max 4 << 30;
     /// Open files the state machine keeps cached while applying.

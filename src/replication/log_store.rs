@@ -61,6 +61,8 @@ pub struct LogOptions {
     pub fault_sync_file: Option<PathBuf>,
     /// How a full disk is waited out.
     pub disk: DiskFullPolicy,
+    /// Bytes (in record form) of the newest entries kept decoded in memory (`log_cache_bytes`).
+    pub cache_bytes_max: u64,
 }
 
 struct Segment {
@@ -88,6 +90,51 @@ struct Inner {
     last_log_id: Option<LogId<u64>>,
     purged: Option<LogId<u64>>,
     vote: Option<Vote<u64>>,
+    /// The newest appended entries, decoded, for openraft's reads right after an append
+    /// (the apply on every member, and each follower's replication stream on the leader):
+    /// they skip the read, checksum and decode of the record. Holds only entries that are
+    /// in `locs` (truncate, purge and rollback drop theirs).
+    recent: Recent,
+}
+
+/// A byte-bounded window of the newest entries, oldest evicted first.
+struct Recent {
+    entries: BTreeMap<u64, (Arc<Entry>, u64)>,
+    bytes: u64,
+    bytes_max: u64,
+}
+
+impl Recent {
+    fn insert(&mut self, entry: Entry, record_bytes: u64) {
+        let index = entry.log_id.index;
+        if let Some((_, old)) = self.entries.remove(&index) {
+            self.bytes -= old;
+        }
+        if record_bytes > self.bytes_max {
+            return;
+        }
+        self.entries.insert(index, (Arc::new(entry), record_bytes));
+        self.bytes += record_bytes;
+        while self.bytes > self.bytes_max {
+            let (_, (_, b)) = self.entries.pop_first().expect("bytes > 0 means entries");
+            self.bytes -= b;
+        }
+    }
+
+    /// Drop the entries at `from` and after.
+    fn forget_from(&mut self, from: u64) {
+        for (_, (_, b)) in self.entries.split_off(&from) {
+            self.bytes -= b;
+        }
+    }
+
+    /// Drop the entries up to `upto`.
+    fn forget_upto(&mut self, upto: u64) {
+        let keep = self.entries.split_off(&(upto + 1));
+        for (_, (_, b)) in std::mem::replace(&mut self.entries, keep) {
+            self.bytes -= b;
+        }
+    }
 }
 
 /// One segment file of the log.
@@ -340,6 +387,11 @@ impl Inner {
             last_log_id: purged,
             purged,
             vote,
+            recent: Recent {
+                entries: BTreeMap::new(),
+                bytes: 0,
+                bytes_max: opts.cache_bytes_max,
+            },
         };
         let n = firsts.len();
         for (i, first) in firsts.into_iter().enumerate() {
@@ -477,19 +529,28 @@ impl Inner {
             }
         }
         self.locs.split_off(&first);
+        self.recent.forget_from(first);
         self.active_len = mark.active_len;
         self.zeroed_len = mark.zeroed_len;
         self.last_log_id = mark.last_log_id;
     }
 
-    /// Where the records of `start..end` are: read them with [`read_entries`] after the
+    /// Where the entries of `start..end` are: read them with [`read_entries`] after the
     /// lock is released, so replication reads never hold up an append.
-    fn locate(&self, start: u64, end: u64) -> Vec<(u64, Arc<File>, PathBuf, u64)> {
+    fn locate(&self, start: u64, end: u64) -> Vec<Source> {
         self.locs
             .range(start..end)
-            .map(|(&index, loc)| {
-                let seg = &self.segments[&loc.seg_first];
-                (index, seg.file.clone(), seg.path.clone(), loc.offset)
+            .map(|(&index, loc)| match self.recent.entries.get(&index) {
+                Some((entry, _)) => Source::Recent(entry.clone()),
+                None => {
+                    let seg = &self.segments[&loc.seg_first];
+                    Source::Record {
+                        index,
+                        file: seg.file.clone(),
+                        path: seg.path.clone(),
+                        offset: loc.offset,
+                    }
+                }
             })
             .collect()
     }
@@ -499,9 +560,34 @@ impl Inner {
     }
 }
 
-fn read_entries(located: Vec<(u64, Arc<File>, PathBuf, u64)>) -> io::Result<Vec<Entry>> {
+/// Where one entry is read from.
+enum Source {
+    /// The window of newest entries.
+    Recent(Arc<Entry>),
+    /// Its record in a segment file.
+    Record {
+        index: u64,
+        file: Arc<File>,
+        path: PathBuf,
+        offset: u64,
+    },
+}
+
+fn read_entries(located: Vec<Source>) -> io::Result<Vec<Entry>> {
     let mut out = Vec::with_capacity(located.len());
-    for (index, file, path, offset) in located {
+    for source in located {
+        let (index, file, path, offset) = match source {
+            Source::Recent(entry) => {
+                out.push(Entry::clone(&entry));
+                continue;
+            }
+            Source::Record {
+                index,
+                file,
+                path,
+                offset,
+            } => (index, file, path, offset),
+        };
         let (h, body, hb) =
             read_record(&file, offset)?.ok_or_else(|| corrupt(&path, offset, "record vanished"))?;
         if h.index != index {
@@ -712,8 +798,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let origin = self.lock().origin;
         let mut seq = None;
         let mut last_index = 0;
+        let entries: Vec<Entry> = entries.into_iter().collect();
         let batch: Vec<Pending> = entries
-            .into_iter()
+            .iter()
             .map(|entry| {
                 if let EntryPayload::Normal(b) = &entry.payload {
                     if b.origin == origin {
@@ -723,7 +810,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 last_index = entry.log_id.index;
                 Pending {
                     log_id: entry.log_id,
-                    bytes: record::encode(&entry),
+                    bytes: record::encode(entry),
                 }
             })
             .collect();
@@ -749,6 +836,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                         .is_some_and(|l| l.index >= last_index),
                     "reporting index {last_index} flushed beyond the log's last entry"
                 );
+                {
+                    let mut g = self.lock();
+                    for (entry, rec) in entries.into_iter().zip(&batch) {
+                        g.recent.insert(entry, rec.bytes.len() as u64);
+                    }
+                }
                 self.flush.state.send_modify(|s| {
                     s.flushed_index = s.flushed_index.max(last_index);
                     if let Some(seq) = seq {
@@ -795,6 +888,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         g.active_len = loc.offset;
         g.zeroed_len = loc.offset;
         g.locs.split_off(&log_id.index);
+        g.recent.forget_from(log_id.index);
         let prev = g.locs.keys().next_back().copied();
         g.last_log_id = match prev {
             Some(i) => g
@@ -821,6 +915,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         g.purged = Some(log_id);
         let keep = g.locs.split_off(&(log_id.index + 1));
         g.locs = keep;
+        g.recent.forget_upto(log_id.index);
         if g.last_log_id.is_none_or(|l| l.index < log_id.index) {
             g.last_log_id = Some(log_id);
         }
@@ -856,6 +951,8 @@ mod tests {
                 origin: 1,
                 fault_sync_file: None,
                 disk: DiskFullPolicy::default(),
+                // Small, so the suite's reads meet entries both in and past the window.
+                cache_bytes_max: 4 << 10,
             })
             .map_err(io_write)?;
             let sm = StateMachine::for_test(t.path()).map_err(io_write)?;
@@ -908,7 +1005,86 @@ mod tests {
             origin: 1,
             fault_sync_file: None,
             disk: DiskFullPolicy::default(),
+            cache_bytes_max: 0,
         }
+    }
+
+    /// The window of newest entries answers reads of what was just appended, and never an
+    /// entry the log no longer holds: a follower's conflicting suffix, truncated and
+    /// appended again, reads back as the new entries; purged ones leave the window; the
+    /// window stays within its bytes, and a read spanning it and the files is whole.
+    #[test]
+    fn recent_entries_follow_truncate_purge_and_their_bound() {
+        use crate::op::{Batch, Op};
+        use openraft::storage::RaftLogStorageExt;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let t = TempDir::new("log-recent");
+        let mut o = opts(&t.path().join("raft"));
+        o.segment_bytes_max = 4 << 20;
+        o.cache_bytes_max = 64 << 10;
+        let (mut log, _) = LogStore::open(o).unwrap();
+        let write = |term: u64, index: u64, byte: u8| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(term, 1), index),
+            payload: EntryPayload::Normal(Batch {
+                origin: 2,
+                seq: index,
+                ops: vec![Op::Write {
+                    path: "f".into(),
+                    offset: 0,
+                    data: vec![byte; 1000],
+                }],
+            }),
+        };
+        rt.block_on(log.blocking_append((1..=10).map(|i| write(1, i, 1))))
+            .unwrap();
+        assert_eq!(log.lock().recent.entries.len(), 10);
+        rt.block_on(log.truncate(LogId::new(openraft::CommittedLeaderId::new(1, 1), 6)))
+            .unwrap();
+        rt.block_on(log.blocking_append((6..=8).map(|i| write(2, i, 2))))
+            .unwrap();
+        let expect: Vec<Entry> = (1..=5)
+            .map(|i| write(1, i, 1))
+            .chain((6..=8).map(|i| write(2, i, 2)))
+            .collect();
+        assert!(rt.block_on(log.try_get_log_entries(1..=8)).unwrap() == expect);
+        rt.block_on(log.purge(LogId::new(openraft::CommittedLeaderId::new(1, 1), 3)))
+            .unwrap();
+        assert!(log.lock().recent.entries.keys().all(|&i| i > 3));
+        rt.block_on(log.blocking_append((9..=200).map(|i| write(2, i, 3))))
+            .unwrap();
+        {
+            let g = log.lock();
+            assert!(g.recent.bytes <= 64 << 10, "{} bytes", g.recent.bytes);
+            assert_eq!(g.recent.entries.keys().next_back(), Some(&200));
+            assert!(
+                !g.recent.entries.contains_key(&9),
+                "the oldest were evicted"
+            );
+        }
+        let got = rt.block_on(log.try_get_log_entries(4..=200)).unwrap();
+        let expect: Vec<Entry> = (4..=5)
+            .map(|i| write(1, i, 1))
+            .chain((6..=8).map(|i| write(2, i, 2)))
+            .chain((9..=200).map(|i| write(2, i, 3)))
+            .collect();
+        assert!(got == expect, "a read across the window and the files");
+        // An entry too large for the window replaces a cached one at its index.
+        let huge = Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(3, 1), 150),
+            payload: EntryPayload::Normal(Batch {
+                origin: 2,
+                seq: 150,
+                ops: vec![Op::Write {
+                    path: "f".into(),
+                    offset: 0,
+                    data: vec![4; 100 << 10],
+                }],
+            }),
+        };
+        rt.block_on(log.truncate(LogId::new(openraft::CommittedLeaderId::new(2, 1), 150)))
+            .unwrap();
+        rt.block_on(log.blocking_append([huge.clone()])).unwrap();
+        assert!(rt.block_on(log.try_get_log_entries(150..=150)).unwrap() == vec![huge]);
     }
 
     #[test]

@@ -134,6 +134,7 @@ pub async fn start(
         origin,
         fault_sync_file: cfg.fault_log_sync_file.clone(),
         disk: disk.clone(),
+        cache_bytes_max: cfg.limits.log_cache_bytes,
     })
     .map_err(|source| StartError::Log {
         path: raft_dir,
