@@ -211,13 +211,26 @@ pub fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A free port on 127.0.0.1 that is also free on every other address the cluster uses.
+/// A port free on every address the cluster uses, chosen below the kernel's ephemeral
+/// range (`ip_local_port_range`). The port is bound later by a daemon, proxy or server;
+/// one taken from the ephemeral range (as `bind(:0)` gives) could meanwhile become the
+/// source port of some outgoing connection, and the later bind then failed with
+/// EADDRINUSE (seen in the suite). Below the range only another test's pick can collide,
+/// and the candidates are spread by the process id and a counter.
 pub fn pick_port(ips: &[std::net::Ipv4Addr]) -> u16 {
-    for _ in 0..50 {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind 127.0.0.1:0")
-            .port();
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static PICKS: AtomicU32 = AtomicU32::new(0);
+    const LOWEST: u32 = 10_000;
+    let ephemeral_low: u32 = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .filter(|&low: &u32| low > LOWEST + 1_000)
+        .unwrap_or(32_768);
+    let span = ephemeral_low - LOWEST;
+    let seed = std::process::id().wrapping_mul(2_654_435_761);
+    for _ in 0..200 {
+        let k = PICKS.fetch_add(1, Ordering::Relaxed).wrapping_mul(7_919);
+        let port = (LOWEST + seed.wrapping_add(k) % span) as u16;
         let held: Result<Vec<TcpListener>, _> = ips
             .iter()
             .map(|ip| TcpListener::bind(SocketAddr::from((*ip, port))))
@@ -226,7 +239,7 @@ pub fn pick_port(ips: &[std::net::Ipv4Addr]) -> u16 {
             return port;
         }
     }
-    panic!("no port free on all of {ips:?} after 50 tries");
+    panic!("no port free on all of {ips:?} after 200 tries");
 }
 
 /// The file [`Cluster::fill_disk`] takes a disk's space with.
