@@ -21,12 +21,11 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write as _};
+use std::io::Write as _;
 use std::os::unix::fs::FileExt;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::thread::JoinHandle;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use heed::byteorder::LittleEndian;
@@ -34,7 +33,7 @@ use heed::types::{Bytes, U64};
 use heed::{Database, EnvOpenOptions, IntegerComparator, PutFlags};
 
 use crate::cluster::{vm_hwm_kib, Cluster};
-use crate::mount::{force_unmount, is_mounted, signal, Daemon, TestDir};
+use crate::mount::{force_unmount, is_mounted, run_bounded, signal, Daemon, TestDir};
 use crate::vere;
 
 const KIB: u64 = 1024;
@@ -1507,48 +1506,6 @@ impl Drop for Bindfs {
 // ---------------------------------------------------------------------------------------------
 // GlusterFS
 // ---------------------------------------------------------------------------------------------
-
-/// Run `cmd` (stdin closed, output captured) to its end within `timeout`; past it the
-/// command is killed. Its output, or why there is none.
-fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
-    fn drain<R: Read + Send + 'static>(mut r: R) -> JoinHandle<Vec<u8>> {
-        std::thread::spawn(move || {
-            let mut v = Vec::new();
-            let _ = r.read_to_end(&mut v);
-            v
-        })
-    }
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("{what}: {e}"))?;
-    // Both pipes are read while we wait, so a chatty command cannot block on a full pipe.
-    let stdout = drain(child.stdout.take().expect("piped"));
-    let stderr = drain(child.stderr.take().expect("piped"));
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(st)) => break st,
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            r => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(match r {
-                    Err(e) => format!("{what}: {e}"),
-                    Ok(_) => format!("{what} did not finish within {timeout:?}"),
-                });
-            }
-        }
-    };
-    Ok(Output {
-        status,
-        stdout: stdout.join().unwrap_or_default(),
-        stderr: stderr.join().unwrap_or_default(),
-    })
-}
 
 /// `gluster --mode=script ARGS` (script mode: no confirmation prompts), bounded by
 /// `GLUSTER_CLI_TIMEOUT`: its standard output, or everything it said as the error.

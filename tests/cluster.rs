@@ -558,11 +558,7 @@ fn empty_member_catches_up_by_snapshot() {
     let mnt = c.mountpoint(l);
 
     let t = Instant::now();
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(mnt.join("big.bin"))
+    let f = File::create(mnt.join("big.bin"))
         .unwrap_or_else(|e| c.fail(&format!("create big.bin: {e}")));
     let mut buf = vec![0u8; 1 << 20];
     for k in 0..big_mib {

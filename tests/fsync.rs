@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::time::Duration;
@@ -114,12 +114,7 @@ fn acknowledged_writes_survive_sigkill() {
     let big: Vec<u8> = (0..3u32 << 20)
         .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
         .collect();
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(mnt.join("f"))
-        .unwrap();
+    let f = File::create(mnt.join("f")).unwrap();
     f.write_all_at(&big, 0).unwrap();
     for k in 0..50u64 {
         f.write_all_at(&k.to_le_bytes(), k * 60_013).unwrap();
@@ -155,12 +150,7 @@ fn the_writes_before_an_fsync_travel_in_one_entry_and_unsynced_writes_still_go()
             .unwrap_or_else(|| panic!("status: {line}"))
             .last_index
     };
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(mnt.join("f"))
-        .unwrap();
+    let f = File::create(mnt.join("f")).unwrap();
     // The create was applied before open returned: its entry is in the log.
     let before = last_index();
     for (k, word) in [&b"one"[..], b"two", b"three"].into_iter().enumerate() {
@@ -195,12 +185,7 @@ fn restart_detaches_its_own_dead_mount() {
     let data = t.join("data");
     let mnt = t.join("mnt");
     let d = Daemon::start(&data, &mnt, &[]);
-    let mut f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(mnt.join("acked"))
-        .unwrap();
+    let mut f = File::create(mnt.join("acked")).unwrap();
     f.write_all(b"before the crash").unwrap();
     f.sync_data().unwrap();
     drop(f);

@@ -586,12 +586,7 @@ fn fsync_workload(mnt: &Path) -> Done {
         fsyncs: 0,
         bytes: 0,
     };
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(mnt.join("data.bin"))
-        .expect("create data.bin");
+    let f = File::create(mnt.join("data.bin")).expect("create data.bin");
     let mut rng = vere::SplitMix64::new(0x3e7);
     let mut buf = vec![0u8; 64 << 10];
     for k in 0..30u64 {
@@ -857,12 +852,7 @@ fn failed_fsyncs_are_counted_by_result_not_timed() {
             fault.to_str().unwrap(),
         ],
     );
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(t.join("mnt/f"))
-        .unwrap();
+    let f = File::create(t.join("mnt/f")).unwrap();
     f.write_all_at(b"ok", 0).unwrap();
     vere::fdatasync(&f).expect("fdatasync while the log can sync");
     let before = scrape(addr);
@@ -1096,11 +1086,7 @@ fn follower_away_and_back(extra: &[&str], reaches: bool) -> CatchUp {
     });
     let l = c.wait_leader(ELECTION);
     let mnt = c.mountpoint(l);
-    let f = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(mnt.join("image.bin"))
+    let f = File::create(mnt.join("image.bin"))
         .unwrap_or_else(|e| c.fail(&format!("create image.bin: {e}")));
     let mut buf = vec![0u8; 1 << 20];
     for k in 0..BASE_MIB {

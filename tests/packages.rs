@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::mount::{copy_tree, force_unmount, is_mounted, TestDir};
+use common::mount::{copy_tree, force_unmount, is_mounted, run_bounded, TestDir};
 use common::vere;
 
 /// Events and image size of the workload: two rolls and a chop, a few seconds.
@@ -105,29 +105,7 @@ fn package(ext: &str) -> PathBuf {
 
 /// Run a command to completion within `timeout`, killing it past that.
 fn run(cmd: &mut Command, timeout: Duration) -> Output {
-    let what = format!("{cmd:?}");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    let deadline = Instant::now() + timeout;
-    // Bounded by the deadline; the pipes are drained by wait_with_output below (the tools
-    // used here print little, well under a pipe's buffer).
-    while child.try_wait().unwrap().is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "{what} did not finish within {timeout:?}:\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    child.wait_with_output().unwrap()
+    run_bounded(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// Run and require success; returns stdout.

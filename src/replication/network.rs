@@ -527,13 +527,14 @@ enum Counted {
     /// Votes and control requests (which tools send too: they get no counters).
     Nothing,
     Entries((u64, u64)),
-    /// A snapshot chunk: where it goes, its length, whether it is the last, and the
-    /// length of the whole image its id names (if it does).
+    /// A snapshot chunk: where it goes, its length, whether it is the last, the length
+    /// of the whole image its id names (if it does), and whether it opens a delta.
     Chunk {
         offset: u64,
         bytes: u64,
         done: bool,
         image_bytes: Option<u64>,
+        opens_delta: bool,
     },
 }
 
@@ -582,6 +583,7 @@ async fn serve_link(
                     bytes: data.len() as u64,
                     done: *done,
                     image_bytes: snapshot::image_len_of_id(meta.id()),
+                    opens_delta: *offset == 0 && data.starts_with(delta::DELTA_MAGIC),
                 },
                 Request::Append { .. } => Counted::Entries(entry_bytes(&r)),
                 _ => Counted::Nothing,
@@ -612,6 +614,7 @@ async fn serve_link(
                 bytes,
                 done,
                 image_bytes,
+                opens_delta,
             } => {
                 if matches!(resp, Response::Snapshot { .. }) {
                     let c = peer_counters();
@@ -620,9 +623,15 @@ async fn serve_link(
                         c.transfer_ended();
                     }
                     // A whole image's length is in its id; a delta's own length is known
-                    // only once it ends (its bytes are fewer than the image's).
+                    // only once it ends (its bytes are fewer than the image's). Its first
+                    // chunk says which it is; later ones follow the transfer's record.
+                    let whole = if offset == 0 {
+                        !opens_delta
+                    } else {
+                        c.transfer().is_some_and(|t| t.to_go_bytes.is_some())
+                    };
                     let to_go = image_bytes
-                        .filter(|_| !control.state_machine.receiving_delta().unwrap_or(true))
+                        .filter(|_| whole)
                         .map(|len| len.saturating_sub(offset + bytes));
                     c.transfer_progress(false, bytes, to_go);
                     if done {

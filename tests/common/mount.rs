@@ -3,8 +3,10 @@
 #![allow(dead_code)]
 
 use std::fs;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// How long a daemon gets to mount, and to exit after SIGTERM.
@@ -343,11 +345,49 @@ pub fn data_dir_in_use(data_dir: &Path) -> bool {
 /// both have to succeed.
 pub fn write_fsync(path: &Path, data: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
-    let mut f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(path)?;
+    let mut f = fs::File::create(path)?;
     f.write_all(data)?;
     f.sync_data()
+}
+
+/// Run `cmd` (stdin closed, output captured) to its end within `timeout`; past it the
+/// command is killed. Its output, or why there is none.
+pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, String> {
+    fn drain<R: Read + Send + 'static>(mut r: R) -> JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    }
+    let what = format!("{cmd:?}");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("{what}: {e}"))?;
+    // Both pipes are read while we wait, so a chatty command cannot block on a full pipe.
+    let stdout = drain(child.stdout.take().expect("piped"));
+    let stderr = drain(child.stderr.take().expect("piped"));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(st)) => break st,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            r => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(match r {
+                    Err(e) => format!("{what}: {e}"),
+                    Ok(_) => format!("{what} did not finish within {timeout:?}"),
+                });
+            }
+        }
+    };
+    Ok(Output {
+        status,
+        stdout: stdout.join().unwrap_or_default(),
+        stderr: stderr.join().unwrap_or_default(),
+    })
 }
