@@ -359,16 +359,13 @@ pub fn verify(data_dir: &Path, timeout_ms: u64, json: bool) -> Result<String, St
         line.clone()
     } else {
         let mut t = String::new();
-        let index = line
-            .split("\"index\":")
-            .nth(1)
-            .and_then(|r| r.split(',').next())
-            .unwrap_or("?");
+        let v: Value = serde_json::from_str(&line).unwrap_or_default();
+        let index = v["index"].as_u64().map_or("?".into(), |i| i.to_string());
         let _ = writeln!(t, "digests at index {index}:");
-        for m in line.split("{\"id\":").skip(1) {
-            let id = m.split(',').next().unwrap_or("?");
-            let digest = json_field(m, "digest").unwrap_or_else(|| "-".into());
-            let note = json_field(m, "note").unwrap_or_default();
+        for m in v["members"].as_array().into_iter().flatten() {
+            let id = m["id"].as_u64().map_or("?".into(), |i| i.to_string());
+            let digest = m["digest"].as_str().unwrap_or("-");
+            let note = m["note"].as_str().unwrap_or_default();
             let _ = writeln!(t, "  node {id:<4} {digest:<64}  {note}");
         }
         let _ = write!(

@@ -228,6 +228,10 @@ impl PeerCounters {
     pub fn transfer_progress(&self, sending: bool, bytes: u64, to_go_bytes: Option<u64>) {
         let now = Instant::now();
         let mut t = self.transfer.lock().expect("transfer mutex poisoned");
+        // A record the other way round is one a failed transfer left behind.
+        if t.is_some_and(|cur| cur.sending != sending) {
+            *t = None;
+        }
         let cur = t.get_or_insert(Transfer {
             sending,
             started: now,

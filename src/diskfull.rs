@@ -8,7 +8,6 @@
 //! become the fatal storage error it used to be at once. EIO and EROFS are not retried: they
 //! say the device lost data, not that it lacks room.
 
-use std::borrow::Cow;
 use std::ffi::CString;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -50,20 +49,12 @@ impl DiskFullPolicy {
         }
     }
 
-    /// One write's wait for space; `what` names it in the log.
-    pub fn waiter(&self, what: &'static str) -> Waiter<'_> {
+    /// One write's wait for space; `what` names it in the log. The waiter holds a copy
+    /// of the policy (two durations and a shared gauge), so it can live in a struct that is
+    /// polled (a snapshot file's `poll_write`).
+    pub fn waiter(&self, what: &'static str) -> Waiter {
         Waiter {
-            policy: Cow::Borrowed(self),
-            what,
-            since: None,
-        }
-    }
-
-    /// A waiter that owns its policy, for a write that is polled rather than awaited in
-    /// one place (a snapshot file's `poll_write`).
-    pub fn into_waiter(self, what: &'static str) -> Waiter<'static> {
-        Waiter {
-            policy: Cow::Owned(self),
+            policy: self.clone(),
             what,
             since: None,
         }
@@ -111,13 +102,13 @@ impl Default for DiskFullPolicy {
 }
 
 /// Tracks one write's wait: a warning when it starts, one line when it ends, none per retry.
-pub struct Waiter<'a> {
-    policy: Cow<'a, DiskFullPolicy>,
+pub struct Waiter {
+    policy: DiskFullPolicy,
     what: &'static str,
     since: Option<Instant>,
 }
 
-impl Waiter<'_> {
+impl Waiter {
     /// The write failed with a full disk (`e`): how long to sleep before trying again, or
     /// None when `disk_full_wait_ms` has passed and the failure must be fatal.
     pub fn full(&mut self, e: &io::Error) -> Option<Duration> {
@@ -136,7 +127,7 @@ impl Waiter<'_> {
     }
 }
 
-impl Drop for Waiter<'_> {
+impl Drop for Waiter {
     fn drop(&mut self) {
         if let Some(since) = self.since {
             self.policy.gauges.waiting.fetch_sub(1, Ordering::Relaxed);

@@ -158,8 +158,17 @@ fn rebuild(img: &Path, dest: &Path) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(&new);
         return Err(format!("{e}; {} is unchanged", dest.display()));
     }
-    let swap = std::fs::rename(dest, &old).and_then(|()| std::fs::rename(&new, dest));
-    swap.map_err(|e| {
+    // `dest` was just read whole, so an `old` beside it is what an interrupted earlier
+    // run left; it would make the first rename fail.
+    let _ = std::fs::remove_dir_all(&old);
+    if let Err(e) = std::fs::rename(dest, &old) {
+        let _ = std::fs::remove_dir_all(&new);
+        return Err(format!(
+            "moving {} aside: {e}; it is unchanged",
+            dest.display()
+        ));
+    }
+    std::fs::rename(&new, dest).map_err(|e| {
         format!(
             "moving the new tree into place: {e}; the old one is {}, the new one {}",
             old.display(),

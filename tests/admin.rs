@@ -382,6 +382,9 @@ fn verify_catches_a_tampered_byte_and_restore_copies_the_tree() {
         .collect();
     assert_eq!(digests.len(), 3, "{}", o.stdout);
     assert!(digests.iter().all(|d| *d == digests[0]), "{}", o.stdout);
+    // The table names every member with its digest.
+    let table = seguro(&["verify", &data(&c, leader)]).stdout;
+    assert_eq!(table.matches(digests[0]).count(), 3, "{table}");
 
     phase("restore from a follower into an empty directory");
     let follower = (1..=3).find(|&i| i != leader).unwrap();

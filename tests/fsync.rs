@@ -134,6 +134,37 @@ fn acknowledged_writes_survive_sigkill() {
     assert_eq!(std::fs::read(data.join("tree/f")).unwrap(), expect);
 }
 
+/// O_SYNC writes and fsyncdir are sync points too. An O_SYNC write returns once it is
+/// durable; fsyncdir makes every write before it durable, here a plain write that nothing
+/// else would have logged yet (the batch linger is long). Both survive kill -9.
+#[test]
+fn o_sync_writes_and_fsyncdir_are_durable_across_sigkill() {
+    let t = TestDir::new("fsync-osync");
+    let data = t.join("data");
+    let mnt = t.join("mnt");
+    let d = Daemon::start(&data, &mnt, &["--batch-linger-us", "1000000"]);
+    let osync = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .custom_flags(libc::O_SYNC)
+        .open(mnt.join("osync"))
+        .unwrap();
+    osync.write_all_at(b"o_sync", 0).unwrap();
+    let plain = File::create(mnt.join("plain")).unwrap();
+    plain.write_all_at(b"before fsyncdir", 0).unwrap();
+    File::open(&mnt).unwrap().sync_all().unwrap();
+    drop((osync, plain));
+    d.kill9();
+    let d = Daemon::start(&data, &mnt, &[]);
+    assert_eq!(std::fs::read(mnt.join("osync")).unwrap(), b"o_sync");
+    assert_eq!(
+        std::fs::read(mnt.join("plain")).unwrap(),
+        b"before fsyncdir"
+    );
+    d.stop();
+}
+
 /// Group commit's linger (`batch_linger_us`): a commit's WRITEs wait for the FSYNC that
 /// follows them and travel with it as one log entry, so the sync point costs one log
 /// flush; a WRITE that no FSYNC follows is still logged once the linger is over.

@@ -1,7 +1,8 @@
 //! The core of the file system: what each operation means on the leader. It speaks FUSE's
 //! vocabulary (inode numbers, `FileAttr`, the kernel's invalidation notifier) but not its
-//! protocol: `fuse.rs` decodes requests and sends replies, and replication is reached only
-//! through `replication::pipeline::Pipeline`.
+//! protocol: `fuse.rs` decodes requests and sends replies. Writes reach replication only
+//! through `replication::pipeline::Pipeline` (the overlay, the group commit's batch and the
+//! role are shared with it as data).
 //!
 //! - Data ops (write, truncate, fallocate) join the open batch and the overlay and return
 //!   at once; the page cache and the overlay serve reads until the entry is applied.
@@ -356,7 +357,7 @@ impl Fs {
 
     /// fsync: every op accepted before this call must be durable in this node's log and
     /// in the logs of `acks` other voters, all within this node's current term. Every call
-    /// is counted and, when it answers 0, timed (`metrics.rs`).
+    /// is counted and, when it answers 0, timed (`counters.rs`).
     pub fn wait_durable(&self) -> FsResult<()> {
         let started = std::time::Instant::now();
         let outcome = self.pipeline.durable();

@@ -84,36 +84,41 @@ type CallError = RPCError<u64, BasicNode, RaftError<u64>>;
 impl PeerClient {
     async fn link(&mut self) -> Result<&mut Link, Unreachable> {
         if self.link.is_none() {
-            let unreachable = |why: String| Unreachable::new(&NetErr(why));
-            let key = self
-                .cfg
-                .key
-                .as_ref()
-                .ok_or_else(|| unreachable("this node has no cluster key".into()))?;
-            let addr: SocketAddr = tokio::net::lookup_host(&self.addr)
-                .await
-                .ok()
-                .and_then(|mut a| a.next())
-                .ok_or_else(|| unreachable(format!("cannot resolve {}", self.addr)))?;
-            let link = Link::connect(addr, self.cfg.bind_ip, key, self.cfg.my_id, self.cfg.limits)
-                .await
-                .map_err(|e| {
-                    self.unreachable = true;
-                    if matches!(e, LinkError::Auth(_)) {
-                        tracing::warn!(target = self.target, addr = %self.addr, error = %e, "peer link refused");
-                    }
-                    unreachable(format!("node {} at {}: {e}", self.target, self.addr))
-                })?;
-            if link.peer_id != self.target {
-                return Err(unreachable(format!(
-                    "{} answered as node {}, expected node {}",
-                    self.addr, link.peer_id, self.target
-                )));
-            }
-            self.unreachable = false;
-            self.link = Some(link);
+            let link = self.connect().await;
+            self.unreachable = link.is_err();
+            self.link = Some(link?);
         }
         Ok(self.link.as_mut().expect("just set"))
+    }
+
+    /// A new authenticated link to the target.
+    async fn connect(&self) -> Result<Link, Unreachable> {
+        let unreachable = |why: String| Unreachable::new(&NetErr(why));
+        let key = self
+            .cfg
+            .key
+            .as_ref()
+            .ok_or_else(|| unreachable("this node has no cluster key".into()))?;
+        let addr: SocketAddr = tokio::net::lookup_host(&self.addr)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| unreachable(format!("cannot resolve {}", self.addr)))?;
+        let link = Link::connect(addr, self.cfg.bind_ip, key, self.cfg.my_id, self.cfg.limits)
+            .await
+            .map_err(|e| {
+                if matches!(e, LinkError::Auth(_)) {
+                    tracing::warn!(target = self.target, addr = %self.addr, error = %e, "peer link refused");
+                }
+                unreachable(format!("node {} at {}: {e}", self.target, self.addr))
+            })?;
+        if link.peer_id != self.target {
+            return Err(unreachable(format!(
+                "{} answered as node {}, expected node {}",
+                self.addr, link.peer_id, self.target
+            )));
+        }
+        Ok(link)
     }
 
     /// Send one request and wait (bounded by `ttl`) for its response. Any failure drops
@@ -473,7 +478,7 @@ async fn handle(
             let sender = r.vote;
             let is_delta = |r: &InstallSnapshotRequest<TypeConfig>| {
                 if r.offset == 0 {
-                    r.data.starts_with(delta::DELTA_MAGIC)
+                    delta::opens_delta(r.offset, &r.data)
                 } else {
                     control.state_machine.receiving_delta().unwrap_or(false)
                 }
@@ -583,7 +588,7 @@ async fn serve_link(
                     bytes: data.len() as u64,
                     done: *done,
                     image_bytes: snapshot::image_len_of_id(meta.id()),
-                    opens_delta: *offset == 0 && data.starts_with(delta::DELTA_MAGIC),
+                    opens_delta: delta::opens_delta(*offset, data),
                 },
                 Request::Append { .. } => Counted::Entries(entry_bytes(&r)),
                 _ => Counted::Nothing,

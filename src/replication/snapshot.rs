@@ -507,6 +507,9 @@ fn unpack_from(image: impl Read, dest: &Path) -> io::Result<[u8; 32]> {
 pub const IMAGE_WRITING: u8 = 0;
 pub const IMAGE_DONE: u8 = 1;
 pub const IMAGE_FAILED: u8 = 2;
+/// Still being written, and a transfer has read from it: its walk is finished even if
+/// that transfer fails, so the next one (same index) reuses the image.
+pub const IMAGE_WRITING_READ: u8 = 3;
 
 /// openraft's snapshot data: a file, which may still be growing while a thread writes the
 /// image into it. Reading at the current end waits (polling every few milliseconds) until
@@ -524,7 +527,7 @@ pub struct SnapshotFile {
     /// How a received chunk that meets a full disk waits for space (receiving files only),
     /// and the wait under way.
     disk: Option<DiskFullPolicy>,
-    full: Option<Waiter<'static>>,
+    full: Option<Waiter>,
 }
 
 const GROWING_POLL: Duration = Duration::from_millis(5);
@@ -588,6 +591,14 @@ impl tokio::io::AsyncRead for SnapshotFile {
             buf.advance(n);
             return Poll::Ready(Ok(()));
         }
+        if let Some(p) = &this.progress {
+            let _ = p.compare_exchange(
+                IMAGE_WRITING,
+                IMAGE_WRITING_READ,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
         loop {
             // Read the writer's state before reading: an end of file seen after it was
             // done is the real end.
@@ -629,9 +640,9 @@ impl tokio::io::AsyncWrite for SnapshotFile {
             }
             match (f.write(buf), &this.disk) {
                 (Err(e), Some(disk)) if diskfull::is_full(&e) => {
-                    let waiter = this.full.get_or_insert_with(|| {
-                        disk.clone().into_waiter("receiving a snapshot chunk")
-                    });
+                    let waiter = this
+                        .full
+                        .get_or_insert_with(|| disk.waiter("receiving a snapshot chunk"));
                     match waiter.full(&e) {
                         Some(d) => this.wait = Some(Box::pin(tokio::time::sleep(d))),
                         None => return Poll::Ready(Err(e)),

@@ -553,8 +553,12 @@ impl StateMachine {
                 // Held by this thread and by `g.image`; every other holder is a reader. A
                 // transfer that fails before it reads (its member is unreachable: openraft
                 // asks again every 500 ms while it stays down) drops its reader, and the
-                // walk stops instead of pausing applies for the whole tree each time.
-                let wanted = || Arc::strong_count(&progress) > IMAGE_HOLDERS_NOT_READING;
+                // walk stops instead of pausing applies for the whole tree each time. One
+                // that has read is finished, for the next try to reuse.
+                let wanted = || {
+                    Arc::strong_count(&progress) > IMAGE_HOLDERS_NOT_READING
+                        || progress.load(Ordering::Acquire) == snapshot::IMAGE_WRITING_READ
+                };
                 match snapshot::write_image(&g.tree_dir, writer, &wanted) {
                     Ok(bytes) if bytes != len => {
                         progress.store(snapshot::IMAGE_FAILED, Ordering::Release);
@@ -846,8 +850,19 @@ mod tests {
         wait_until("the image nobody reads to be given up", || {
             !image.exists() && sm.lock().image.is_none()
         });
-        let snapshot = sm.current_image().unwrap();
+        // A transfer that read part of its image and failed leaves it to be finished.
         let rt = tokio::runtime::Runtime::new().unwrap();
+        let mut data = sm.current_image().unwrap().snapshot;
+        let mut first = vec![0u8; 1 << 20];
+        rt.block_on(tokio::io::AsyncReadExt::read_exact(&mut *data, &mut first))
+            .unwrap();
+        drop(data);
+        wait_until("the partly read image to be finished", || {
+            sm.lock().image.as_ref().is_some_and(|(_, _, progress, _)| {
+                progress.load(Ordering::Acquire) == snapshot::IMAGE_DONE
+            })
+        });
+        let snapshot = sm.current_image().unwrap();
         let mut data = snapshot.snapshot;
         let read = rt
             .block_on(tokio::io::copy(&mut *data, &mut tokio::io::sink()))

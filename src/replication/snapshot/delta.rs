@@ -44,6 +44,11 @@ use crate::sync::{fsync_dir, write_file_durably};
 /// Manifest chunk size: fixed, so that a manifest and a delta always agree on it.
 pub const CHUNK_BYTES: u64 = 1 << 20;
 pub const DELTA_MAGIC: &[u8; 8] = b"SEGDELT1";
+
+/// Whether a snapshot chunk at `offset` holding `data` is the first of a delta.
+pub fn opens_delta(offset: u64, data: &[u8]) -> bool {
+    offset == 0 && data.starts_with(DELTA_MAGIC)
+}
 const MANIFEST_MAGIC: &[u8; 8] = b"SEGMANI1";
 const CACHE_MAGIC: &[u8; 8] = b"SEGMCAC1";
 /// Longest literal op: the receiver streams literals, this only bounds the sender's buffer.
