@@ -191,6 +191,21 @@ impl Replicated {
     }
 }
 
+/// An fsync covering every batch up to `target` on a node that can acknowledge nothing
+/// any more (it stopped leading). It succeeds only if an earlier fsync already
+/// acknowledged all of it (every batch up to `acked_seq`); anything else fails, even if
+/// this node's log holds it: flushed here is not acknowledged by K others.
+fn when_not_leading(target: u64, acked_seq: u64, log_failed: bool) -> FsyncOutcome {
+    if target <= acked_seq {
+        FsyncOutcome::Ok
+    } else if log_failed {
+        // A failed log fdatasync is what cost the leadership.
+        FsyncOutcome::LogFailed
+    } else {
+        FsyncOutcome::NotLeader
+    }
+}
+
 impl Pipeline for Replicated {
     fn writable(&self) -> bool {
         self.role.writable()
@@ -244,17 +259,11 @@ impl Pipeline for Replicated {
             return FsyncOutcome::NotLeader;
         }
         if !self.role.writable() {
-            // Nothing can be acknowledged here any more. An fsync that covers only what an
-            // earlier fsync already acknowledged succeeds; anything else fails, even if
-            // this node's log holds it: flushed here is not acknowledged by K others.
-            return if target <= self.acked_seq.load(Ordering::Acquire) {
-                FsyncOutcome::Ok
-            } else if self.flush_rx.borrow().failed {
-                // A failed log fdatasync is what cost the leadership.
-                FsyncOutcome::LogFailed
-            } else {
-                FsyncOutcome::NotLeader
-            };
+            return when_not_leading(
+                target,
+                self.acked_seq.load(Ordering::Acquire),
+                self.flush_rx.borrow().failed,
+            );
         }
         self.wake.notify_one();
         let outcome = self.rt.block_on(async {
@@ -299,5 +308,33 @@ impl Pipeline for Replicated {
 
     fn drop_unproposed(&self) {
         self.group().clear();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node that stopped leading answers 0 only for what an earlier fsync acknowledged.
+    #[test]
+    fn a_node_that_stopped_leading_acknowledges_only_what_was_acknowledged() {
+        use FsyncOutcome::{LogFailed, NotLeader, Ok};
+        // (target, acked_seq, log failed) → outcome
+        let table = [
+            ((0, 0, false), Ok),
+            ((5, 5, false), Ok),
+            ((4, 5, false), Ok),
+            ((5, 5, true), Ok),
+            ((6, 5, false), NotLeader),
+            ((6, 0, false), NotLeader),
+            ((6, 5, true), LogFailed),
+        ];
+        for ((target, acked, failed), want) in table {
+            assert_eq!(
+                when_not_leading(target, acked, failed),
+                want,
+                "target {target}, acked {acked}, log failed {failed}"
+            );
+        }
     }
 }
