@@ -281,7 +281,7 @@ pub struct MountArgs {
     #[command(flatten)]
     pub limits: LimitFlags,
     /// Test hook: while this file exists the log's fdatasync fails with EIO (ENOSPC if
-    /// the file starts with `ENOSPC`).
+    /// the file starts with `ENOSPC`), after `delay-ms=N` milliseconds if it says so.
     #[arg(long, hide = true)]
     pub fault_log_sync_file: Option<PathBuf>,
 }

@@ -97,6 +97,11 @@ limits! {
     /// syncs at once: proposing the first WRITE alone made the FSYNC wait for two log
     /// flushes (and replication rounds) in a row. 0 proposes at once.
     batch_linger_us: u64 = 2_000, settable, min Min::Const(0), max 1_000_000;
+    /// A leader sends each entry to its followers while its own log fdatasync of it runs
+    /// (`replication/early.rs`): at most this many record bytes wait for one follower, and
+    /// one such AppendEntries carries at most this much. 0 sends entries only after the
+    /// leader's flush, through openraft's replication streams.
+    early_append_bytes_max: u64 = 8 << 20, settable, min Min::Const(0), max 16 << 20;
     /// How long fsync (and a namespace op) waits for durability before answering EIO.
     ack_timeout_ms: u64 = 10_000, settable, min Min::Const(10), max 3_600_000;
     /// A checkpoint (tree synced, applied id recorded, log purged) after this many entries.
@@ -131,6 +136,8 @@ limits! {
             |l| (l.append_entries_max * (l.entry_bytes_max as u64 + 4096))
                 .max(l.snapshot_chunk_bytes + 4096)
                 .max(l.snapshot_manifest_bytes_max as u64 + 4096)
+                // Room for the framing of many small records in one early send.
+                .max(l.early_append_bytes_max * 2)
         ), max 1 << 30;
     /// Entries per AppendEntries.
     append_entries_max: u64 = 4, fixed, min Min::Const(1), max 1024;
@@ -315,7 +322,7 @@ pub struct MountConfig {
     pub allow_other: bool,
     pub limits: Limits,
     /// Test hook: while this file exists, the log's fdatasync reports EIO (ENOSPC if the
-    /// file starts with `ENOSPC`).
+    /// file starts with `ENOSPC`), after `delay-ms=N` milliseconds if it says so.
     pub fault_log_sync_file: Option<PathBuf>,
     /// None: a standalone one-voter node.
     pub cluster: Option<ClusterConfig>,

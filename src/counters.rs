@@ -166,6 +166,8 @@ impl FsyncStats {
 pub struct PeerCounters {
     pub(crate) sent_entries: AtomicU64,
     pub(crate) sent_entry_bytes: AtomicU64,
+    /// Of `sent_entries`, those sent early: while this leader's own fdatasync ran.
+    pub(crate) sent_early_entries: AtomicU64,
     pub(crate) received_entries: AtomicU64,
     pub(crate) received_entry_bytes: AtomicU64,
     pub(crate) snapshots_sent: AtomicU64,
@@ -207,6 +209,12 @@ impl PeerCounters {
     pub fn sent_entries(&self, entries: u64, bytes: u64) {
         self.sent_entries.fetch_add(entries, Ordering::Relaxed);
         self.sent_entry_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Of the entries counted by `sent_entries`, `entries` went early (`replication/early.rs`).
+    pub fn sent_early(&self, entries: u64) {
+        self.sent_early_entries
+            .fetch_add(entries, Ordering::Relaxed);
     }
 
     /// An AppendEntries from the peer carried `entries` records of `bytes` in all.

@@ -91,6 +91,11 @@ const PEER_COUNTERS: &[PeerCounter] = &[
         |c| &c.sent_entry_bytes,
     ),
     (
+        "seguro_replication_sent_early_entries_total",
+        "Of the entries sent to each member, those sent while this leader's own log flush of them ran.",
+        |c| &c.sent_early_entries,
+    ),
+    (
         "seguro_replication_received_entries_total",
         "Log entries received from each member in AppendEntries.",
         |c| &c.received_entries,

@@ -888,6 +888,97 @@ fn failed_fsyncs_are_counted_by_result_not_timed() {
     d.kill9();
 }
 
+/// A leader sends each entry to its followers while its own log fdatasync of it runs
+/// (`replication/early.rs`), and the entry travels once: openraft's stream leaves out what
+/// a follower acknowledged early. An fsync still waits for the leader's own log: with its
+/// fdatasync failing, the fsync fails although the followers received the bytes.
+#[test]
+fn entries_reach_followers_early_and_once_but_fsync_still_waits_for_the_leaders_log() {
+    let _serial = serial();
+    let ips: Vec<Ipv4Addr> = (1..=3).map(real_ip).collect();
+    let mport = pick_port(&ips);
+    let maddr = |i: usize| SocketAddr::from((real_ip(i), mport));
+    let faults = TestDir::new("metrics-early");
+    let fault = |i: usize| faults.join(&format!("fault-{i}"));
+    let mut c = Cluster::start_with(3, 3, Some(1), &[], &|i| {
+        vec![
+            "--metrics-addr".into(),
+            maddr(i).to_string(),
+            "--fault-log-sync-file".into(),
+            fault(i).to_str().unwrap().into(),
+        ]
+    });
+    let l = c.wait_leader(ELECTION);
+    let fol: Vec<usize> = c.nodes().filter(|&i| i != l).collect();
+    eprintln!("--- leader {l}, followers {fol:?}");
+    let lag_zero = |what: &str| {
+        c.wait_for(what, CONVERGE, || {
+            let s = scrape(maddr(l));
+            fol.iter()
+                .all(|&f| s.member("seguro_member_lag_entries", f) == 0.0)
+                .then_some(s)
+        })
+    };
+    let before = lag_zero("followers caught up before the workload");
+
+    const FSYNCS: u64 = 200;
+    let f = File::create(c.mountpoint(l).join("early.bin")).expect("create early.bin");
+    for k in 0..FSYNCS {
+        f.write_all_at(&[k as u8; 4096], k * 4096).expect("pwrite");
+        vere::fdatasync(&f).expect("fdatasync");
+    }
+    let after = lag_zero("followers caught up after the workload");
+    let appended =
+        after.value("seguro_last_log_index", &[]) - before.value("seguro_last_log_index", &[]);
+    assert!(
+        appended >= FSYNCS as f64,
+        "{appended} entries for {FSYNCS} fsyncs"
+    );
+    let delta = |name: &str, f: usize| after.member(name, f) - before.member(name, f);
+    for &f in &fol {
+        let early = delta("seguro_replication_sent_early_entries_total", f);
+        let sent = delta("seguro_replication_sent_entries_total", f);
+        eprintln!("node {f}: {appended} appended, {sent} sent, {early} of them early");
+        assert!(
+            early >= appended / 2.0,
+            "most entries go early: {early} of {appended}:\n{}",
+            after.text
+        );
+        // Each entry once (a few may go again after a lost answer), not once per path.
+        assert!(
+            sent <= appended * 1.1 + 5.0,
+            "{sent} entries sent for {appended} appended:\n{}",
+            after.text
+        );
+    }
+
+    eprintln!(
+        "--- the leader's log fdatasync fails: the followers hold the bytes, the fsync fails"
+    );
+    let received =
+        |f: usize| scrape(maddr(f)).member("seguro_replication_received_entries_total", l);
+    let received_before: Vec<f64> = fol.iter().map(|&f| received(f)).collect();
+    // A slow failing disk: the followers answer long before the leader's fdatasync fails.
+    std::fs::write(fault(l), b"EIO delay-ms=1000").unwrap();
+    f.write_all_at(b"early but not acknowledged", FSYNCS * 4096)
+        .expect("pwrite");
+    let e = vere::fdatasync(&f).expect_err("an fsync waits for the leader's own log");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    // Nothing was in flight before the fault (every follower had caught up), and a failed
+    // log replicates nothing after it: entries a follower received from this leader since
+    // came early, while the leader's fdatasync ran (and failed). The daemon exits soon
+    // after its log failed; the followers keep their counters.
+    c.wait_for("a follower received the entry early", CONVERGE, || {
+        fol.iter()
+            .zip(&received_before)
+            .any(|(&f, b)| received(f) > *b)
+            .then_some(())
+    });
+    drop(f);
+    // The leader's log failed for good: a clean stop cannot make anything durable.
+    c.kill9(l);
+}
+
 #[test]
 fn cluster_metrics_follow_replication_and_snapshot_catch_up() {
     let _serial = serial();

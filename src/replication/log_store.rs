@@ -31,6 +31,7 @@ use openraft::{AnyError, EntryPayload, LogId, RaftLogReader, StorageError, Stora
 use rkyv::util::AlignedVec;
 use tokio::sync::watch;
 
+use super::early::{EarlyAppend, Record};
 use super::record::{self, HEADER_BYTES};
 use super::{Entry, TypeConfig};
 use crate::diskfull::{self, DiskFullPolicy};
@@ -57,12 +58,14 @@ pub struct LogOptions {
     /// This daemon run's batch origin: appends of its batches advance `flushed_seq`.
     pub origin: u64,
     /// Test hook: while this file exists, fdatasync of the log reports EIO (ENOSPC if
-    /// the file starts with `ENOSPC`).
+    /// the file starts with `ENOSPC`), after `delay-ms=N` milliseconds if it says so.
     pub fault_sync_file: Option<PathBuf>,
     /// How a full disk is waited out.
     pub disk: DiskFullPolicy,
     /// Bytes (in record form) of the newest entries kept decoded in memory (`log_cache_bytes`).
     pub cache_bytes_max: u64,
+    /// Early replication (a cluster member): offered each append before it is written.
+    pub early: Option<Arc<EarlyAppend>>,
 }
 
 struct Segment {
@@ -183,11 +186,22 @@ impl Flush {
         let mut result = Ok(());
         for f in files {
             result = match self.fault.as_deref().map(fs::read) {
-                // The hook file says which error; by default EIO.
-                Some(Ok(text)) if text.starts_with(b"ENOSPC") => {
-                    Err(io::Error::from_raw_os_error(libc::ENOSPC))
+                // The hook file says which error (by default EIO) and how long the failing
+                // fdatasync takes first (`delay-ms=N`, a slow disk; by default none).
+                Some(Ok(text)) => {
+                    let text = String::from_utf8_lossy(&text);
+                    let delay = text
+                        .split_whitespace()
+                        .find_map(|w| w.strip_prefix("delay-ms=")?.parse().ok());
+                    std::thread::sleep(std::time::Duration::from_millis(delay.unwrap_or(0)));
+                    Err(io::Error::from_raw_os_error(
+                        if text.starts_with("ENOSPC") {
+                            libc::ENOSPC
+                        } else {
+                            libc::EIO
+                        },
+                    ))
                 }
-                Some(Ok(_)) => Err(io::Error::from_raw_os_error(libc::EIO)),
                 _ => fdatasync(f),
             };
             if result.is_err() {
@@ -212,7 +226,8 @@ impl Flush {
 /// One record of a batch being appended, encoded once and kept until it is durable.
 struct Pending {
     log_id: LogId<u64>,
-    bytes: Vec<u8>,
+    /// Shared with early replication's senders, which send the same bytes.
+    bytes: Arc<Vec<u8>>,
 }
 
 /// How one attempt at appending a batch ended badly.
@@ -245,6 +260,7 @@ pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     flush: Arc<Flush>,
     disk: DiskFullPolicy,
+    early: Option<Arc<EarlyAppend>>,
 }
 
 /// Records smaller than this are written into pre-zeroed space (see `Inner::prezero`).
@@ -637,6 +653,7 @@ impl LogStore {
                     failed: AtomicBool::new(false),
                 }),
                 disk: opts.disk,
+                early: opts.early,
             },
             state_rx,
         ))
@@ -810,10 +827,22 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 last_index = entry.log_id.index;
                 Pending {
                     log_id: entry.log_id,
-                    bytes: record::encode(entry),
+                    bytes: Arc::new(record::encode(entry)),
                 }
             })
             .collect();
+        if let Some(early) = &self.early {
+            // Before the write: the followers' fdatasync runs while ours does.
+            let prev = self.lock().last_log_id;
+            let records: Vec<Record> = batch
+                .iter()
+                .map(|p| Record {
+                    log_id: p.log_id,
+                    bytes: p.bytes.clone(),
+                })
+                .collect();
+            early.offer(prev, &records);
+        }
         let mut wait = self.disk.waiter("raft log append");
         let failure = loop {
             match self.try_append(&batch) {
@@ -953,6 +982,7 @@ mod tests {
                 disk: DiskFullPolicy::default(),
                 // Small, so the suite's reads meet entries both in and past the window.
                 cache_bytes_max: 4 << 10,
+                early: None,
             })
             .map_err(io_write)?;
             let sm = StateMachine::for_test(t.path()).map_err(io_write)?;
@@ -1006,6 +1036,7 @@ mod tests {
             fault_sync_file: None,
             disk: DiskFullPolicy::default(),
             cache_bytes_max: 0,
+            early: None,
         }
     }
 

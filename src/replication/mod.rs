@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod control;
 pub mod control_client;
+pub mod early;
 pub mod elections;
 pub mod group_commit;
 pub mod log_store;
@@ -126,6 +127,11 @@ pub async fn start(
 ) -> Result<Node, StartError> {
     let liveness = Arc::new(quorum::Liveness::new(election_timeout_max_ms(&cfg.limits)));
     let matched = Arc::new(quorum::Matched::default());
+    let early = early::EarlyAppend::new(
+        cfg.node_id,
+        cfg.limits.early_append_bytes_max,
+        matched.clone(),
+    );
     let raft_dir = dir.raft_dir();
     let disk = DiskFullPolicy::new(&cfg.limits, registry.disk.clone());
     let (log, flush_rx) = LogStore::open(LogOptions {
@@ -135,6 +141,7 @@ pub async fn start(
         fault_sync_file: cfg.fault_log_sync_file.clone(),
         disk: disk.clone(),
         cache_bytes_max: cfg.limits.log_cache_bytes,
+        early: cfg.cluster.is_some().then(|| early.clone()),
     })
     .map_err(|source| StartError::Log {
         path: raft_dir,
@@ -188,6 +195,7 @@ pub async fn start(
         registry,
         liveness: liveness.clone(),
         matched: matched.clone(),
+        early: Some(early.clone()),
     };
     let listener = match &cfg.cluster {
         Some(c) => Some(
@@ -209,6 +217,9 @@ pub async fn start(
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
+    if cfg.cluster.is_some() {
+        tokio::spawn(early.run(raft.server_metrics(), net.clone()));
+    }
     tokio::spawn(retention::run(
         raft.clone(),
         log.clone(),

@@ -34,6 +34,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use super::control::{ControlServer, OpenImage};
+use super::early;
 use super::net_config::NetConfig;
 use super::quorum::Liveness;
 use super::snapshot;
@@ -165,6 +166,38 @@ impl PeerClient {
             .await
             .map_err(RPCError::Network)?;
         convert(resp).map_err(|msg| RPCError::Network(NetworkError::new(&NetErr(msg))))
+    }
+}
+
+impl PeerClient {
+    /// Leave out of `rpc` the entries the target already acknowledged to this leader's
+    /// early sends (`early.rs`), waiting up to half the request's timeout for early sends
+    /// under way: they carry the same bytes and make the same fdatasync. True if anything
+    /// was left out.
+    async fn leave_out_early(
+        &self,
+        rpc: &mut AppendEntriesRequest<TypeConfig>,
+        option: &RPCOption,
+    ) -> bool {
+        let (Some(early), Some(last)) = (&self.cfg.early, rpc.entries.last()) else {
+            return false;
+        };
+        let leader = rpc.vote.leader_id();
+        if leader.node_id != self.cfg.my_id || !rpc.vote.is_committed() {
+            return false;
+        }
+        let upto = last.log_id.index;
+        let acked = early
+            .held_through(self.target, leader.term, upto, option.hard_ttl() / 2)
+            .await;
+        let ids: Vec<_> = rpc.entries.iter().map(|e| e.log_id).collect();
+        let n = early::already_held(&ids, acked);
+        if n == 0 {
+            return false;
+        }
+        rpc.prev_log_id = Some(ids[n - 1]);
+        rpc.entries.drain(..n);
+        true
     }
 }
 
@@ -365,18 +398,27 @@ impl RaftNetwork<TypeConfig> for PeerClient {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<u64>, CallError> {
+        let term = rpc.vote.leader_id().term;
+        // How far the follower's log matches ours once it answers success (it answers
+        // after its fdatasync): the end of openraft's request, however much of it travels.
+        let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
+        let trimmed = self.leave_out_early(&mut rpc, &option).await;
         let req = wire::append_request(&rpc);
         let (entries, bytes) = entry_bytes(&req);
         let sent = Instant::now();
         let resp = self.rpc(req, option, wire::to_append_response).await;
+        if trimmed && !matches!(resp, Ok(AppendEntriesResponse::Success)) {
+            // Whatever the follower acknowledged early is no longer taken for granted: the
+            // retry carries everything.
+            if let Some(early) = &self.cfg.early {
+                early.forget(self.target);
+            }
+        }
         if let Ok(r) = &resp {
             self.counters.sent_entries(entries, bytes);
-            let term = rpc.vote.leader_id().term;
-            // How far the follower's log now matches ours (it answers after its fdatasync).
-            let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
             match r {
                 AppendEntriesResponse::Success => {
                     if let Some(last) = last {

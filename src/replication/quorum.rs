@@ -108,6 +108,12 @@ impl Matched {
         }
     }
 
+    /// What peer `id` last answered success for: (leader term, index).
+    pub fn get(&self, id: u64) -> Option<(u64, u64)> {
+        let m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(&id).copied()
+    }
+
     /// Wakes on every advance of any peer.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.advanced.subscribe()

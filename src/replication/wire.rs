@@ -226,6 +226,21 @@ pub fn append_request(r: &AppendEntriesRequest<TypeConfig>) -> Request {
     }
 }
 
+/// An AppendEntries of records the log already encoded, with no commit index: an early
+/// send (`early.rs`).
+pub fn append_records(
+    vote: &Vote<u64>,
+    prev: Option<&LogId<u64>>,
+    entries: Vec<Vec<u8>>,
+) -> Request {
+    Request::Append {
+        vote: wv(vote),
+        prev: prev.map(wl),
+        commit: None,
+        entries,
+    }
+}
+
 pub fn vote_request(r: &VoteRequest<u64>) -> Request {
     Request::Vote {
         vote: wv(&r.vote),

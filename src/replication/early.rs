@@ -1,0 +1,488 @@
+//! Early replication: a leader sends each entry it appends to its followers while its own
+//! fdatasync of that entry runs, not after it (Raft thesis §10.2.1; what DRBD protocol C
+//! and TigerBeetle do).
+//!
+//! openraft 0.9 hands an entry to its replication streams only once the leader's log
+//! reported it flushed, so a replicated fsync paid the leader's fdatasync and then the
+//! follower's, in a row. Here the log store offers each append's records (already encoded)
+//! before it writes them; one task per follower sends them on a link of its own, as an
+//! ordinary AppendEntries of the leader's vote, and records the follower's answer in
+//! [`Matched`], which is what an fsync counts. Nothing about durability moves:
+//!
+//! - the fsync still waits for the leader's own fdatasync (`FlushState`) and for K
+//!   followers' answers, and a follower answers an AppendEntries only after its own
+//!   fdatasync, whichever link brought it;
+//! - openraft learns nothing from these answers: its commit index, leader lease and
+//!   replication progress still come from its own streams' answers only.
+//!
+//! An early AppendEntries is a message the leader could have sent itself: its vote, the
+//! log id before the first entry (the log's end before the append), entries of the
+//! leader's own term, and no commit index. A follower that does not hold that log id
+//! answers "conflict" like to any probe; the chain to that follower then stops until
+//! openraft's stream has caught it up (its answers feed [`Matched`] too).
+//!
+//! So that the bytes do not travel twice, openraft's stream leaves out of its next
+//! AppendEntries the entries the follower already acknowledged here (`network.rs`, via
+//! [`EarlyAppend::held_through`] and [`already_held`]). The follower's answer to the
+//! shortened request is an answer to the whole one: it holds the shortened request's
+//! previous log id, so by log matching it holds everything before it too.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use openraft::metrics::RaftServerMetrics;
+use openraft::{BasicNode, LogId, ServerState, Vote};
+use tokio::sync::{watch, Notify};
+
+use super::net_config::NetConfig;
+use super::quorum::Matched;
+use super::transport::Link;
+use super::wire::{self, AppendKind, Response};
+
+/// How long a follower that could not be reached is left out of early sends.
+const UNREACHABLE_PAUSE_MS: u64 = 1_000;
+
+/// One record the log store encoded for an append, shared with the sender tasks.
+#[derive(Clone)]
+pub struct Record {
+    pub log_id: LogId<u64>,
+    pub bytes: Arc<Vec<u8>>,
+}
+
+/// Early replication on this node: offered every append by the log store, sending only
+/// while this node leads.
+pub struct EarlyAppend {
+    my_id: u64,
+    /// What each follower answered last (either path): where a broken chain may start again.
+    matched: Arc<Matched>,
+    /// Record bytes waiting for one follower, at most; also the most one request carries.
+    /// 0 turns early replication off.
+    bytes_max: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The term this node leads in, or 0.
+    term: u64,
+    peers: BTreeMap<u64, Peer>,
+}
+
+struct Peer {
+    addr: String,
+    /// Index after the last entry queued or sent to this follower in `term`, while every
+    /// early send since the chain began succeeded (or is still under way).
+    next: Option<u64>,
+    /// The log id before the first queued record.
+    prev: Option<LogId<u64>>,
+    queue: VecDeque<Record>,
+    queued_bytes: u64,
+    /// The last log id this follower acknowledged to an early send in `term`.
+    acked: Option<LogId<u64>>,
+    /// Left out of early sends until then (its link failed to connect).
+    paused_until: Option<Instant>,
+    /// Wakes this follower's sender task (new records, or the task should stop).
+    wake: Arc<Notify>,
+    /// Wakes openraft's stream waiting in `held_through` (an answer or a broken chain).
+    changed: Arc<Notify>,
+}
+
+impl Peer {
+    fn new(addr: String) -> Peer {
+        Peer {
+            addr,
+            next: None,
+            prev: None,
+            queue: VecDeque::new(),
+            queued_bytes: 0,
+            acked: None,
+            paused_until: None,
+            wake: Arc::new(Notify::new()),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The chain to this follower is broken: nothing queued goes, and the next early send
+    /// waits until the follower is known to hold the entry before it.
+    fn break_chain(&mut self) {
+        self.next = None;
+        self.prev = None;
+        self.queue.clear();
+        self.queued_bytes = 0;
+        self.changed.notify_waiters();
+    }
+}
+
+/// Whether entries starting at index `first` may be sent early to a follower: it must hold
+/// the entry before them, either because the early sends so far reach exactly there
+/// (`next`, sent or under way) or because it answered an AppendEntries of this `term`
+/// through it (`matched`: (term, index) of its last success, from either path).
+pub fn continues(next: Option<u64>, matched: Option<(u64, u64)>, term: u64, first: u64) -> bool {
+    next == Some(first) || matched.is_some_and(|(t, i)| t == term && i + 1 >= first)
+}
+
+/// How many leading entries (their log ids, in order) of an AppendEntries of the term a
+/// follower acknowledged `acked` in need not travel again: those at or below it. The
+/// follower answered an early send through `acked` after its own fdatasync, and by log
+/// matching holds everything of this leader's log before it too.
+pub fn already_held(entries: &[LogId<u64>], acked: Option<LogId<u64>>) -> usize {
+    let Some(acked) = acked else { return 0 };
+    let n = entries
+        .iter()
+        .take_while(|l| l.index <= acked.index)
+        .count();
+    // The acknowledged entry, if it is among these, is this very entry (same term, same
+    // leader): anything else would mean the two logs are not what we think. Send it all.
+    match entries.get(n.wrapping_sub(1)) {
+        Some(l) if l.index == acked.index && *l != acked => 0,
+        _ => n,
+    }
+}
+
+impl std::fmt::Debug for EarlyAppend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EarlyAppend")
+            .field("my_id", &self.my_id)
+            .field("bytes_max", &self.bytes_max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl EarlyAppend {
+    pub fn new(my_id: u64, bytes_max: u64, matched: Arc<Matched>) -> Arc<EarlyAppend> {
+        Arc::new(EarlyAppend {
+            my_id,
+            matched,
+            bytes_max,
+            state: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The log store is about to write `records`, which follow `prev` in its log. Queue
+    /// them for every follower the chain reaches; never blocks on the network.
+    pub fn offer(&self, prev: Option<LogId<u64>>, records: &[Record]) {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
+            return;
+        };
+        let bytes: u64 = records.iter().map(|r| r.bytes.len() as u64).sum();
+        let mut st = self.lock();
+        let term = st.term;
+        // Only this node's own new entries, appended as the leader of the term it leads.
+        if term == 0
+            || first.log_id.leader_id.term != term
+            || first.log_id.leader_id.node_id != self.my_id
+            || prev.map_or(0, |p| p.index + 1) != first.log_id.index
+        {
+            return;
+        }
+        let now = Instant::now();
+        for (id, peer) in st.peers.iter_mut() {
+            if peer.paused_until.is_some_and(|t| t > now) {
+                continue;
+            }
+            if !continues(peer.next, self.matched.get(*id), term, first.log_id.index) {
+                continue;
+            }
+            if peer.queued_bytes + bytes > self.bytes_max {
+                // The follower is slower than the log: openraft's stream carries it.
+                peer.break_chain();
+                continue;
+            }
+            if peer.queue.is_empty() {
+                peer.prev = prev;
+            }
+            peer.queue.extend(records.iter().cloned());
+            peer.queued_bytes += bytes;
+            peer.next = Some(last.log_id.index + 1);
+            peer.wake.notify_one();
+        }
+    }
+
+    /// The last log id `target` acknowledged to an early send of `term`, once the early
+    /// sends under way through `upto` have been answered (waiting at most `wait`): what
+    /// openraft's stream may leave out of an AppendEntries ending at `upto`.
+    pub async fn held_through(
+        &self,
+        target: u64,
+        term: u64,
+        upto: u64,
+        wait: Duration,
+    ) -> Option<LogId<u64>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let (acked, changed) = self.settled(target, term, upto);
+            let Some(changed) = changed else {
+                return acked;
+            };
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Checked again once registered, so an answer in between is not missed.
+            if self.settled(target, term, upto).1.is_none() {
+                continue;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.settled(target, term, upto).0;
+            }
+        }
+    }
+
+    /// What `target` acknowledged early in `term`, and, while early sends that may reach
+    /// `upto` are still unanswered, what wakes when one is.
+    fn settled(
+        &self,
+        target: u64,
+        term: u64,
+        upto: u64,
+    ) -> (Option<LogId<u64>>, Option<Arc<Notify>>) {
+        let st = self.lock();
+        let Some(peer) = st.peers.get(&target).filter(|_| st.term == term) else {
+            return (None, None);
+        };
+        let acked = peer.acked.filter(|a| a.leader_id.term == term);
+        let acked_next = acked.map_or(0, |a| a.index + 1);
+        let unanswered = peer.next.is_some_and(|n| n > acked_next);
+        if acked_next > upto || !unanswered {
+            (acked, None)
+        } else {
+            (acked, Some(peer.changed.clone()))
+        }
+    }
+
+    /// `target` answered openraft's stream with anything but success: what was
+    /// acknowledged early is no longer taken for granted, and the chain starts again
+    /// from what the stream establishes.
+    pub fn forget(&self, target: u64) {
+        if let Some(peer) = self.lock().peers.get_mut(&target) {
+            peer.acked = None;
+            peer.break_chain();
+        }
+    }
+
+    /// Follow this node's role and membership: lead in a term (voters other than this
+    /// node get a sender task each) or not at all. Runs until Raft shuts down.
+    pub async fn run(
+        self: Arc<Self>,
+        mut metrics: watch::Receiver<RaftServerMetrics<u64, BasicNode>>,
+        net: NetConfig,
+    ) {
+        if self.bytes_max == 0 {
+            return;
+        }
+        loop {
+            let (term, voters) = {
+                let m = metrics.borrow_and_update();
+                if m.state == ServerState::Leader {
+                    let mem = m.membership_config.membership();
+                    let voters: BTreeMap<u64, String> = mem
+                        .voter_ids()
+                        .filter(|id| *id != self.my_id)
+                        .filter_map(|id| mem.get_node(&id).map(|n| (id, n.addr.clone())))
+                        .collect();
+                    (m.vote.leader_id.term, voters)
+                } else {
+                    (0, BTreeMap::new())
+                }
+            };
+            let mut started = Vec::new();
+            {
+                let mut st = self.lock();
+                if st.term != term {
+                    st.term = term;
+                    for p in st.peers.values_mut() {
+                        p.acked = None;
+                        p.paused_until = None;
+                        p.break_chain();
+                    }
+                }
+                // Members that left stop; new ones start.
+                st.peers.retain(|id, p| {
+                    let keep = voters.get(id) == Some(&p.addr);
+                    if !keep {
+                        p.break_chain();
+                        p.wake.notify_one();
+                    }
+                    keep
+                });
+                for (id, addr) in &voters {
+                    if !st.peers.contains_key(id) {
+                        let p = Peer::new(addr.clone());
+                        started.push((*id, p.wake.clone()));
+                        st.peers.insert(*id, p);
+                    }
+                }
+            }
+            for (id, wake) in started {
+                tokio::spawn(self.clone().send_loop(id, wake, net.clone()));
+            }
+            if metrics.changed().await.is_err() {
+                let mut st = self.lock();
+                st.term = 0;
+                for p in st.peers.values_mut() {
+                    p.break_chain();
+                    p.wake.notify_one();
+                }
+                st.peers.clear();
+                return;
+            }
+        }
+    }
+
+    /// One follower's sender: take everything queued, send it as one AppendEntries, wait
+    /// for the answer, repeat. Stops when the follower leaves the membership.
+    async fn send_loop(self: Arc<Self>, target: u64, wake: Arc<Notify>, net: NetConfig) {
+        let mut link: Option<Link> = None;
+        let counters = net.registry.peer(target);
+        loop {
+            wake.notified().await;
+            loop {
+                let job = {
+                    let mut st = self.lock();
+                    let term = st.term;
+                    let Some(peer) = st.peers.get_mut(&target) else {
+                        return;
+                    };
+                    if !Arc::ptr_eq(&peer.wake, &wake) {
+                        // This member left and came back: a newer task serves it.
+                        return;
+                    }
+                    if peer.queue.is_empty() {
+                        break;
+                    }
+                    let prev = peer.prev;
+                    let records: Vec<Record> = peer.queue.drain(..).collect();
+                    peer.queued_bytes = 0;
+                    peer.prev = records.last().map(|r| r.log_id);
+                    (term, prev, records, peer.addr.clone())
+                };
+                let (term, prev, records, addr) = job;
+                let last = records.last().expect("queue was not empty").log_id;
+                let vote = Vote::new_committed(term, self.my_id);
+                let bytes: u64 = records.iter().map(|r| r.bytes.len() as u64).sum();
+                let entries: Vec<Vec<u8>> = records.iter().map(|r| r.bytes.to_vec()).collect();
+                let n = entries.len() as u64;
+                let req =
+                    wire::encode_request(&wire::append_records(&vote, prev.as_ref(), entries));
+                let answer = send(&mut link, &net, target, &addr, &req).await;
+                let mut st = self.lock();
+                let same_term = st.term == term;
+                let Some(peer) = st.peers.get_mut(&target) else {
+                    return;
+                };
+                match answer {
+                    Ok(Response::Append {
+                        kind: AppendKind::Success,
+                        ..
+                    }) if same_term => {
+                        peer.acked = Some(last);
+                        peer.changed.notify_waiters();
+                        drop(st);
+                        self.matched.record(target, term, last.index);
+                        counters.sent_entries(n, bytes);
+                        counters.sent_early(n);
+                    }
+                    Ok(_) => peer.break_chain(),
+                    Err(unreachable) => {
+                        link = None;
+                        if unreachable {
+                            peer.paused_until =
+                                Some(Instant::now() + Duration::from_millis(UNREACHABLE_PAUSE_MS));
+                        }
+                        peer.break_chain();
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Send one encoded request on `link` (connecting first if needed) and decode the answer.
+/// Err(true): the follower could not be reached; Err(false): the link failed mid-way.
+async fn send(
+    link: &mut Option<Link>,
+    net: &NetConfig,
+    target: u64,
+    addr: &str,
+    req: &[u8],
+) -> Result<Response, bool> {
+    if link.is_none() {
+        let key = net.key.as_ref().ok_or(true)?;
+        let sock: SocketAddr = tokio::net::lookup_host(addr)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or(true)?;
+        let l = Link::connect(sock, net.bind_ip, key, net.my_id, net.limits)
+            .await
+            .map_err(|_| true)?;
+        if l.peer_id != target {
+            return Err(true);
+        }
+        *link = Some(l);
+    }
+    let l = link.as_mut().expect("just connected");
+    l.send(req).await.map_err(|_| false)?;
+    let answer = l.recv(net.limits.io_timeout_ms).await.map_err(|_| false)?;
+    wire::decode_response(&answer).map_err(|_| false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::CommittedLeaderId;
+
+    fn id(term: u64, index: u64) -> LogId<u64> {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    /// Early sends continue a chain, or start where the follower is known to be.
+    #[test]
+    fn an_early_send_starts_only_where_the_follower_holds_the_entry_before() {
+        // (next, matched, term, first) → may send
+        let table = [
+            ((Some(10), None, 3, 10), true),
+            ((Some(10), None, 3, 11), false),
+            ((Some(9), Some((3, 9)), 3, 10), true),
+            ((None, Some((3, 9)), 3, 10), true),
+            ((None, Some((3, 8)), 3, 10), false),
+            // An answer to another term says nothing about this term's log.
+            ((None, Some((2, 9)), 3, 10), false),
+            ((None, None, 3, 1), false),
+            ((None, None, 3, 10), false),
+        ];
+        for ((next, matched, term, first), want) in table {
+            assert_eq!(
+                continues(next, matched, term, first),
+                want,
+                "next {next:?}, matched {matched:?}, term {term}, first {first}"
+            );
+        }
+    }
+
+    /// openraft's stream leaves out only what the follower acknowledged early.
+    #[test]
+    fn a_stream_request_leaves_out_only_acknowledged_entries() {
+        let entries = [id(3, 5), id(3, 6), id(3, 7)];
+        // (acked) → entries left out
+        let table = [
+            (None, 0),
+            (Some(id(3, 4)), 0),
+            (Some(id(3, 5)), 1),
+            (Some(id(3, 6)), 2),
+            (Some(id(3, 7)), 3),
+            (Some(id(3, 9)), 3),
+            // The same index under another leader id: not this log; nothing left out.
+            (Some(id(2, 6)), 0),
+        ];
+        for (acked, want) in table {
+            assert_eq!(already_held(&entries, acked), want, "acked {acked:?}");
+        }
+        assert_eq!(already_held(&[], Some(id(3, 9))), 0);
+    }
+}
