@@ -195,7 +195,6 @@ pub async fn start(
         registry,
         liveness: liveness.clone(),
         matched: matched.clone(),
-        early: Some(early.clone()),
     };
     let listener = match &cfg.cluster {
         Some(c) => Some(
@@ -211,7 +210,10 @@ pub async fn start(
     let raft = Raft::new(
         cfg.node_id,
         Arc::new(raft_config),
-        Network { cfg: net.clone() },
+        Network {
+            cfg: net.clone(),
+            early: cfg.cluster.is_some().then(|| early.clone()),
+        },
         log.clone(),
         state_machine.clone(),
     )

@@ -6,7 +6,6 @@
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::early::EarlyAppend;
 use super::quorum::{Liveness, Matched};
 use super::transport::{ClusterKey, LinkLimits};
 use crate::counters::Registry;
@@ -31,7 +30,4 @@ pub struct NetConfig {
     pub liveness: Arc<Liveness>,
     /// Fed by the network on a leader (how far each follower's log durably matches), read by fsync.
     pub matched: Arc<Matched>,
-    /// On a member: early replication, whose acknowledgements openraft's streams need not
-    /// send again (None for a tool's links).
-    pub early: Option<Arc<EarlyAppend>>,
 }

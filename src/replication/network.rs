@@ -51,12 +51,15 @@ struct NetErr(String);
 /// Creates [`PeerClient`]s.
 pub struct Network {
     pub cfg: NetConfig,
+    /// Early replication, whose acknowledgements openraft's streams need not send again.
+    pub early: Option<Arc<early::EarlyAppend>>,
 }
 
 pub struct PeerClient {
     target: u64,
     addr: String,
     cfg: NetConfig,
+    early: Option<Arc<early::EarlyAppend>>,
     link: Option<Link>,
     counters: Arc<PeerCounters>,
     /// The length of the whole image being sent in openraft's chunks, for progress.
@@ -72,6 +75,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
             target,
             addr: node.addr.clone(),
             cfg: self.cfg.clone(),
+            early: self.early.clone(),
             link: None,
             counters: self.cfg.registry.peer(target),
             image_len: None,
@@ -179,7 +183,7 @@ impl PeerClient {
         rpc: &mut AppendEntriesRequest<TypeConfig>,
         option: &RPCOption,
     ) -> bool {
-        let (Some(early), Some(last)) = (&self.cfg.early, rpc.entries.last()) else {
+        let (Some(early), Some(last)) = (&self.early, rpc.entries.last()) else {
             return false;
         };
         let leader = rpc.vote.leader_id();
@@ -413,7 +417,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         if trimmed && !matches!(resp, Ok(AppendEntriesResponse::Success)) {
             // Whatever the follower acknowledged early is no longer taken for granted: the
             // retry carries everything.
-            if let Some(early) = &self.cfg.early {
+            if let Some(early) = &self.early {
                 early.forget(self.target);
             }
         }
