@@ -98,10 +98,13 @@ limits! {
     /// flushes (and replication rounds) in a row. 0 proposes at once.
     batch_linger_us: u64 = 2_000, settable, min Min::Const(0), max 1_000_000;
     /// A leader sends each entry to its followers while its own log fdatasync of it runs
-    /// (`replication/early.rs`): at most this many record bytes wait for one follower, and
-    /// one such AppendEntries carries at most this much. 0 sends entries only after the
-    /// leader's flush, through openraft's replication streams.
+    /// (`replication/early.rs`): at most this many record bytes are queued for or travel
+    /// to one follower (one such AppendEntries carries at most this much). 0 sends entries
+    /// only after the leader's flush, through openraft's replication streams.
     early_append_bytes_max: u64 = 8 << 20, settable, min Min::Const(0), max 16 << 20;
+    /// A follower that early replication could not reach is left out of it this long
+    /// (openraft's stream carries it meanwhile).
+    early_append_pause_ms: u64 = 1_000, fixed, min Min::Const(10), max 600_000;
     /// How long fsync (and a namespace op) waits for durability before answering EIO.
     ack_timeout_ms: u64 = 10_000, settable, min Min::Const(10), max 3_600_000;
     /// A checkpoint (tree synced, applied id recorded, log purged) after this many entries.
@@ -159,7 +162,8 @@ limits! {
     peer_connections_max: usize = 64, fixed, min Min::Const(2), max 4096;
     /// Raft heartbeat. openraft also uses it as the timeout of one AppendEntries, so it
     /// must exceed the worst-case transfer of `append_entries_max` full entries plus the
-    /// follower's fdatasync.
+    /// follower's fdatasync; up to half of it may first go to waiting for the early sends
+    /// of the same entries (`replication/early.rs`), which then need not travel again.
     heartbeat_ms: u64 = 150, settable, min Min::Const(10), max 10_000;
     /// The shortest election timeout; the longest (and openraft's leader lease) is 1.25 ×
     /// this. Elections must not fire between heartbeats.

@@ -318,6 +318,40 @@ fn leader_kill9_mid_workload_loses_no_acknowledged_event() {
     );
 }
 
+/// A leader killed and started again at once does not lead its old term again: its
+/// followers may hold entries it sent early and lost (`src/replication/early.rs`), which its
+/// next entries of that term would contradict under the same log ids. It reads its own
+/// committed vote back uncommitted, so the cluster goes on in a new term, and every member
+/// ends up with the same tree.
+#[test]
+fn a_leader_restarted_at_once_does_not_lead_its_old_term_again() {
+    let _serial = serial();
+    let mut c = Cluster::start(3, None, &[]);
+    let l = c.wait_leader(ELECTION);
+    let term = status_or_fail(&c, l).term;
+    let f = File::create(c.mountpoint(l).join("before.bin")).expect("create before.bin");
+    for k in 0..20u64 {
+        f.write_all_at(&[k as u8; 4096], k * 4096).expect("pwrite");
+        vere::fdatasync(&f).expect("fdatasync");
+    }
+    drop(f);
+    eprintln!("--- kill -9 leader {l} (term {term}) and start it again at once");
+    c.kill9(l);
+    c.restart(l);
+    let new = c.wait_leader(ELECTION);
+    let st = status_or_fail(&c, new);
+    assert!(
+        st.term > term,
+        "node {new} leads term {} after leader {l} of term {term} restarted: a restarted \
+         leader must not lead its old term again\n{}",
+        st.term,
+        c.diag()
+    );
+    write_fsync(&c.mountpoint(new).join("after.bin"), b"after the restart")
+        .expect("an fsync on the new leader");
+    c.wait_converged(CONVERGE);
+}
+
 // -------------------------------------------------------------------------------------------
 // 3. Fencing an isolated leader
 // -------------------------------------------------------------------------------------------

@@ -12,8 +12,16 @@
 //! - the fsync still waits for the leader's own fdatasync (`FlushState`) and for K
 //!   followers' answers, and a follower answers an AppendEntries only after its own
 //!   fdatasync, whichever link brought it;
-//! - openraft learns nothing from these answers: its commit index, leader lease and
-//!   replication progress still come from its own streams' answers only.
+//! - openraft's commit index, leader lease and replication progress still come from its
+//!   own streams' answers (to requests that may leave out what was acknowledged here,
+//!   below), each timed from its own send.
+//!
+//! The thesis's argument assumes a leader never leads its old term again after a restart.
+//! openraft 0.9 does re-establish a restarted leader in its own term, and its log may then
+//! lack entries its followers received early (a crash, or a failed fdatasync rolled back):
+//! its next entries would reuse those log ids for other contents, which followers take as
+//! matching. So a cluster member reads a committed vote of its own back uncommitted and
+//! leads again only in a new term (`LogOptions::own_vote_uncommitted`).
 //!
 //! An early AppendEntries is a message the leader could have sent itself: its vote, the
 //! log id before the first entry (the log's end before the append), entries of the
@@ -40,9 +48,7 @@ use super::net_config::NetConfig;
 use super::quorum::Matched;
 use super::transport::Link;
 use super::wire::{self, AppendKind, Response};
-
-/// How long a follower that could not be reached is left out of early sends.
-const UNREACHABLE_PAUSE_MS: u64 = 1_000;
+use crate::config::Limits;
 
 /// One record the log store encoded for an append, shared with the sender tasks.
 #[derive(Clone)]
@@ -57,9 +63,11 @@ pub struct EarlyAppend {
     my_id: u64,
     /// What each follower answered last (either path): where a broken chain may start again.
     matched: Arc<Matched>,
-    /// Record bytes waiting for one follower, at most; also the most one request carries.
-    /// 0 turns early replication off.
+    /// Record bytes queued for or travelling to one follower, at most (one request carries
+    /// at most this much). 0 turns early replication off.
     bytes_max: u64,
+    /// How long a follower that could not be reached is left out of early sends.
+    pause: Duration,
     state: Mutex<State>,
 }
 
@@ -79,6 +87,8 @@ struct Peer {
     prev: Option<LogId<u64>>,
     queue: VecDeque<Record>,
     queued_bytes: u64,
+    /// Bytes of the request under way, until it is answered.
+    inflight_bytes: u64,
     /// The last log id this follower acknowledged to an early send in `term`.
     acked: Option<LogId<u64>>,
     /// Left out of early sends until then (its link failed to connect).
@@ -97,6 +107,7 @@ impl Peer {
             prev: None,
             queue: VecDeque::new(),
             queued_bytes: 0,
+            inflight_bytes: 0,
             acked: None,
             paused_until: None,
             wake: Arc::new(Notify::new()),
@@ -151,11 +162,12 @@ impl std::fmt::Debug for EarlyAppend {
 }
 
 impl EarlyAppend {
-    pub fn new(my_id: u64, bytes_max: u64, matched: Arc<Matched>) -> Arc<EarlyAppend> {
+    pub fn new(my_id: u64, limits: &Limits, matched: Arc<Matched>) -> Arc<EarlyAppend> {
         Arc::new(EarlyAppend {
             my_id,
             matched,
-            bytes_max,
+            bytes_max: limits.early_append_bytes_max,
+            pause: Duration::from_millis(limits.early_append_pause_ms),
             state: Mutex::default(),
         })
     }
@@ -189,7 +201,7 @@ impl EarlyAppend {
             if !continues(peer.next, self.matched.get(*id), term, first.log_id.index) {
                 continue;
             }
-            if peer.queued_bytes + bytes > self.bytes_max {
+            if peer.queued_bytes + peer.inflight_bytes + bytes > self.bytes_max {
                 // The follower is slower than the log: openraft's stream carries it.
                 peer.break_chain();
                 continue;
@@ -223,9 +235,11 @@ impl EarlyAppend {
             let notified = changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // Checked again once registered, so an answer in between is not missed.
-            if self.settled(target, term, upto).1.is_none() {
-                continue;
+            // Checked again once registered, so an answer in between is not missed (nor a
+            // follower's state replaced meanwhile, with a Notify of its own).
+            match self.settled(target, term, upto).1 {
+                Some(again) if Arc::ptr_eq(&again, &changed) => {}
+                _ => continue,
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return self.settled(target, term, upto).0;
@@ -357,6 +371,7 @@ impl EarlyAppend {
                     }
                     let prev = peer.prev;
                     let records: Vec<Record> = peer.queue.drain(..).collect();
+                    peer.inflight_bytes = peer.queued_bytes;
                     peer.queued_bytes = 0;
                     peer.prev = records.last().map(|r| r.log_id);
                     (term, prev, records, peer.addr.clone())
@@ -370,29 +385,47 @@ impl EarlyAppend {
                 let req =
                     wire::encode_request(&wire::append_records(&vote, prev.as_ref(), entries));
                 let answer = send(&mut link, &net, target, &addr, &req).await;
+                drop(req);
+                let success = matches!(
+                    answer,
+                    Ok(Response::Append {
+                        kind: AppendKind::Success,
+                        ..
+                    })
+                );
+                if success {
+                    // Evidence whatever happened meanwhile: the follower holds this
+                    // leader's log of `term` through `last`, durably.
+                    self.matched.record(target, term, last.index);
+                    counters.sent_entries(n, bytes);
+                    counters.sent_early(n);
+                }
                 let mut st = self.lock();
                 let same_term = st.term == term;
                 let Some(peer) = st.peers.get_mut(&target) else {
                     return;
                 };
+                if !Arc::ptr_eq(&peer.wake, &wake) {
+                    // The member left and came back while this was under way: its chain
+                    // is a newer task's.
+                    return;
+                }
+                peer.inflight_bytes = 0;
+                if !same_term {
+                    // The term's chains were reset when it changed; this answer is of an
+                    // earlier term and says nothing about the new one.
+                    continue;
+                }
                 match answer {
-                    Ok(Response::Append {
-                        kind: AppendKind::Success,
-                        ..
-                    }) if same_term => {
+                    Ok(_) if success => {
                         peer.acked = Some(last);
                         peer.changed.notify_waiters();
-                        drop(st);
-                        self.matched.record(target, term, last.index);
-                        counters.sent_entries(n, bytes);
-                        counters.sent_early(n);
                     }
                     Ok(_) => peer.break_chain(),
                     Err(unreachable) => {
                         link = None;
                         if unreachable {
-                            peer.paused_until =
-                                Some(Instant::now() + Duration::from_millis(UNREACHABLE_PAUSE_MS));
+                            peer.paused_until = Some(Instant::now() + self.pause);
                         }
                         peer.break_chain();
                     }

@@ -66,6 +66,12 @@ pub struct LogOptions {
     pub cache_bytes_max: u64,
     /// Early replication (a cluster member): offered each append before it is written.
     pub early: Option<Arc<EarlyAppend>>,
+    /// A cluster member's id: a committed vote naming it (it led when it stopped) is read
+    /// back uncommitted, so it leads again only in a new term won by election. Its
+    /// followers may hold entries it sent early and never made durable itself (a crash, or
+    /// a failed fdatasync rolled back); leading its old term again would give other
+    /// contents the same log ids, which followers take as matching.
+    pub own_vote_uncommitted: Option<u64>,
 }
 
 struct Segment {
@@ -268,6 +274,25 @@ const PREZERO_RECORD_BYTES_MAX: u64 = 256 << 10;
 /// How far ahead of the log's end zeros are kept.
 const PREZERO_WINDOW_BYTES: u64 = 1 << 20;
 
+/// The vote saved in `dir`, as written.
+fn read_vote_file(dir: &Path) -> io::Result<Option<Vote<u64>>> {
+    match fs::read_to_string(dir.join("vote")) {
+        Ok(s) => match parse_numbers(&s).as_deref() {
+            Some([t, n, c]) => Ok(Some(if *c == 1 {
+                Vote::new_committed(*t, *n)
+            } else {
+                Vote::new(*t, *n)
+            })),
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "raft/vote is unreadable",
+            )),
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether `file` holds only zeros in `from..to`.
 fn zeros_from(file: &File, from: u64, to: u64) -> io::Result<bool> {
     let mut buf = vec![0u8; 64 << 10];
@@ -366,23 +391,10 @@ impl Inner {
             Err(e) if e.kind() == io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
-        let vote = match fs::read_to_string(opts.dir.join("vote")) {
-            Ok(s) => match parse_numbers(&s).as_deref() {
-                Some([t, n, c]) => Some(if *c == 1 {
-                    Vote::new_committed(*t, *n)
-                } else {
-                    Vote::new(*t, *n)
-                }),
-                _ => {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "raft/vote is unreadable",
-                    ))
-                }
-            },
-            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
-            Err(e) => return Err(e),
-        };
+        let vote = read_vote_file(&opts.dir)?.map(|v| match opts.own_vote_uncommitted {
+            Some(me) if v.committed && v.leader_id.node_id == me => Vote::new(v.leader_id.term, me),
+            _ => v,
+        });
         let mut firsts: Vec<u64> = fs::read_dir(&opts.dir)?
             .filter_map(|e| e.ok())
             .filter_map(|e| {
@@ -983,6 +995,7 @@ mod tests {
                 // Small, so the suite's reads meet entries both in and past the window.
                 cache_bytes_max: 4 << 10,
                 early: None,
+                own_vote_uncommitted: None,
             })
             .map_err(io_write)?;
             let sm = StateMachine::for_test(t.path()).map_err(io_write)?;
@@ -1037,6 +1050,7 @@ mod tests {
             disk: DiskFullPolicy::default(),
             cache_bytes_max: 0,
             early: None,
+            own_vote_uncommitted: None,
         }
     }
 
@@ -1116,6 +1130,35 @@ mod tests {
             .unwrap();
         rt.block_on(log.blocking_append([huge.clone()])).unwrap();
         assert!(rt.block_on(log.try_get_log_entries(150..=150)).unwrap() == vec![huge]);
+    }
+
+    /// A cluster member that led when it stopped reads its vote back uncommitted, so it
+    /// leads again only in a new term: its followers may hold entries it sent early and
+    /// lost. Another node's vote, and a standalone node's own, are read back as saved.
+    #[test]
+    fn a_member_that_led_restarts_with_its_own_vote_uncommitted() {
+        let t = TempDir::new("log-vote");
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let read = |me: Option<u64>| {
+            let mut o = opts(t.path());
+            o.own_vote_uncommitted = me;
+            let (mut log, _) = LogStore::open(o).unwrap();
+            rt.block_on(log.read_vote()).unwrap()
+        };
+        {
+            let (mut log, _) = LogStore::open(opts(t.path())).unwrap();
+            rt.block_on(log.save_vote(&Vote::new_committed(5, 1)))
+                .unwrap();
+        }
+        assert_eq!(read(Some(1)), Some(Vote::new(5, 1)));
+        assert_eq!(read(Some(2)), Some(Vote::new_committed(5, 1)));
+        assert_eq!(read(None), Some(Vote::new_committed(5, 1)));
+        // Only the reading changes: the saved vote is left as it was.
+        assert_eq!(read(Some(1)), Some(Vote::new(5, 1)));
+        assert_eq!(
+            read_vote_file(t.path()).unwrap(),
+            Some(Vote::new_committed(5, 1))
+        );
     }
 
     #[test]

@@ -127,11 +127,7 @@ pub async fn start(
 ) -> Result<Node, StartError> {
     let liveness = Arc::new(quorum::Liveness::new(election_timeout_max_ms(&cfg.limits)));
     let matched = Arc::new(quorum::Matched::default());
-    let early = early::EarlyAppend::new(
-        cfg.node_id,
-        cfg.limits.early_append_bytes_max,
-        matched.clone(),
-    );
+    let early = early::EarlyAppend::new(cfg.node_id, &cfg.limits, matched.clone());
     let raft_dir = dir.raft_dir();
     let disk = DiskFullPolicy::new(&cfg.limits, registry.disk.clone());
     let (log, flush_rx) = LogStore::open(LogOptions {
@@ -142,6 +138,7 @@ pub async fn start(
         disk: disk.clone(),
         cache_bytes_max: cfg.limits.log_cache_bytes,
         early: cfg.cluster.is_some().then(|| early.clone()),
+        own_vote_uncommitted: cfg.cluster.is_some().then_some(cfg.node_id),
     })
     .map_err(|source| StartError::Log {
         path: raft_dir,

@@ -161,27 +161,23 @@ impl PeerClient {
     async fn rpc<T, E: std::error::Error>(
         &mut self,
         req: Request,
-        option: RPCOption,
+        ttl: Duration,
         convert: fn(Response) -> Result<T, String>,
     ) -> Result<T, RPCError<u64, BasicNode, E>> {
         self.link().await.map_err(RPCError::Unreachable)?;
-        let resp = self
-            .call(req, option.hard_ttl())
-            .await
-            .map_err(RPCError::Network)?;
+        let resp = self.call(req, ttl).await.map_err(RPCError::Network)?;
         convert(resp).map_err(|msg| RPCError::Network(NetworkError::new(&NetErr(msg))))
     }
 }
 
 impl PeerClient {
     /// Leave out of `rpc` the entries the target already acknowledged to this leader's
-    /// early sends (`early.rs`), waiting up to half the request's timeout for early sends
-    /// under way: they carry the same bytes and make the same fdatasync. True if anything
-    /// was left out.
+    /// early sends (`early.rs`), waiting up to `wait` for early sends under way: they carry
+    /// the same bytes and make the same fdatasync. True if anything was left out.
     async fn leave_out_early(
         &self,
         rpc: &mut AppendEntriesRequest<TypeConfig>,
-        option: &RPCOption,
+        wait: Duration,
     ) -> bool {
         let (Some(early), Some(last)) = (&self.early, rpc.entries.last()) else {
             return false;
@@ -192,7 +188,7 @@ impl PeerClient {
         }
         let upto = last.log_id.index;
         let acked = early
-            .held_through(self.target, leader.term, upto, option.hard_ttl() / 2)
+            .held_through(self.target, leader.term, upto, wait)
             .await;
         let ids: Vec<_> = rpc.entries.iter().map(|e| e.log_id).collect();
         let n = early::already_held(&ids, acked);
@@ -409,14 +405,24 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         // How far the follower's log matches ours once it answers success (it answers
         // after its fdatasync): the end of openraft's request, however much of it travels.
         let last = rpc.entries.last().map(|e| e.log_id).or(rpc.prev_log_id);
-        let trimmed = self.leave_out_early(&mut rpc, &option).await;
+        // openraft times the whole call out after `hard_ttl`: a wait for early answers
+        // takes at most half of it, and the request travels within what is left.
+        let started = Instant::now();
+        let trimmed = self.leave_out_early(&mut rpc, option.hard_ttl() / 2).await;
+        let ttl = option.hard_ttl().saturating_sub(started.elapsed());
         let req = wire::append_request(&rpc);
         let (entries, bytes) = entry_bytes(&req);
         let sent = Instant::now();
-        let resp = self.rpc(req, option, wire::to_append_response).await;
-        if trimmed && !matches!(resp, Ok(AppendEntriesResponse::Success)) {
-            // Whatever the follower acknowledged early is no longer taken for granted: the
-            // retry carries everything.
+        let resp = self.rpc(req, ttl, wire::to_append_response).await;
+        if trimmed
+            && matches!(
+                resp,
+                Ok(AppendEntriesResponse::Conflict) | Ok(AppendEntriesResponse::HigherVote(_))
+            )
+        {
+            // The follower does not hold what it acknowledged early (its log was lost or
+            // replaced): that is no longer taken for granted, and the retry carries
+            // everything.
             if let Some(early) = &self.early {
                 early.forget(self.target);
             }
@@ -452,7 +458,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         let resp = self
             .rpc(
                 wire::snapshot_request(&rpc),
-                option,
+                option.hard_ttl(),
                 wire::to_snapshot_response,
             )
             .await;
@@ -470,8 +476,12 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<u64>,
         option: RPCOption,
     ) -> Result<VoteResponse<u64>, CallError> {
-        self.rpc(wire::vote_request(&rpc), option, wire::to_vote_response)
-            .await
+        self.rpc(
+            wire::vote_request(&rpc),
+            option.hard_ttl(),
+            wire::to_vote_response,
+        )
+        .await
     }
 }
 
