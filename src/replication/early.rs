@@ -242,7 +242,14 @@ impl EarlyAppend {
                 _ => continue,
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return self.settled(target, term, upto).0;
+                // The early link is slower than the stream (a follower that stalls, a link
+                // that drops): let the stream carry this follower, unwaited, until it has
+                // caught it up and the chain starts again.
+                let mut st = self.lock();
+                let same_term = st.term == term;
+                let peer = st.peers.get_mut(&target).filter(|_| same_term)?;
+                peer.break_chain();
+                return peer.acked.filter(|a| a.leader_id.term == term);
             }
         }
     }
@@ -496,6 +503,96 @@ mod tests {
                 "next {next:?}, matched {matched:?}, term {term}, first {first}"
             );
         }
+    }
+
+    fn record(term: u64, index: u64, bytes: usize) -> Record {
+        Record {
+            log_id: id(term, index),
+            bytes: Arc::new(vec![0; bytes]),
+        }
+    }
+
+    /// A leader of term 3 with one follower, 2, that answered through index 9.
+    fn leading() -> Arc<EarlyAppend> {
+        let limits = Limits {
+            early_append_bytes_max: 1000,
+            ..Limits::default()
+        };
+        let e = EarlyAppend::new(1, &limits, Arc::new(Matched::default()));
+        {
+            let mut st = e.lock();
+            st.term = 3;
+            st.peers.insert(2, Peer::new("127.0.0.2:1".into()));
+        }
+        e.matched.record(2, 3, 9);
+        e
+    }
+
+    fn next(e: &EarlyAppend) -> Option<u64> {
+        e.lock().peers[&2].next
+    }
+
+    /// Only this leader's own new entries are queued, contiguously and within the bound.
+    #[test]
+    fn offers_queue_only_this_leaders_contiguous_entries_within_the_bound() {
+        let e = leading();
+        // Another node's entries, or a gap after the log's end: nothing.
+        e.offer(
+            Some(id(3, 9)),
+            &[Record {
+                log_id: LogId::new(CommittedLeaderId::new(3, 2), 10),
+                bytes: Arc::new(vec![]),
+            }],
+        );
+        e.offer(Some(id(3, 8)), &[record(3, 10, 10)]);
+        assert_eq!(next(&e), None);
+        // From where the follower answered, then continuing the chain.
+        e.offer(Some(id(3, 9)), &[record(3, 10, 100)]);
+        e.offer(Some(id(3, 10)), &[record(3, 11, 100), record(3, 12, 100)]);
+        assert_eq!(next(&e), Some(13));
+        assert_eq!(e.lock().peers[&2].queue.len(), 3);
+        // Past the bound the chain breaks: the stream carries the follower from here.
+        e.offer(Some(id(3, 12)), &[record(3, 13, 800)]);
+        assert_eq!(next(&e), None);
+        assert!(e.lock().peers[&2].queue.is_empty());
+        e.offer(Some(id(3, 13)), &[record(3, 14, 10)]);
+        assert_eq!(next(&e), None, "the follower answered only through 9");
+        // Not leading: nothing.
+        e.lock().term = 0;
+        e.offer(Some(id(3, 9)), &[record(3, 10, 10)]);
+        assert_eq!(next(&e), None);
+    }
+
+    /// The stream waits for an early send under way, once: if it is not answered in
+    /// time the follower is left to the stream, which then waits no more.
+    #[tokio::test]
+    async fn a_slow_early_send_is_waited_for_once_then_left_to_the_stream() {
+        let e = leading();
+        e.offer(Some(id(3, 9)), &[record(3, 10, 10)]);
+        assert_eq!(next(&e), Some(11));
+        let wait = Duration::from_millis(20);
+        assert_eq!(e.held_through(2, 3, 10, wait).await, None);
+        assert_eq!(next(&e), None, "an unanswered early send breaks the chain");
+        // An answer arriving meanwhile is what the stream may leave out, at once.
+        e.offer(Some(id(3, 10)), &[record(3, 11, 10)]);
+        assert_eq!(next(&e), None, "the follower answered only through 9");
+        e.matched.record(2, 3, 10);
+        e.offer(Some(id(3, 10)), &[record(3, 11, 10)]);
+        assert_eq!(next(&e), Some(12));
+        let waiter = {
+            let e = e.clone();
+            tokio::spawn(async move { e.held_through(2, 3, 11, Duration::from_secs(60)).await })
+        };
+        tokio::task::yield_now().await;
+        {
+            let mut st = e.lock();
+            let p = st.peers.get_mut(&2).unwrap();
+            p.acked = Some(id(3, 11));
+            p.changed.notify_waiters();
+        }
+        assert_eq!(waiter.await.unwrap(), Some(id(3, 11)));
+        // Another term's stream asks about nothing of this one.
+        assert_eq!(e.held_through(2, 4, 11, wait).await, None);
     }
 
     /// openraft's stream leaves out only what the follower acknowledged early.
