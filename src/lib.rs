@@ -55,6 +55,52 @@ mod layering {
         }
     }
 
+    /// The lowercase identifier `s` starts with, and what follows it.
+    fn ident(s: &str) -> (&str, &str) {
+        let n = s
+            .find(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+            .unwrap_or(s.len());
+        s.split_at(n)
+    }
+
+    /// The items of the brace group `s` starts with (split at its top-level commas).
+    fn group(s: &str) -> Vec<&str> {
+        let mut items = Vec::new();
+        let (mut depth, mut from) = (0, 1);
+        for (i, c) in s.char_indices() {
+            match c {
+                '{' => depth += 1,
+                '}' | ',' if depth == 1 => {
+                    items.push(s[from..i].trim());
+                    from = i + 1;
+                    if c == '}' {
+                        break;
+                    }
+                }
+                '}' => depth -= 1,
+                _ => {}
+            }
+        }
+        items
+    }
+
+    /// The modules a path after `crate::` or `super::` names, each with the modules it
+    /// names one level down: `a::…` is `a`; a group `{a, b::c, d::{e, f}}` names each item.
+    fn heads(rest: &str) -> Vec<(String, Vec<String>)> {
+        if rest.starts_with('{') {
+            return group(rest).into_iter().flat_map(heads).collect();
+        }
+        let (name, after) = ident(rest);
+        if name.is_empty() {
+            return Vec::new();
+        }
+        let subs = match after.strip_prefix("::") {
+            Some(down) => heads(down).into_iter().map(|(n, _)| n).collect(),
+            None => Vec::new(),
+        };
+        vec![(name.to_string(), subs)]
+    }
+
     fn references(text: &str, module: &str) -> BTreeSet<String> {
         let code = text.split("#[cfg(test)]\nmod tests").next().unwrap_or(text);
         let mut out = BTreeSet::new();
@@ -63,35 +109,38 @@ mod layering {
                 continue;
             }
             for (i, _) in code.match_indices(prefix) {
-                let rest = &code[i + prefix.len()..];
-                let name: String = rest
-                    .chars()
-                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                    .collect();
-                if name.is_empty() {
-                    continue;
-                }
-                let after = &rest[name.len()..];
-                let target = if parent.is_empty() && name == "replication" {
-                    let sub: String = after
-                        .trim_start_matches("::")
-                        .chars()
-                        .take_while(|c| c.is_ascii_lowercase() || *c == '_')
-                        .collect();
-                    if after.starts_with("::") && !sub.is_empty() {
-                        format!("replication::{sub}")
+                for (name, subs) in heads(&code[i + prefix.len()..]) {
+                    let targets = if parent.is_empty() && name == "replication" && !subs.is_empty()
+                    {
+                        subs.iter().map(|s| format!("replication::{s}")).collect()
                     } else {
-                        name
-                    }
-                } else {
-                    format!("{parent}{name}")
-                };
-                if target != module {
-                    out.insert(target);
+                        vec![format!("{parent}{name}")]
+                    };
+                    out.extend(targets.into_iter().filter(|t| t != module));
                 }
             }
         }
         out
+    }
+
+    /// Grouped imports count like single ones.
+    #[test]
+    fn grouped_imports_are_read() {
+        let text = "use crate::{fs, replication::{early, quorum::Matched}, op::Op};\n\
+                    use super::{wire::{self, Request}, transport};\n";
+        let got = references(text, "replication::network");
+        let want: BTreeSet<String> = [
+            "fs",
+            "op",
+            "replication::early",
+            "replication::quorum",
+            "replication::wire",
+            "replication::transport",
+        ]
+        .into_iter()
+        .map(String::from)
+        .collect();
+        assert_eq!(got, want);
     }
 
     fn walk(dir: &Path, root: &Path, graph: &mut BTreeMap<String, BTreeSet<String>>) {
