@@ -142,7 +142,8 @@ limits! {
                 // Room for the framing of many small records in one early send.
                 .max(l.early_append_bytes_max * 2)
         ), max 1 << 30;
-    /// Entries per AppendEntries.
+    /// Entries per AppendEntries of openraft's replication streams (an early send is
+    /// bounded by `early_append_bytes_max` bytes instead).
     append_entries_max: u64 = 4, fixed, min Min::Const(1), max 1024;
     /// Bytes of tree image (or of incremental snapshot) per snapshot chunk.
     snapshot_chunk_bytes: u64 = 4 << 20, fixed, min Min::Const(64 << 10), max 64 << 20;

@@ -28,6 +28,7 @@ pub struct NetConfig {
     /// Fed by the network (acks as leader, leader traffic as follower), read by pre-vote and
     /// check-quorum.
     pub liveness: Arc<Liveness>,
-    /// Fed by the network on a leader (how far each follower's log durably matches), read by fsync.
+    /// Fed on a leader by the network and by early sends (`early.rs`): how far each
+    /// follower's log durably matches. Read by fsync.
     pub matched: Arc<Matched>,
 }

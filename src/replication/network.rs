@@ -2,7 +2,8 @@
 //! on failure, and the listener that serves peers' RPCs into the local Raft.
 //!
 //! A client carries one RPC at a time (openraft drives each replication stream
-//! sequentially), so the bytes in flight per peer are bounded by `frame_bytes_max`.
+//! sequentially), so the bytes in flight per client are bounded by `frame_bytes_max`; the
+//! early sender (`early.rs`) adds up to `early_append_bytes_max` on a link of its own.
 //!
 //! Entry and snapshot bytes are counted here, per peer and direction (`metrics.rs`), as
 //! they travel: for an incremental snapshot, the delta's bytes.

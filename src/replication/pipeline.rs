@@ -6,8 +6,9 @@
 //! task, openraft). Every wait on the log, the acknowledgements and leadership lives here,
 //! so `fs` holds no runtime, channel or openraft type and is unit-tested with a fake.
 //!
-//! An fsync's acknowledgements come from [`Matched`], fed by the network the moment a
-//! follower's AppendEntries answer arrives (`network.rs`), and are counted with the pure
+//! An fsync's acknowledgements come from [`Matched`], fed the moment a follower's
+//! AppendEntries answer arrives (openraft's streams in `network.rs`, early sends in
+//! `early.rs`), and are counted with the pure
 //! [`super::quorum::acked_voters`]; openraft's metrics are read only for the term, the
 //! state and the voter set.
 
