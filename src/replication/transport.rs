@@ -121,8 +121,8 @@ pub struct LinkLimits {
 enum Aead {
     /// v2.
     ChaCha(ChaCha20Poly1305),
-    /// v3.
-    Aes(LessSafeKey),
+    /// v3 (boxed: ring's key schedule is ~0.5 KiB).
+    Aes(Box<LessSafeKey>),
 }
 
 /// One direction of a link: its AEAD key and the number of frames it carried so far.
@@ -147,7 +147,7 @@ impl Direction {
         } else {
             let k = key.tag(&[b"seguro-fs link v3 aead ", label, nc, ns, ids]);
             let k = UnboundKey::new(&AES_256_GCM, &k).expect("a 32-byte key");
-            Aead::Aes(LessSafeKey::new(k))
+            Aead::Aes(Box::new(LessSafeKey::new(k)))
         };
         Direction { aead, seq: 0 }
     }
