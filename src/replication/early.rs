@@ -380,7 +380,6 @@ impl EarlyAppend {
                     let records: Vec<Record> = peer.queue.drain(..).collect();
                     peer.inflight_bytes = peer.queued_bytes;
                     peer.queued_bytes = 0;
-                    peer.prev = records.last().map(|r| r.log_id);
                     (term, prev, records, peer.addr.clone())
                 };
                 let (term, prev, records, addr) = job;

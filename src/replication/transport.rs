@@ -505,16 +505,24 @@ mod tests {
         io_timeout_ms: 2000,
     };
 
-    async fn pair(
-        server_key: ClusterKey,
-        client_key: ClusterKey,
-    ) -> (Result<Link, LinkError>, Result<Link, LinkError>) {
+    /// A server on a fresh loopback port that accepts one link as node 1.
+    async fn accept_one(
+        key: ClusterKey,
+    ) -> (SocketAddr, tokio::task::JoinHandle<Result<Link, LinkError>>) {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let server = tokio::spawn(async move {
             let (s, _) = l.accept().await.unwrap();
-            Link::accept(s, &server_key, 1, LIMITS).await
+            Link::accept(s, &key, 1, LIMITS).await
         });
+        (addr, server)
+    }
+
+    async fn pair(
+        server_key: ClusterKey,
+        client_key: ClusterKey,
+    ) -> (Result<Link, LinkError>, Result<Link, LinkError>) {
+        let (addr, server) = accept_one(server_key).await;
         let client = Link::connect(addr, None, &client_key, 2, LIMITS).await;
         (server.await.unwrap(), client)
     }
@@ -692,13 +700,7 @@ mod tests {
     async fn an_unencrypted_v1_peer_is_refused_with_a_clear_error() {
         let k = ClusterKey::from_file_bytes(b"k");
         // A v1 client reaching this server.
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let k2 = k.clone();
-        let server = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            Link::accept(s, &k2, 1, LIMITS).await
-        });
+        let (addr, server) = accept_one(k.clone()).await;
         let mut old = TcpStream::connect(addr).await.unwrap();
         let mut hello = b"SEGURO01".to_vec();
         hello.extend_from_slice(&2u64.to_le_bytes());
@@ -747,13 +749,7 @@ mod tests {
         assert!(!is_v2(&s) && !is_v2(&c), "this release links in v3");
 
         // A v2 client reaching this server.
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let k2 = k.clone();
-        let server = tokio::spawn(async move {
-            let (s, _) = l.accept().await.unwrap();
-            Link::accept(s, &k2, 1, LIMITS).await
-        });
+        let (addr, server) = accept_one(k.clone()).await;
         let c = Link::connect_as(MAGIC_V2, addr, None, &k, 2, LIMITS)
             .await
             .unwrap();
