@@ -25,7 +25,9 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::cluster::{hex, pick_port, pid_alive, vm_hwm_kib, write_key_file, Cluster, Status};
+use common::cluster::{
+    hex, pick_port_bound, pid_alive, vm_hwm_kib, write_key_file, Cluster, Status,
+};
 use common::mount::{copy_tree, write_fsync, ChildTest};
 use common::proxy::{advertised_ip, real_ip, Links, Proxy};
 use common::vere;
@@ -944,10 +946,9 @@ struct EchoServer {
 }
 
 impl EchoServer {
-    fn start(ip: Ipv4Addr, port: u16) -> EchoServer {
+    fn start(l: TcpListener) -> EchoServer {
         use std::sync::atomic::Ordering;
-        let addr = SocketAddr::from((ip, port));
-        let l = TcpListener::bind(addr).expect("bind echo server");
+        let addr = l.local_addr().expect("echo server address");
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = stop.clone();
         let accept = std::thread::spawn(move || {
@@ -1009,16 +1010,17 @@ fn echoes(s: &mut TcpStream) -> bool {
 fn proxy_cuts_and_refuses_only_blocked_links() {
     let mut ips: Vec<Ipv4Addr> = (1..=3).map(real_ip).collect();
     ips.extend((1..=3).map(advertised_ip));
-    let port = pick_port(&ips);
+    let (port, mut bound) = pick_port_bound(&ips);
+    let advertised = bound.split_off(3);
     let links = Links::new(3);
     let via = |j: usize| SocketAddr::from((advertised_ip(j), port));
     let mut proxies = Vec::new();
     let mut servers = Vec::new();
-    for j in 1..=3 {
-        servers.push(EchoServer::start(real_ip(j), port));
+    for ((j, real), adv) in (1..=3).zip(bound).zip(advertised) {
+        servers.push(EchoServer::start(real));
         proxies.push(Proxy::start(
             j,
-            via(j),
+            adv,
             SocketAddr::from((real_ip(j), port)),
             links.clone(),
         ));

@@ -218,6 +218,15 @@ pub fn hex(d: &[u8]) -> String {
 /// EADDRINUSE (seen in the suite). Below the range only another test's pick can collide,
 /// and the candidates are spread by the process id and a counter.
 pub fn pick_port(ips: &[std::net::Ipv4Addr]) -> u16 {
+    pick_port_bound(ips).0
+}
+
+/// [`pick_port`], returning the listeners it bound (one per address, in the order of
+/// `ips`) so a caller in this process can keep them instead of binding again. Binding
+/// again is racy: a process another test thread is spawning holds copies of every open
+/// descriptor between its fork and its exec, so a listener closed here can stay bound for
+/// that moment and the rebind fails with EADDRINUSE (a proxy's bind failed so in CI).
+pub fn pick_port_bound(ips: &[std::net::Ipv4Addr]) -> (u16, Vec<TcpListener>) {
     use std::sync::atomic::{AtomicU32, Ordering};
     static PICKS: AtomicU32 = AtomicU32::new(0);
     const LOWEST: u32 = 10_000;
@@ -235,8 +244,8 @@ pub fn pick_port(ips: &[std::net::Ipv4Addr]) -> u16 {
             .iter()
             .map(|ip| TcpListener::bind(SocketAddr::from((*ip, port))))
             .collect();
-        if held.is_ok() {
-            return port;
+        if let Ok(listeners) = held {
+            return (port, listeners);
         }
     }
     panic!("no port free on all of {ips:?} after 200 tries");
@@ -333,14 +342,20 @@ impl Cluster {
         write_key_file(&key_file);
         let mut ips: Vec<_> = (1..=n).map(real_ip).collect();
         ips.extend((1..=n).map(advertised_ip));
-        let port = pick_port(&ips);
+        let (port, mut bound) = pick_port_bound(&ips);
+        // The proxies keep the listeners picked on the advertised addresses; the daemons
+        // bind the real ones themselves, so those are closed here.
+        let advertised = bound.split_off(n);
+        drop(bound);
         let links = Links::new(n);
-        let proxies: Vec<Proxy> = (1..=n)
+        let proxies: Vec<Proxy> = advertised
+            .into_iter()
+            .zip(1..=n)
             .filter(|_| !direct)
-            .map(|i| {
+            .map(|(listener, i)| {
                 Proxy::start(
                     i,
-                    SocketAddr::from((advertised_ip(i), port)),
+                    listener,
                     SocketAddr::from((real_ip(i), port)),
                     links.clone(),
                 )

@@ -262,14 +262,19 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Bind `listen` (panics if it cannot) and start forwarding to `target`.
-    pub fn start(node: usize, listen: SocketAddr, target: SocketAddr, links: Arc<Links>) -> Proxy {
+    /// Accept on `listener` (bound by the caller, see `pick_port_bound`) and forward to
+    /// `target`.
+    pub fn start(
+        node: usize,
+        listener: TcpListener,
+        target: SocketAddr,
+        links: Arc<Links>,
+    ) -> Proxy {
+        let listen = listener.local_addr().expect("proxy listener address");
         assert!(
             matches!(listen.ip(), IpAddr::V4(v4) if v4.octets()[0] == 127),
             "proxies listen on loopback only, not {listen}"
         );
-        let listener = TcpListener::bind(listen)
-            .unwrap_or_else(|e| panic!("proxy for node {node}: bind {listen}: {e}"));
         let stop = Arc::new(AtomicBool::new(false));
         let copiers = Arc::new(Mutex::new(Vec::new()));
         let accept = {
