@@ -168,6 +168,8 @@ pub struct PeerCounters {
     pub(crate) sent_entry_bytes: AtomicU64,
     /// Of `sent_entries`, those sent early: while this leader's own fdatasync ran.
     pub(crate) sent_early_entries: AtomicU64,
+    /// AppendEntries requests the peer answered (with entries or without, early or not).
+    pub(crate) sent_requests: AtomicU64,
     pub(crate) received_entries: AtomicU64,
     pub(crate) received_entry_bytes: AtomicU64,
     pub(crate) snapshots_sent: AtomicU64,
@@ -209,6 +211,11 @@ impl PeerCounters {
     pub fn sent_entries(&self, entries: u64, bytes: u64) {
         self.sent_entries.fetch_add(entries, Ordering::Relaxed);
         self.sent_entry_bytes.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// The peer answered one more AppendEntries request.
+    pub fn sent_request(&self) {
+        self.sent_requests.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Of the entries counted by `sent_entries`, `entries` went early (`replication/early.rs`).

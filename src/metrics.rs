@@ -96,6 +96,11 @@ const PEER_COUNTERS: &[PeerCounter] = &[
         |c| &c.sent_early_entries,
     ),
     (
+        "seguro_replication_sent_requests_total",
+        "AppendEntries requests each member answered (with or without entries, early or not).",
+        |c| &c.sent_requests,
+    ),
+    (
         "seguro_replication_received_entries_total",
         "Log entries received from each member in AppendEntries.",
         |c| &c.received_entries,

@@ -950,6 +950,16 @@ fn entries_reach_followers_early_and_once_but_fsync_still_waits_for_the_leaders_
             "{sent} entries sent for {appended} appended:\n{}",
             after.text
         );
+        // Two messages per sync point: the early one with the entry and openraft's with
+        // the commit index. openraft's own request for an entry acknowledged early does not
+        // travel (it would make three).
+        let requests = delta("seguro_replication_sent_requests_total", f);
+        eprintln!("node {f}: {requests} AppendEntries for {FSYNCS} fsyncs");
+        assert!(
+            requests <= FSYNCS as f64 * 2.5,
+            "{requests} AppendEntries requests for {FSYNCS} fsyncs:\n{}",
+            after.text
+        );
     }
 
     eprintln!(

@@ -392,6 +392,9 @@ impl EarlyAppend {
                     wire::encode_request(&wire::append_records(&vote, prev.as_ref(), entries));
                 let answer = send(&mut link, &net, target, &addr, &req).await;
                 drop(req);
+                if answer.is_ok() {
+                    counters.sent_request();
+                }
                 let success = matches!(
                     answer,
                     Ok(Response::Append {
