@@ -89,14 +89,17 @@ enum Stop {
 
 /// Resolves when openraft's core has stopped, with its error.
 async fn raft_stopped(raft: openraft::Raft<crate::replication::TypeConfig>) -> String {
-    let mut m = raft.metrics();
-    // Bounded by the core's life: once it stops, its metrics sender is dropped.
+    // The core drops its metrics senders when it ends, after it wrote its error into the
+    // whole metrics. The server metrics change only with the role, so waiting on them
+    // does not wake this task on every append and apply as the whole metrics would.
+    let mut server = raft.server_metrics();
+    // Bounded by the core's life: once it stops, the sender is dropped.
     loop {
-        if let Err(e) = &m.borrow().running_state {
+        if let Err(e) = &raft.metrics().borrow().running_state {
             return e.to_string();
         }
-        if m.changed().await.is_err() {
-            return match &m.borrow().running_state {
+        if server.changed().await.is_err() {
+            return match &raft.metrics().borrow().running_state {
                 Err(e) => e.to_string(),
                 Ok(()) => "the Raft core exited".to_string(),
             };
@@ -512,7 +515,10 @@ fn serve(a: &Assembled, done_rx: tokio::sync::oneshot::Receiver<()>, mut signals
             _ = signals.term.recv() => Stop::Signal,
             _ = signals.int.recv() => Stop::Signal,
             _ = done_rx => Stop::Unmounted,
-            why = raft_stopped(a.node.raft.clone()) => Stop::RaftStopped(why),
+            // On a runtime worker, not this thread: its wake-ups would each be a switch.
+            why = a.rt.spawn(raft_stopped(a.node.raft.clone())) => Stop::RaftStopped(
+                why.unwrap_or_else(|e| format!("the Raft watch task failed: {e}")),
+            ),
         }
     })
 }

@@ -145,7 +145,7 @@ impl Elections {
         let lease = Duration::from_millis(self.inner.timing.lease_ms);
         let m = self.raft.metrics().borrow().clone();
         if m.state == ServerState::Leader {
-            let sets = voter_sets(&m);
+            let sets = voter_sets(&m.membership_config);
             return self
                 .inner
                 .liveness
@@ -220,7 +220,7 @@ impl Elections {
             last_attempt = Some(Instant::now());
             wait = delay();
             let last = self.raft.data_metrics().borrow().last_log;
-            let sets = voter_sets(&m);
+            let sets = voter_sets(&m.membership_config);
             let mut asks = tokio::task::JoinSet::new();
             for id in sets
                 .iter()

@@ -9,14 +9,15 @@
 //! An fsync's acknowledgements come from [`Matched`], fed the moment a follower's
 //! AppendEntries answer arrives (openraft's streams in `network.rs`, early sends in
 //! `early.rs`), and are counted with the pure
-//! [`super::quorum::acked_voters`]; openraft's metrics are read only for the term, the
-//! state and the voter set.
+//! [`super::quorum::acked_voters`]; openraft's server metrics are read only for the term,
+//! the state and the voter set (they change with those alone, not with every append).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use openraft::{BasicNode, Raft, RaftMetrics, ServerState};
+use openraft::metrics::RaftServerMetrics;
+use openraft::{BasicNode, Raft, ServerState};
 use tokio::runtime::Handle;
 use tokio::sync::{oneshot, watch, Notify};
 
@@ -69,7 +70,7 @@ pub struct Replicated {
     flush_rx: watch::Receiver<FlushState>,
     applied_rx: watch::Receiver<u64>,
     role: Arc<Role>,
-    metrics: watch::Receiver<RaftMetrics<u64, BasicNode>>,
+    metrics: watch::Receiver<RaftServerMetrics<u64, BasicNode>>,
     matched: Arc<Matched>,
     my_id: u64,
     acks: u64,
@@ -121,7 +122,7 @@ impl Replicated {
             flush_rx: p.flush_rx,
             applied_rx: p.applied_rx,
             role: p.role,
-            metrics: p.raft.metrics(),
+            metrics: p.raft.server_metrics(),
             matched: p.matched,
             my_id: p.my_id,
             acks: p.acks,
@@ -172,7 +173,7 @@ impl Replicated {
         loop {
             {
                 let m = metrics.borrow_and_update();
-                if deposed() || m.current_term != term || m.state != ServerState::Leader {
+                if deposed() || m.vote.leader_id().term != term || m.state != ServerState::Leader {
                     return FsyncOutcome::NotLeader;
                 }
                 let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();

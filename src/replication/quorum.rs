@@ -25,9 +25,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
 /// Every voter set of the effective membership (two during a joint change).
-pub fn voter_sets(m: &openraft::RaftMetrics<u64, openraft::BasicNode>) -> Vec<Vec<u64>> {
-    m.membership_config
-        .membership()
+pub fn voter_sets(m: &openraft::StoredMembership<u64, openraft::BasicNode>) -> Vec<Vec<u64>> {
+    m.membership()
         .get_joint_config()
         .iter()
         .map(|s| s.iter().copied().collect())
