@@ -12,9 +12,10 @@
 //! - the fsync still waits for the leader's own fdatasync (`FlushState`) and for K
 //!   followers' answers, and a follower answers an AppendEntries only after its own
 //!   fdatasync, whichever link brought it;
-//! - openraft's commit index, leader lease and replication progress still come from its
-//!   own streams' answers (to requests that may leave out what was acknowledged here,
-//!   below), each timed from its own send.
+//! - openraft's commit index and replication progress still come from its own streams'
+//!   answers (to requests that may leave out, or be answered from, what was acknowledged
+//!   here, below); check-quorum's evidence (`Liveness`) is timed from the send that
+//!   carried it, early or not.
 //!
 //! The thesis's argument assumes a leader never leads its old term again after a restart.
 //! openraft 0.9 does re-establish a restarted leader in its own term, and its log may then
@@ -25,15 +26,26 @@
 //!
 //! An early AppendEntries is a message the leader could have sent itself: its vote, the
 //! log id before the first entry (the log's end before the append), entries of the
-//! leader's own term, and no commit index. A follower that does not hold that log id
-//! answers "conflict" like to any probe; the chain to that follower then stops until
-//! openraft's stream has caught it up (its answers feed [`Matched`] too).
+//! leader's own term, and the newest commit index openraft's stream asked it to carry
+//! (below), if any. A follower that does not hold that log id answers "conflict" like to
+//! any probe; everything it acknowledged is then forgotten ([`EarlyAppend::forget`], also
+//! called on a conflict of openraft's stream: a member wiped and started empty must not
+//! be counted, nor its stream answered, from what its lost log held), and the chain to
+//! that follower stops until openraft's stream has caught it up (its answers feed
+//! [`Matched`] too).
 //!
 //! So that the bytes do not travel twice, openraft's stream leaves out of its next
 //! AppendEntries the entries the follower already acknowledged here (`network.rs`, via
 //! [`EarlyAppend::held_through`] and [`already_held`]). The follower's answer to the
 //! shortened request is an answer to the whole one: it holds the shortened request's
-//! previous log id, so by log matching it holds everything before it too.
+//! previous log id, so by log matching it holds everything before it too. A request left
+//! with nothing to carry but a commit index the follower already has is answered locally;
+//! one with a new commit index waits up to `early_commit_wait_us` for the follower's next
+//! early send to carry it ([`EarlyAppend::carry_commit`]), and that send's success is its
+//! answer. So a sync point costs one message per follower, not three. openraft times its
+//! leader lease from its own request, a little later than the early send that answered
+//! it; this build does not rely on that lease (reads go through `ensure_linearizable`,
+//! which always travels, and fencing counts `Liveness`, timed from the real send).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
@@ -68,6 +80,8 @@ pub struct EarlyAppend {
     bytes_max: u64,
     /// How long a follower that could not be reached is left out of early sends.
     pause: Duration,
+    /// How long a commit index waits for an early send to carry it.
+    commit_wait: Duration,
     state: Mutex<State>,
 }
 
@@ -91,6 +105,10 @@ struct Peer {
     inflight_bytes: u64,
     /// The last log id this follower acknowledged to an early send in `term`.
     acked: Option<LogId<u64>>,
+    /// The newest commit index openraft's stream asked the early sends to carry in `term`.
+    commit: Option<LogId<u64>>,
+    /// The newest commit index an early send carried and the follower answered success to.
+    commit_delivered: Option<LogId<u64>>,
     /// Left out of early sends until then (its link failed to connect).
     paused_until: Option<Instant>,
     /// Wakes this follower's sender task (new records, or the task should stop).
@@ -109,6 +127,8 @@ impl Peer {
             queued_bytes: 0,
             inflight_bytes: 0,
             acked: None,
+            commit: None,
+            commit_delivered: None,
             paused_until: None,
             wake: Arc::new(Notify::new()),
             changed: Arc::new(Notify::new()),
@@ -168,6 +188,7 @@ impl EarlyAppend {
             matched,
             bytes_max: limits.early_append_bytes_max,
             pause: Duration::from_millis(limits.early_append_pause_ms),
+            commit_wait: Duration::from_micros(limits.early_commit_wait_us),
             state: Mutex::default(),
         })
     }
@@ -254,6 +275,48 @@ impl EarlyAppend {
         }
     }
 
+    /// Have the next early send to `target` carry `commit` (openraft's commit index in
+    /// `term`) and wait, at most `early_commit_wait_us`, for the follower's success: true
+    /// if it was delivered so. False at once without a live early chain to that follower
+    /// (nothing would carry it), or when the wait ends: the caller sends it itself.
+    pub async fn carry_commit(&self, target: u64, term: u64, commit: LogId<u64>) -> bool {
+        let deadline = tokio::time::Instant::now() + self.commit_wait;
+        loop {
+            let changed = {
+                let mut st = self.lock();
+                let same_term = st.term == term;
+                let Some(peer) = st.peers.get_mut(&target).filter(|_| same_term) else {
+                    return false;
+                };
+                if peer.commit_delivered >= Some(commit) {
+                    return true;
+                }
+                if peer.next.is_none() {
+                    return false;
+                }
+                if peer.commit < Some(commit) {
+                    peer.commit = Some(commit);
+                }
+                peer.changed.clone()
+            };
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            // Checked again once registered, so an answer in between is not missed.
+            {
+                let st = self.lock();
+                match st.peers.get(&target).filter(|_| st.term == term) {
+                    Some(p) if p.commit_delivered >= Some(commit) => return true,
+                    Some(p) if p.next.is_some() && Arc::ptr_eq(&p.changed, &changed) => {}
+                    _ => continue,
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return false;
+            }
+        }
+    }
+
     /// What `target` acknowledged early in `term`, and, while early sends that may reach
     /// `upto` are still unanswered, what wakes when one is.
     fn settled(
@@ -280,8 +343,10 @@ impl EarlyAppend {
     /// acknowledged early is no longer taken for granted, and the chain starts again
     /// from what the stream establishes.
     pub fn forget(&self, target: u64) {
+        self.matched.forget(target);
         if let Some(peer) = self.lock().peers.get_mut(&target) {
             peer.acked = None;
+            peer.commit_delivered = None;
             peer.break_chain();
         }
     }
@@ -318,6 +383,8 @@ impl EarlyAppend {
                     st.term = term;
                     for p in st.peers.values_mut() {
                         p.acked = None;
+                        p.commit = None;
+                        p.commit_delivered = None;
                         p.paused_until = None;
                         p.break_chain();
                     }
@@ -380,16 +447,21 @@ impl EarlyAppend {
                     let records: Vec<Record> = peer.queue.drain(..).collect();
                     peer.inflight_bytes = peer.queued_bytes;
                     peer.queued_bytes = 0;
-                    (term, prev, records, peer.addr.clone())
+                    (term, prev, records, peer.commit, peer.addr.clone())
                 };
-                let (term, prev, records, addr) = job;
+                let (term, prev, records, commit, addr) = job;
                 let last = records.last().expect("queue was not empty").log_id;
                 let vote = Vote::new_committed(term, self.my_id);
                 let bytes: u64 = records.iter().map(|r| r.bytes.len() as u64).sum();
                 let entries: Vec<Vec<u8>> = records.iter().map(|r| r.bytes.to_vec()).collect();
                 let n = entries.len() as u64;
-                let req =
-                    wire::encode_request(&wire::append_records(&vote, prev.as_ref(), entries));
+                let req = wire::encode_request(&wire::append_records(
+                    &vote,
+                    prev.as_ref(),
+                    commit.as_ref(),
+                    entries,
+                ));
+                let sent = Instant::now();
                 let answer = send(&mut link, &net, target, &addr, &req).await;
                 drop(req);
                 if answer.is_ok() {
@@ -406,6 +478,9 @@ impl EarlyAppend {
                     // Evidence whatever happened meanwhile: the follower holds this
                     // leader's log of `term` through `last`, durably.
                     self.matched.record(target, term, last.index);
+                    // And it answered a request of this leader's term sent at `sent`: the
+                    // evidence check-quorum counts (openraft's own requests travel less).
+                    net.liveness.acked(target, term, sent);
                     counters.sent_entries(n, bytes);
                     counters.sent_early(n);
                 }
@@ -428,9 +503,19 @@ impl EarlyAppend {
                 match answer {
                     Ok(_) if success => {
                         peer.acked = Some(last);
+                        if peer.commit_delivered < commit {
+                            peer.commit_delivered = commit;
+                        }
                         peer.changed.notify_waiters();
                     }
-                    Ok(_) => peer.break_chain(),
+                    Ok(_) => {
+                        // A conflict: the follower lacks the entry before these, which the
+                        // chain took for held. Whatever it acknowledged may be gone too (a
+                        // wiped member): its acknowledgements count again from its next
+                        // success, so openraft's stream is not answered from them.
+                        drop(st);
+                        self.forget(target);
+                    }
                     Err(unreachable) => {
                         link = None;
                         if unreachable {
@@ -595,6 +680,43 @@ mod tests {
         assert_eq!(waiter.await.unwrap(), Some(id(3, 11)));
         // Another term's stream asks about nothing of this one.
         assert_eq!(e.held_through(2, 4, 11, wait).await, None);
+    }
+
+    /// A commit index waits for an early send to carry it only while a chain is live, and
+    /// counts as delivered only once such a send was answered.
+    #[tokio::test]
+    async fn a_commit_index_is_carried_only_by_an_answered_early_send() {
+        let e = leading();
+        // No chain to the follower: nothing would carry it.
+        assert!(!e.carry_commit(2, 3, id(3, 9)).await);
+        e.offer(Some(id(3, 9)), &[record(3, 10, 10)]);
+        assert_eq!(next(&e), Some(11));
+        // A live chain but no answer within the wait: the caller sends it itself. The
+        // next early send is asked to carry it meanwhile.
+        assert!(!e.carry_commit(2, 3, id(3, 9)).await);
+        assert_eq!(e.lock().peers[&2].commit, Some(id(3, 9)));
+        // Another term's commit index: nothing of this term carries it.
+        assert!(!e.carry_commit(2, 4, id(4, 9)).await);
+        let waiter = {
+            let e = e.clone();
+            tokio::spawn(async move { e.carry_commit(2, 3, id(3, 10)).await })
+        };
+        tokio::task::yield_now().await;
+        {
+            // What the sender does when the follower answers a send that carried it.
+            let mut st = e.lock();
+            let p = st.peers.get_mut(&2).unwrap();
+            assert_eq!(
+                p.commit,
+                Some(id(3, 10)),
+                "the newest index is the one to carry"
+            );
+            p.commit_delivered = p.commit;
+            p.changed.notify_waiters();
+        }
+        assert!(waiter.await.unwrap());
+        // Older indexes are delivered with it, at once.
+        assert!(e.carry_commit(2, 3, id(3, 8)).await);
     }
 
     /// openraft's stream leaves out only what the follower acknowledged early.

@@ -222,6 +222,11 @@ fn commit_known(
 }
 
 impl PeerClient {
+    /// `vote` is this node's own committed vote: a request it sends as leader.
+    fn owns(&self, vote: &Vote<u64>) -> bool {
+        vote.leader_id().node_id == self.cfg.my_id && vote.is_committed()
+    }
+
     fn delivered(&self, term: u64, commit: Option<LogId<u64>>) -> bool {
         commit_known(term, commit, self.commit_delivered)
     }
@@ -452,23 +457,42 @@ impl RaftNetwork<TypeConfig> for PeerClient {
             // nothing was sent now (the early send recorded its own).
             return Ok(AppendEntriesResponse::Success);
         }
+        if rpc.entries.is_empty() && (trimmed || self.commit_delivered.is_some()) {
+            // A request of this stream (a client that delivered before: openraft's
+            // leadership checks use a fresh client each, and always travel) that would
+            // carry only a new commit index. The follower's next early send carries it, if
+            // one comes soon; the follower's success to that send is then this request's
+            // answer too (it held `prev` already and only learns the commit).
+            if let (Some(early), Some(commit)) = (&self.early, rpc.leader_commit) {
+                if self.owns(&rpc.vote)
+                    && !self.delivered(term, Some(commit))
+                    && early.carry_commit(self.target, term, commit).await
+                {
+                    self.commit_was_delivered(term, Some(commit));
+                    return Ok(AppendEntriesResponse::Success);
+                }
+            }
+        }
         let ttl = option.hard_ttl().saturating_sub(started.elapsed());
         let req = wire::append_request(&rpc);
         let (entries, bytes) = entry_bytes(&req);
         let sent = Instant::now();
         let resp = self.rpc(req, ttl, wire::to_append_response).await;
-        if trimmed
-            && matches!(
-                resp,
-                Ok(AppendEntriesResponse::Conflict) | Ok(AppendEntriesResponse::HigherVote(_))
-            )
-        {
-            // The follower does not hold what it acknowledged early (its log was lost or
-            // replaced): that is no longer taken for granted, and the retry carries
-            // everything.
+        if matches!(
+            resp,
+            Ok(AppendEntriesResponse::Conflict) | Ok(AppendEntriesResponse::HigherVote(_))
+        ) {
+            // The follower may not hold what it acknowledged (its log was lost or replaced:
+            // a member wiped and started empty answers a heartbeat so). That is no longer
+            // taken for granted: the retry carries everything, and no request of this
+            // stream is answered from those acknowledgements, nor the commit index taken
+            // as delivered.
             if let Some(early) = &self.early {
                 early.forget(self.target);
+            } else {
+                self.cfg.matched.forget(self.target);
             }
+            self.commit_delivered = None;
         }
         if let Ok(r) = &resp {
             self.counters.sent_entries(entries, bytes);

@@ -107,6 +107,14 @@ impl Matched {
         }
     }
 
+    /// Peer `id` answered that it lacks an entry it acknowledged (its log was lost or
+    /// replaced, a wiped member): nothing it answered before counts any more, and it counts
+    /// again from its next success.
+    pub fn forget(&self, id: u64) {
+        let mut m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
+        m.remove(&id);
+    }
+
     /// What peer `id` last answered success for: (leader term, index).
     pub fn get(&self, id: u64) -> Option<(u64, u64)> {
         let m = self.by_peer.lock().unwrap_or_else(|e| e.into_inner());
@@ -351,6 +359,12 @@ mod tests {
         m.record(2, 4, 2);
         assert_eq!(m.acked_voters(&[1, 2, 3], 1, 3, 10), 0);
         assert_eq!(m.acked_voters(&[1, 2, 3], 1, 4, 2), 1);
+        // A member that lost its log counts again only from its next answer, even a lower one.
+        m.forget(2);
+        assert_eq!(m.get(2), None);
+        assert_eq!(m.acked_voters(&[1, 2, 3], 1, 4, 2), 0);
+        m.record(2, 4, 1);
+        assert_eq!(m.get(2), Some((4, 1)));
     }
 
     #[test]

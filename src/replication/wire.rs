@@ -226,17 +226,18 @@ pub fn append_request(r: &AppendEntriesRequest<TypeConfig>) -> Request {
     }
 }
 
-/// An AppendEntries of records the log already encoded, with no commit index: an early
-/// send (`early.rs`).
+/// An AppendEntries of records the log already encoded, with the commit index openraft
+/// asked it to carry, if any: an early send (`early.rs`).
 pub fn append_records(
     vote: &Vote<u64>,
     prev: Option<&LogId<u64>>,
+    commit: Option<&LogId<u64>>,
     entries: Vec<Vec<u8>>,
 ) -> Request {
     Request::Append {
         vote: wv(vote),
         prev: prev.map(wl),
-        commit: None,
+        commit: commit.map(wl),
         entries,
     }
 }
