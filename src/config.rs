@@ -136,6 +136,10 @@ limits! {
     /// the whole tree. Whichever of this and `log_keep_entries` keeps more wins
     /// (`replication/retention.rs`).
     log_keep_bytes: u64 = 1 << 30, settable, min Min::Const(0), max 1 << 40;
+    /// The log's purge point is looked at after a checkpoint at most this often (openraft
+    /// announces a checkpoint with every other change of its metrics: each append and
+    /// apply); a purge comes at most this late.
+    retention_check_ms: u64 = 1_000, fixed, min Min::Const(1), max 60_000;
     /// Largest frame on a peer link (an AppendEntries with its entries, or a snapshot chunk).
     /// A full AppendEntries (entries at the cap plus framing) must fit one frame.
     frame_bytes_max: usize = 32 << 20, fixed,

@@ -227,6 +227,7 @@ pub async fn start(
             bytes: l.log_keep_bytes,
         },
         dir.raft_dir(),
+        std::time::Duration::from_millis(l.retention_check_ms),
     ));
     // After a pause (a snapshot install, a transfer) elections stay off for two of the
     // longest election timeouts: the leader's heartbeats reset the timer meanwhile.

@@ -68,10 +68,16 @@ pub fn budget(keep_bytes: u64, free_bytes: Option<u64>) -> u64 {
     free_bytes.map_or(keep_bytes, |free| keep_bytes.min(free / 2))
 }
 
-/// After each checkpoint (a new snapshot in openraft's metrics), purge what [`purge_upto`]
-/// allows, with the bytes [`budget`] gives for the free space under `dir`. Runs until the
-/// Raft node shuts down.
-pub async fn run(raft: Raft<TypeConfig>, log: LogStore, keep: Keep, dir: std::path::PathBuf) {
+/// After each checkpoint (a new snapshot in openraft's metrics, looked at most once per
+/// `check`), purge what [`purge_upto`] allows, with the bytes [`budget`] gives for the
+/// free space under `dir`. Runs until the Raft node shuts down.
+pub async fn run(
+    raft: Raft<TypeConfig>,
+    log: LogStore,
+    keep: Keep,
+    dir: std::path::PathBuf,
+    check: std::time::Duration,
+) {
     let mut metrics = raft.metrics();
     let mut done = None;
     loop {
@@ -103,6 +109,11 @@ pub async fn run(raft: Raft<TypeConfig>, log: LogStore, keep: Keep, dir: std::pa
                 }
             }
         }
+        // openraft's metrics change with every append, flush and apply; following each
+        // change woke this task several times per fsync on every member, for a checkpoint
+        // that comes every `checkpoint_entries` at most. A change during the sleep is
+        // still seen by `changed`.
+        tokio::time::sleep(check).await;
         if metrics.changed().await.is_err() {
             return;
         }
