@@ -2701,6 +2701,17 @@ fn data_dir_is_private_file_by_file() {
         exec(&mnt, &st).unwrap_or_else(|e| panic!("{st:?}: {e:?}\n{}", daemon.log_text()));
     }
     exec(&mnt, &fsync_dir("")).expect("fsyncdir");
+    // The purge follows a checkpoint within `retention_check_ms` (1 s): wait for its file.
+    let purged = data.join("raft/purged");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !purged.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "no log purge within 30 s of 40 checkpointed entries:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // A clean stop (SIGTERM, handled like Ctrl-C's SIGINT) has nothing to warn about.
     let log = daemon.stop();
     assert!(

@@ -58,10 +58,16 @@ impl Proposer {
             }
             let inflight = proposed_seq.saturating_sub(flushed.flushed_seq);
             let mut deadline = None;
-            let next = if inflight >= self.proposals_inflight_max {
+            // Whether a flush landing would let something be proposed: sealed batches held
+            // back by the in-flight limit, or ops piling up behind an append. Otherwise
+            // flushes do not wake this task (one wake-up less per fsync); the next op's
+            // `wake` does, and the flush state is read afresh then.
+            let mut flush_matters = inflight >= self.proposals_inflight_max;
+            let next = if flush_matters {
                 None
             } else {
                 let mut p = self.group.lock().expect("group commit mutex poisoned");
+                flush_matters = p.has_open() && inflight > 0;
                 if let Some(s) = p.take_sealed() {
                     Some(s)
                 } else if p.has_open() && inflight == 0 {
@@ -93,7 +99,7 @@ impl Proposer {
                 };
                 tokio::select! {
                     _ = self.wake.notified() => {}
-                    r = self.flush_rx.changed() => if r.is_err() { return },
+                    r = self.flush_rx.changed(), if flush_matters => if r.is_err() { return },
                     _ = linger => {}
                 }
                 continue;
