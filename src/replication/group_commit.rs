@@ -22,6 +22,13 @@ pub struct Sealed {
     pub reply: Option<ResponseSender>,
 }
 
+/// See [`GroupCommit::shape`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    open: bool,
+    sealed: usize,
+}
+
 pub struct GroupCommit {
     origin: u64,
     entry_bytes_max: usize,
@@ -174,6 +181,23 @@ impl GroupCommit {
         !self.open.is_empty()
     }
 
+    /// What the proposer acts on: whether a batch is open, and how many are sealed.
+    pub fn shape(&self) -> Shape {
+        Shape {
+            open: self.has_open(),
+            sealed: self.sealed.len(),
+        }
+    }
+
+    /// Whether ops added since the group had shape `before` are news to the proposer: a
+    /// batch opened (its linger starts) or one was sealed. Ops joining a batch that was
+    /// open already are not: the proposer already lingers on it, or waits for the flush
+    /// that lets it go, and takes them with it.
+    pub fn is_news_since(&self, before: Shape) -> bool {
+        let now = self.shape();
+        (now.open && !before.open) || now.sealed > before.sealed
+    }
+
     pub fn take_sealed(&mut self) -> Option<Sealed> {
         self.sealed.pop_front()
     }
@@ -188,6 +212,42 @@ impl GroupCommit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn write(offset: u64, len: usize) -> Op {
+        Op::Write {
+            path: "f".into(),
+            offset,
+            data: vec![1; len],
+        }
+    }
+
+    /// The proposer is woken when a batch opens or is sealed, not for every op that joins
+    /// an open batch (a commit of LMDB is several WRITEs before its FSYNC).
+    #[test]
+    fn only_a_new_or_sealed_batch_is_news_to_the_proposer() {
+        let mut p = GroupCommit::new(1, 4096);
+        let before = p.shape();
+        p.push_data(write(0, 100));
+        assert!(p.is_news_since(before), "a batch opened");
+        let before = p.shape();
+        p.push_data(write(100, 100));
+        assert!(!p.is_news_since(before), "an op joined the open batch");
+        let before = p.shape();
+        p.push_data(write(200, 4000));
+        assert!(
+            p.is_news_since(before),
+            "the open batch was sealed to make room"
+        );
+        p.seal();
+        while p.take_sealed().is_some() {}
+        let before = p.shape();
+        assert!(!p.is_news_since(before), "nothing added");
+        p.push_data(write(0, 4000));
+        assert!(
+            p.is_news_since(before),
+            "opened and sealed at once by its size"
+        );
+    }
 
     #[test]
     fn a_full_fuse_write_travels_in_one_entry_by_default() {

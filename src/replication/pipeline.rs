@@ -218,8 +218,16 @@ impl Pipeline for Replicated {
     }
 
     fn accept(&self, add: &mut dyn FnMut(&mut GroupCommit)) {
-        add(&mut self.group());
-        self.wake.notify_one();
+        let news = {
+            let mut g = self.group();
+            let before = g.shape();
+            add(&mut g);
+            g.is_news_since(before)
+        };
+        // Each wake-up is a runtime thread's; an LMDB commit is several WRITEs in a row.
+        if news {
+            self.wake.notify_one();
+        }
     }
 
     fn propose_alone(&self, op: Op) -> Result<i32, ProposeError> {
