@@ -46,6 +46,12 @@ pub struct FlushState {
     pub flushed_seq: u64,
     /// Highest log index that is durable.
     pub flushed_index: u64,
+    /// Highest batch seq of this run handed to the log (written or being written, not
+    /// necessarily durable), and the last log index of that append: what an fsync counts
+    /// its acknowledgements against while the leader's own flush runs. Updated without
+    /// waking anyone (`Replicated::durable_within_term` waits for the answers instead).
+    pub appended_seq: u64,
+    pub appended_index: u64,
     /// An fdatasync failed; nothing will be reported flushed again.
     pub failed: bool,
 }
@@ -843,6 +849,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 }
             })
             .collect();
+        self.flush.state.send_if_modified(|s| {
+            s.appended_index = s.appended_index.max(last_index);
+            if let Some(seq) = seq {
+                s.appended_seq = s.appended_seq.max(seq);
+            }
+            false
+        });
         if let Some(early) = &self.early {
             // Before the write: the followers' fdatasync runs while ours does.
             let prev = self.lock().last_log_id;

@@ -135,59 +135,66 @@ impl Replicated {
         self.group.lock().expect("group commit mutex poisoned")
     }
 
-    /// Wait (async) for the local flush of `target`, then for `acks` voters' answers.
+    /// Wait (async) until the local log holds every batch up to `target` durably and
+    /// `acks` other voters answered an AppendEntries of this term through it.
+    ///
+    /// The two arrive in either order; the waiter follows only the one still missing (the
+    /// answers first, counted against the append's index, which the log publishes without
+    /// a wake-up), so a normal fsync wakes once, on its K-th answer, not also on the
+    /// leader's flush before it.
     async fn durable_within_term(&self, target: u64, generation: u64, term: u64) -> FsyncOutcome {
         let mut flush = self.flush_rx.clone();
         let mut role = self.role.subscribe();
         let mut metrics = self.metrics.clone();
+        let mut acked = self.matched.subscribe();
         let deposed = || self.role.generation() != generation;
-        // 1. The local log holds every batch up to `target` (fdatasync'd).
-        let index = loop {
-            {
+        // openraft stops when the log's fdatasync fails, which may be how a waiter that
+        // was not following the flush learns of it.
+        let stopped = || {
+            if self.flush_rx.borrow().failed {
+                FsyncOutcome::LogFailed
+            } else {
+                FsyncOutcome::Stopped
+            }
+        };
+        loop {
+            let (flushed, appended) = {
                 let s = flush.borrow_and_update();
                 if s.failed {
                     return FsyncOutcome::LogFailed;
                 }
-                if deposed() {
-                    return FsyncOutcome::NotLeader;
-                }
-                if s.flushed_seq >= target {
-                    break s.flushed_index;
-                }
-            }
-            tokio::select! {
-                r = flush.changed() => if r.is_err() { return FsyncOutcome::Stopped },
-                r = role.changed() => if r.is_err() { return FsyncOutcome::Stopped },
-            }
-        };
-        if self.acks == 0 {
-            return if deposed() {
-                FsyncOutcome::NotLeader
-            } else {
-                FsyncOutcome::Ok
+                (
+                    s.flushed_seq >= target,
+                    (s.appended_seq >= target).then_some(s.appended_index),
+                )
             };
-        }
-        // 2. `acks` other voters answered an AppendEntries of this term through `index`:
-        //    they answer only after their own fdatasync, so that means durable there.
-        let mut acked = self.matched.subscribe();
-        loop {
-            {
+            if deposed() {
+                return FsyncOutcome::NotLeader;
+            }
+            // `acks` other voters answered an AppendEntries of this term through the
+            // append holding `target` (or a later one): they answer only after their own
+            // fdatasync, so that means durable there.
+            let answered = self.acks == 0 || {
                 let m = metrics.borrow_and_update();
-                if deposed() || m.vote.leader_id().term != term || m.state != ServerState::Leader {
+                if m.vote.leader_id().term != term || m.state != ServerState::Leader {
                     return FsyncOutcome::NotLeader;
                 }
                 let voters: Vec<u64> = m.membership_config.membership().voter_ids().collect();
                 acked.borrow_and_update();
-                if self.matched.acked_voters(&voters, self.my_id, term, index) >= self.acks {
-                    return FsyncOutcome::Ok;
-                }
+                appended.is_some_and(|index| {
+                    self.matched.acked_voters(&voters, self.my_id, term, index) >= self.acks
+                })
+            };
+            if flushed && answered {
+                return FsyncOutcome::Ok;
             }
-            // Answers wake this; the metrics and the role only for what they decide
-            // (term, state, voters), so a normal fsync wakes once, on its K-th answer.
+            // The metrics and the role wake this only for what they decide (term, state,
+            // voters).
             tokio::select! {
-                r = acked.changed() => if r.is_err() { return FsyncOutcome::Stopped },
-                r = role.changed() => if r.is_err() { return FsyncOutcome::Stopped },
-                r = metrics.changed() => if r.is_err() { return FsyncOutcome::Stopped },
+                r = flush.changed(), if answered => if r.is_err() { return stopped() },
+                r = acked.changed(), if !answered => if r.is_err() { return stopped() },
+                r = role.changed() => if r.is_err() { return stopped() },
+                r = metrics.changed() => if r.is_err() { return stopped() },
             }
         }
     }
