@@ -248,21 +248,12 @@ impl EarlyAppend {
         wait: Duration,
     ) -> Option<LogId<u64>> {
         let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let (acked, changed) = self.settled(target, term, upto);
-            let Some(changed) = changed else {
-                return acked;
-            };
-            let notified = changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            // Checked again once registered, so an answer in between is not missed (nor a
-            // follower's state replaced meanwhile, with a Notify of its own).
-            match self.settled(target, term, upto).1 {
-                Some(again) if Arc::ptr_eq(&again, &changed) => {}
-                _ => continue,
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+        match self
+            .wait_for(deadline, || self.settled(target, term, upto))
+            .await
+        {
+            Some(acked) => acked,
+            None => {
                 // The early link is slower than the stream (a follower that stalls, a link
                 // that drops): let the stream carry this follower, unwaited, until it has
                 // caught it up and the chain starts again.
@@ -270,7 +261,7 @@ impl EarlyAppend {
                 let same_term = st.term == term;
                 let peer = st.peers.get_mut(&target).filter(|_| same_term)?;
                 peer.break_chain();
-                return peer.acked.filter(|a| a.leader_id.term == term);
+                peer.acked.filter(|a| a.leader_id.term == term)
             }
         }
     }
@@ -281,62 +272,80 @@ impl EarlyAppend {
     /// (nothing would carry it), or when the wait ends: the caller sends it itself.
     pub async fn carry_commit(&self, target: u64, term: u64, commit: LogId<u64>) -> bool {
         let deadline = tokio::time::Instant::now() + self.commit_wait;
+        self.wait_for(deadline, || self.carried(target, term, commit))
+            .await
+            .unwrap_or(false)
+    }
+
+    /// Wait until `check` answers (`Ok`) or `deadline` passes (`None`). Until it answers,
+    /// `check` names what wakes when its answer may have changed; it is asked again once
+    /// the waiter is registered, so a wake-up in between is not missed (nor a follower's
+    /// state replaced meanwhile, with a Notify of its own).
+    async fn wait_for<T>(
+        &self,
+        deadline: tokio::time::Instant,
+        check: impl Fn() -> Result<T, Arc<Notify>>,
+    ) -> Option<T> {
         loop {
-            let changed = {
-                let mut st = self.lock();
-                let same_term = st.term == term;
-                let Some(peer) = st.peers.get_mut(&target).filter(|_| same_term) else {
-                    return false;
-                };
-                if peer.commit_delivered >= Some(commit) {
-                    return true;
-                }
-                if peer.next.is_none() {
-                    return false;
-                }
-                if peer.commit < Some(commit) {
-                    peer.commit = Some(commit);
-                }
-                peer.changed.clone()
+            let changed = match check() {
+                Ok(answer) => return Some(answer),
+                Err(changed) => changed,
             };
             let notified = changed.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // Checked again once registered, so an answer in between is not missed.
-            {
-                let st = self.lock();
-                match st.peers.get(&target).filter(|_| st.term == term) {
-                    Some(p) if p.commit_delivered >= Some(commit) => return true,
-                    Some(p) if p.next.is_some() && Arc::ptr_eq(&p.changed, &changed) => {}
-                    _ => continue,
-                }
+            match check() {
+                Ok(answer) => return Some(answer),
+                Err(again) if Arc::ptr_eq(&again, &changed) => {}
+                Err(_) => continue,
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return false;
+                return None;
             }
         }
     }
 
-    /// What `target` acknowledged early in `term`, and, while early sends that may reach
+    /// What `target` acknowledged early in `term`, or, while early sends that may reach
     /// `upto` are still unanswered, what wakes when one is.
     fn settled(
         &self,
         target: u64,
         term: u64,
         upto: u64,
-    ) -> (Option<LogId<u64>>, Option<Arc<Notify>>) {
+    ) -> Result<Option<LogId<u64>>, Arc<Notify>> {
         let st = self.lock();
         let Some(peer) = st.peers.get(&target).filter(|_| st.term == term) else {
-            return (None, None);
+            return Ok(None);
         };
         let acked = peer.acked.filter(|a| a.leader_id.term == term);
         let acked_next = acked.map_or(0, |a| a.index + 1);
         let unanswered = peer.next.is_some_and(|n| n > acked_next);
         if acked_next > upto || !unanswered {
-            (acked, None)
+            Ok(acked)
         } else {
-            (acked, Some(peer.changed.clone()))
+            Err(peer.changed.clone())
         }
+    }
+
+    /// Whether an answered early send of `term` carried `commit` to `target` (true), or
+    /// none will (false: no live chain); else the next early send is asked to carry it,
+    /// and what wakes when one is answered is returned.
+    fn carried(&self, target: u64, term: u64, commit: LogId<u64>) -> Result<bool, Arc<Notify>> {
+        let mut st = self.lock();
+        let same_term = st.term == term;
+        let Some(peer) = st.peers.get_mut(&target).filter(|_| same_term) else {
+            return Ok(false);
+        };
+        if peer.commit_delivered >= Some(commit) {
+            return Ok(true);
+        }
+        if peer.next.is_none() {
+            return Ok(false);
+        }
+        if peer.commit < Some(commit) {
+            peer.commit = Some(commit);
+        }
+        Err(peer.changed.clone())
     }
 
     /// `target` answered openraft's stream with anything but success: what was
