@@ -217,7 +217,8 @@ pub async fn start(
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
     if cfg.cluster.is_some() {
-        tokio::spawn(early.run(raft.server_metrics(), net.clone()));
+        early::spawn_thread(early.clone(), raft.server_metrics(), net.clone())
+            .map_err(|e| StartError::Raft(format!("cannot start the early-send thread: {e}")))?;
     }
     tokio::spawn(retention::run(
         raft.clone(),
