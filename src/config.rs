@@ -97,6 +97,11 @@ limits! {
     /// syncs at once: proposing the first WRITE alone made the FSYNC wait for two log
     /// flushes (and replication rounds) in a row. 0 proposes at once.
     batch_linger_us: u64 = 2_000, settable, min Min::Const(0), max 1_000_000;
+    /// While batches keep being proposed, the proposer looks at the open batch on a timer
+    /// of this period instead of being woken by each batch that opens (one runtime
+    /// thread's wake-up per vere sync point); a WRITE no FSYNC follows then reaches the log
+    /// within this plus `batch_linger_us`. A period with nothing proposed ends the watch.
+    batch_watch_us: u64 = 10_000, fixed, min Min::Const(1), max 1_000_000;
     /// A leader sends each entry to its followers while its own log fdatasync of it runs
     /// (`replication/early.rs`): at most this many record bytes are queued for or travel
     /// to one follower (one such AppendEntries carries at most this much). 0 sends entries

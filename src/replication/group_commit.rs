@@ -5,6 +5,7 @@
 //! the proposer takes sealed batches strictly in that order, so log order = seq order.
 
 use std::collections::VecDeque;
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -36,7 +37,12 @@ pub struct GroupCommit {
     open_bytes: usize,
     /// Seq of the open batch (the next one to be sealed).
     open_seq: u64,
+    /// When the open batch got its first op: its linger counts from here.
+    opened_at: Option<Instant>,
     sealed: VecDeque<Sealed>,
+    /// The proposer looks at the open batch within `batch_watch_us` without being woken
+    /// (it is busy and checks on a timer), so a batch opening is no news to it.
+    watched: bool,
 }
 
 /// Whether `op` is a stamp (see [`GroupCommit::push_data_stamped`]) of `path`.
@@ -79,7 +85,9 @@ impl GroupCommit {
             open: Vec::new(),
             open_bytes: 0,
             open_seq: 1,
+            opened_at: None,
             sealed: VecDeque::new(),
+            watched: false,
         }
     }
 
@@ -95,6 +103,9 @@ impl GroupCommit {
             && self.open_bytes + bytes + BATCH_OVERHEAD_BYTES > self.entry_bytes_max
         {
             self.seal();
+        }
+        if self.open.is_empty() {
+            self.opened_at = Some(Instant::now());
         }
         self.open.push(op);
         self.open_bytes += bytes;
@@ -141,6 +152,7 @@ impl GroupCommit {
         }
         let ops = std::mem::take(&mut self.open);
         self.open_bytes = 0;
+        self.opened_at = None;
         self.sealed.push_back(Sealed {
             batch: Batch {
                 origin: self.origin,
@@ -181,6 +193,18 @@ impl GroupCommit {
         !self.open.is_empty()
     }
 
+    /// When the open batch got its first op, if one is open.
+    pub fn opened_at(&self) -> Option<Instant> {
+        self.opened_at
+    }
+
+    /// The proposer says whether it will look at the open batch on its own timer
+    /// ([`GroupCommit::is_news_since`]). Set under the same lock as the ops are added, so
+    /// a batch opening after the proposer stopped watching always wakes it.
+    pub fn set_watched(&mut self, watched: bool) {
+        self.watched = watched;
+    }
+
     /// What the proposer acts on: whether a batch is open, and how many are sealed.
     pub fn shape(&self) -> Shape {
         Shape {
@@ -190,12 +214,15 @@ impl GroupCommit {
     }
 
     /// Whether ops added since the group had shape `before` are news to the proposer: a
-    /// batch opened (its linger starts) or one was sealed. Ops joining a batch that was
-    /// open already are not: the proposer already lingers on it, or waits for the flush
-    /// that lets it go, and takes them with it.
+    /// batch was sealed, or one opened while the proposer is not watching (its linger
+    /// starts). Ops joining a batch that was open already are not: the proposer already
+    /// lingers on it, or waits for the flush that lets it go, and takes them with it. Nor
+    /// is a batch opening while the proposer watches: vere's commit is WRITEs then an
+    /// FSYNC that seals them, and the wake-up for the WRITE cost a runtime thread's
+    /// wake-up per sync point.
     pub fn is_news_since(&self, before: Shape) -> bool {
         let now = self.shape();
-        (now.open && !before.open) || now.sealed > before.sealed
+        (now.open && !before.open && !self.watched) || now.sealed > before.sealed
     }
 
     pub fn take_sealed(&mut self) -> Option<Sealed> {
@@ -221,8 +248,9 @@ mod tests {
         }
     }
 
-    /// The proposer is woken when a batch opens or is sealed, not for every op that joins
-    /// an open batch (a commit of LMDB is several WRITEs before its FSYNC).
+    /// The proposer is woken when a batch opens (unless it watches) or is sealed, not for
+    /// every op that joins an open batch (a commit of LMDB is several WRITEs before its
+    /// FSYNC).
     #[test]
     fn only_a_new_or_sealed_batch_is_news_to_the_proposer() {
         let mut p = GroupCommit::new(1, 4096);
@@ -246,6 +274,33 @@ mod tests {
         assert!(
             p.is_news_since(before),
             "opened and sealed at once by its size"
+        );
+        while p.take_sealed().is_some() {}
+
+        // A proposer that watches is told of sealed batches only.
+        p.set_watched(true);
+        let before = p.shape();
+        p.push_data(write(0, 100));
+        assert!(!p.is_news_since(before), "a batch opened under watch");
+        assert!(
+            p.opened_at().is_some(),
+            "the open batch's linger has a start"
+        );
+        let before = p.shape();
+        p.seal();
+        assert!(p.is_news_since(before), "a batch sealed under watch");
+        assert!(p.opened_at().is_none(), "no batch is open");
+        while p.take_sealed().is_some() {}
+        let before = p.shape();
+        p.push_data(write(0, 4000));
+        assert!(p.is_news_since(before), "sealed by its size under watch");
+        while p.take_sealed().is_some() {}
+        p.set_watched(false);
+        let before = p.shape();
+        p.push_data(write(0, 100));
+        assert!(
+            p.is_news_since(before),
+            "a batch opened after the watch ended"
         );
     }
 

@@ -111,6 +111,7 @@ impl Replicated {
                 flush_rx: p.flush_rx.clone(),
                 proposals_inflight_max: p.limits.proposals_inflight_max as u64,
                 linger: Duration::from_micros(p.limits.batch_linger_us),
+                watch: Duration::from_micros(p.limits.batch_watch_us),
                 role: p.role.clone(),
             }
             .run(),

@@ -10,9 +10,17 @@
 //! While the log is idle a small open batch lingers up to `batch_linger_us` before it is
 //! closed: the FSYNC that follows a commit's WRITEs closes it sooner, so a sync point
 //! costs one log flush (and one replication round) instead of two in a row.
+//!
+//! While batches keep being proposed this task *watches* the group: it looks at it every
+//! `batch_watch_us` on a timer instead of being woken by each batch that opens (vere's
+//! WRITEs), so a sync point wakes it once, for its FSYNC. A period with nothing proposed
+//! ends the watch, and the next batch to open wakes it again. An unsynced WRITE reaches
+//! the log within `batch_watch_us` + `batch_linger_us` (12 ms by default). The watch's
+//! period is not the linger's: a 2 ms watch timer fired every three LMDB commits and cost
+//! what it saved.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use openraft::Raft;
 use tokio::sync::{watch, Notify};
@@ -29,6 +37,8 @@ pub struct Proposer {
     pub flush_rx: watch::Receiver<FlushState>,
     pub proposals_inflight_max: u64,
     pub linger: Duration,
+    /// The watch's period (`batch_watch_us`).
+    pub watch: Duration,
     pub role: Arc<Role>,
 }
 
@@ -37,8 +47,11 @@ impl Proposer {
     pub async fn run(mut self) {
         let mut proposed_seq = 0u64;
         let mut generation = self.role.generation();
-        // The open batch (its seq) waiting out `linger` on an idle log, and until when.
-        let mut lingering: Option<(u64, tokio::time::Instant)> = None;
+        // While set, this task looks at the group by then on its own, so a batch opening
+        // does not wake it (`GroupCommit::set_watched`); renewed while batches keep being
+        // proposed, dropped once a whole period passed without any.
+        let mut watch_until: Option<Instant> = None;
+        let mut proposed_since_watch = false;
         loop {
             let flushed = *self.flush_rx.borrow_and_update();
             if self.role.generation() != generation {
@@ -57,53 +70,73 @@ impl Proposer {
                 return;
             }
             let inflight = proposed_seq.saturating_sub(flushed.flushed_seq);
-            let mut deadline = None;
+            let now = Instant::now();
+            let mut linger_until = None;
             // Whether a flush landing would let something be proposed: sealed batches held
             // back by the in-flight limit, or ops piling up behind an append. Otherwise
             // flushes do not wake this task (one wake-up less per fsync); the next op's
-            // `wake` does, and the flush state is read afresh then.
+            // `wake` or the watch does, and the flush state is read afresh then.
             let mut flush_matters = inflight >= self.proposals_inflight_max;
-            let next = if flush_matters {
-                None
-            } else {
+            let next = {
                 let mut p = self.group.lock().expect("group commit mutex poisoned");
-                flush_matters = p.has_open() && inflight > 0;
-                if let Some(s) = p.take_sealed() {
-                    Some(s)
-                } else if p.has_open() && inflight == 0 {
-                    // The log is idle: close the batch once it has lingered, rather than
-                    // wait for more.
-                    let open = p.last_seq();
-                    let until = match lingering {
-                        Some((seq, until)) if seq == open => until,
-                        _ => tokio::time::Instant::now() + self.linger,
-                    };
-                    lingering = Some((open, until));
-                    if until <= tokio::time::Instant::now() {
-                        p.seal();
-                        p.take_sealed()
+                if watch_until.is_some_and(|w| w <= now) {
+                    if proposed_since_watch {
+                        watch_until = Some(now + self.watch);
                     } else {
-                        deadline = Some(until);
-                        None
+                        // Quiet for a whole period: the next batch to open wakes this task.
+                        watch_until = None;
+                        p.set_watched(false);
                     }
-                } else {
-                    None
+                    proposed_since_watch = false;
                 }
+                let next = if flush_matters {
+                    None
+                } else {
+                    flush_matters = p.has_open() && inflight > 0;
+                    match (p.take_sealed(), p.opened_at()) {
+                        (Some(s), _) => Some(s),
+                        // The log is idle: close the batch once it has lingered, rather
+                        // than wait for more.
+                        (None, Some(opened)) if inflight == 0 => {
+                            let until = opened + self.linger;
+                            if until <= now {
+                                p.seal();
+                                p.take_sealed()
+                            } else {
+                                linger_until = Some(until);
+                                None
+                            }
+                        }
+                        (None, _) => None,
+                    }
+                };
+                // Busy: watch rather than be woken for every batch that opens. With no
+                // linger there is nothing to watch for: every batch goes at once.
+                if next.is_some() && watch_until.is_none() && !self.linger.is_zero() {
+                    watch_until = Some(now + self.watch);
+                    p.set_watched(true);
+                }
+                next
             };
             let Some(sealed) = next else {
-                let linger = async {
+                let deadline = match (linger_until, watch_until) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                };
+                let timer = async {
                     match deadline {
-                        Some(d) => tokio::time::sleep_until(d).await,
+                        Some(d) => tokio::time::sleep_until(d.into()).await,
                         None => std::future::pending().await,
                     }
                 };
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     r = self.flush_rx.changed(), if flush_matters => if r.is_err() { return },
-                    _ = linger => {}
+                    _ = timer => {}
                 }
                 continue;
             };
+            proposed_since_watch = true;
             // Log order is seq order: the group commit seals in seq order and only this
             // task takes sealed batches.
             debug_assert!(
