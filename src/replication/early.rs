@@ -367,9 +367,6 @@ impl EarlyAppend {
         mut metrics: watch::Receiver<RaftServerMetrics<u64, BasicNode>>,
         net: NetConfig,
     ) {
-        if self.bytes_max == 0 {
-            return;
-        }
         loop {
             let (term, voters) = {
                 let m = metrics.borrow_and_update();
@@ -546,18 +543,35 @@ impl EarlyAppend {
 /// the fdatasync returns, so the overlap this module exists for did not happen: a
 /// scheduler trace of 4 KiB fsyncs showed the early sends leaving after the leader's
 /// fdatasync. Woken across runtimes, the senders run at once on the other core.
+///
+/// The runtime is built on the thread itself (a runtime may not be dropped in async code,
+/// which a failed spawn would do to one built here); its outcome comes back before this
+/// returns.
 pub fn spawn_thread(
     early: Arc<EarlyAppend>,
     metrics: watch::Receiver<RaftServerMetrics<u64, BasicNode>>,
     net: NetConfig,
 ) -> std::io::Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let (built_tx, built_rx) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("seguro-early".into())
-        .spawn(move || rt.block_on(early.run(metrics, net)))?;
-    Ok(())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = built_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = built_tx.send(Ok(()));
+            rt.block_on(early.run(metrics, net));
+        })?;
+    built_rx
+        .recv()
+        .map_err(|_| std::io::Error::other("the thread ended before building its runtime"))?
 }
 
 /// Send one encoded request on `link` (connecting first if needed) and decode the answer.

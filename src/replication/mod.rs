@@ -216,7 +216,7 @@ pub async fn start(
     )
     .await
     .map_err(|e| StartError::Raft(e.to_string()))?;
-    if cfg.cluster.is_some() {
+    if cfg.cluster.is_some() && l.early_append_bytes_max > 0 {
         early::spawn_thread(early.clone(), raft.server_metrics(), net.clone())
             .map_err(|e| StartError::Raft(format!("cannot start the early-send thread: {e}")))?;
     }

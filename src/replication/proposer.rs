@@ -15,15 +15,17 @@
 //! `batch_watch_us` on a timer instead of being woken by each batch that opens (vere's
 //! WRITEs), so a sync point wakes it once, for its FSYNC. A period with nothing proposed
 //! ends the watch, and the next batch to open wakes it again. An unsynced WRITE reaches
-//! the log within `batch_watch_us` + `batch_linger_us` (12 ms by default). The watch's
+//! the log within `batch_watch_us` + `batch_linger_us` (12 ms by default) once the flushes
+//! in flight have landed. The watch's
 //! period is not the linger's: a 2 ms watch timer fired every three LMDB commits and cost
 //! what it saved.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use openraft::Raft;
 use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 
 use super::group_commit::GroupCommit;
 use super::log_store::FlushState;
@@ -42,16 +44,50 @@ pub struct Proposer {
     pub role: Arc<Role>,
 }
 
+/// The proposer's watch over the group while it is busy: until `until` it looks at the
+/// group on its own timer, so a batch opening need not wake it (`GroupCommit::set_watched`).
+/// Renewed while batches keep being proposed; it ends after a whole period without any.
+#[derive(Debug, Default, PartialEq)]
+struct Watch {
+    until: Option<Instant>,
+    proposed: bool,
+}
+
+impl Watch {
+    /// At `now`: a watch that ran out is renewed if something was proposed during it and
+    /// ends otherwise. Some(false): it ended, and the group must be told.
+    fn tick(&mut self, now: Instant, period: Duration) -> Option<bool> {
+        if self.until.is_none_or(|w| w > now) {
+            return None;
+        }
+        let renewed = std::mem::take(&mut self.proposed);
+        if renewed {
+            self.until = Some(now + period);
+            None
+        } else {
+            self.until = None;
+            Some(false)
+        }
+    }
+
+    /// A batch is being proposed at `now`. Some(true): a watch starts, and the group must
+    /// be told. With no linger there is nothing to watch for: every batch goes at once.
+    fn proposing(&mut self, now: Instant, period: Duration, linger: Duration) -> Option<bool> {
+        self.proposed = true;
+        if self.until.is_some() || linger.is_zero() {
+            return None;
+        }
+        self.until = Some(now + period);
+        Some(true)
+    }
+}
+
 impl Proposer {
     /// Run until Raft shuts down or the log fails.
     pub async fn run(mut self) {
         let mut proposed_seq = 0u64;
         let mut generation = self.role.generation();
-        // While set, this task looks at the group by then on its own, so a batch opening
-        // does not wake it (`GroupCommit::set_watched`); renewed while batches keep being
-        // proposed, dropped once a whole period passed without any.
-        let mut watch_until: Option<Instant> = None;
-        let mut proposed_since_watch = false;
+        let mut watch = Watch::default();
         loop {
             let flushed = *self.flush_rx.borrow_and_update();
             if self.role.generation() != generation {
@@ -79,15 +115,9 @@ impl Proposer {
             let mut flush_matters = inflight >= self.proposals_inflight_max;
             let next = {
                 let mut p = self.group.lock().expect("group commit mutex poisoned");
-                if watch_until.is_some_and(|w| w <= now) {
-                    if proposed_since_watch {
-                        watch_until = Some(now + self.watch);
-                    } else {
-                        // Quiet for a whole period: the next batch to open wakes this task.
-                        watch_until = None;
-                        p.set_watched(false);
-                    }
-                    proposed_since_watch = false;
+                if watch.tick(now, self.watch) == Some(false) {
+                    // Quiet for a whole period: the next batch to open wakes this task.
+                    p.set_watched(false);
                 }
                 let next = if flush_matters {
                     None
@@ -98,7 +128,7 @@ impl Proposer {
                         // The log is idle: close the batch once it has lingered, rather
                         // than wait for more.
                         (None, Some(opened)) if inflight == 0 => {
-                            let until = opened + self.linger;
+                            let until = Instant::from_std(opened) + self.linger;
                             if until <= now {
                                 p.seal();
                                 p.take_sealed()
@@ -110,22 +140,19 @@ impl Proposer {
                         (None, _) => None,
                     }
                 };
-                // Busy: watch rather than be woken for every batch that opens. With no
-                // linger there is nothing to watch for: every batch goes at once.
-                if next.is_some() && watch_until.is_none() && !self.linger.is_zero() {
-                    watch_until = Some(now + self.watch);
+                if next.is_some() && watch.proposing(now, self.watch, self.linger) == Some(true) {
                     p.set_watched(true);
                 }
                 next
             };
             let Some(sealed) = next else {
-                let deadline = match (linger_until, watch_until) {
+                let deadline = match (linger_until, watch.until) {
                     (Some(a), Some(b)) => Some(a.min(b)),
                     (a, b) => a.or(b),
                 };
                 let timer = async {
                     match deadline {
-                        Some(d) => tokio::time::sleep_until(d.into()).await,
+                        Some(d) => tokio::time::sleep_until(d).await,
                         None => std::future::pending().await,
                     }
                 };
@@ -136,7 +163,6 @@ impl Proposer {
                 }
                 continue;
             };
-            proposed_since_watch = true;
             // Log order is seq order: the group commit seals in seq order and only this
             // task takes sealed batches.
             debug_assert!(
@@ -175,5 +201,57 @@ impl Proposer {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PERIOD: Duration = Duration::from_millis(10);
+    const LINGER: Duration = Duration::from_millis(2);
+
+    /// The watch starts with a proposal, is renewed by a period with proposals, and ends
+    /// after a quiet one (then the next batch to open wakes the proposer again); no linger,
+    /// no watch.
+    #[test]
+    fn the_watch_lasts_while_batches_are_proposed() {
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+
+        let mut w = Watch::default();
+        assert_eq!(w.tick(ms(0), PERIOD), None, "no watch, nothing to end");
+        assert_eq!(w.proposing(ms(0), PERIOD, LINGER), Some(true), "starts");
+        assert_eq!(w.until, Some(ms(10)));
+        assert_eq!(w.proposing(ms(3), PERIOD, LINGER), None, "already watching");
+        assert_eq!(w.tick(ms(5), PERIOD), None, "not run out yet");
+        assert_eq!(w.until, Some(ms(10)));
+        assert_eq!(
+            w.tick(ms(10), PERIOD),
+            None,
+            "run out after proposals: renewed"
+        );
+        assert_eq!(w.until, Some(ms(20)));
+        assert_eq!(
+            w.tick(ms(21), PERIOD),
+            Some(false),
+            "a quiet period ends it"
+        );
+        assert_eq!(w, Watch::default());
+        assert_eq!(w.tick(ms(40), PERIOD), None, "ended stays ended");
+        assert_eq!(
+            w.proposing(ms(41), PERIOD, LINGER),
+            Some(true),
+            "starts again"
+        );
+
+        let mut w = Watch::default();
+        assert_eq!(
+            w.proposing(ms(0), PERIOD, Duration::ZERO),
+            None,
+            "no linger"
+        );
+        assert_eq!(w.until, None);
+        assert_eq!(w.tick(ms(100), PERIOD), None);
     }
 }
