@@ -229,7 +229,7 @@ fn restart_detaches_its_own_dead_mount() {
     );
 
     let run = |data: &std::path::Path| {
-        std::process::Command::new(common::mount::bin())
+        common::mount::no_inherited_files(&mut std::process::Command::new(common::mount::bin()))
             .arg("mount")
             .arg(data)
             .arg(&mnt)

@@ -7,7 +7,7 @@ mod common;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use common::mount::{copy_tree, ChildTest, Daemon, TestDir};
+use common::mount::{copy_tree, no_inherited_files, ChildTest, Daemon, TestDir};
 use common::vere;
 
 const IMAGE_BYTES: u64 = 8 << 20;
@@ -16,6 +16,30 @@ const IMAGE_BYTES: u64 = 8 << 20;
 /// would otherwise inherit LMDB's descriptors of the other's mount (LMDB does not open them
 /// close-on-exec) and keep that mount busy.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// A child started through `no_inherited_files` holds none of this process's LMDB files,
+/// which a plain spawn hands down (LMDB opens data.mdb without O_CLOEXEC): the inherited
+/// descriptor is what kept a parallel test's mount busy.
+#[test]
+fn children_started_by_the_tests_inherit_no_lmdb_file() {
+    let t = TestDir::new("cloexec");
+    let log = t.join("log");
+    vere::create_pier(&log).unwrap();
+    let env = vere::open_env(&log).unwrap();
+    let open_fds = |cmd: &mut std::process::Command| {
+        let out = cmd.arg("-l").arg("/proc/self/fd").output().unwrap();
+        assert!(out.status.success(), "ls /proc/self/fd failed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let plain = open_fds(&mut std::process::Command::new("ls"));
+    assert!(
+        plain.contains("data.mdb"),
+        "a plain child no longer inherits data.mdb (LMDB changed?):\n{plain}"
+    );
+    let guarded = open_fds(no_inherited_files(&mut std::process::Command::new("ls")));
+    assert!(!guarded.contains("data.mdb"), "{guarded}");
+    vere::close_env(env).unwrap();
+}
 
 #[test]
 fn vere_workload_survives_remount_and_tree_is_plain_lmdb() {

@@ -21,7 +21,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use common::cluster::{hex, pick_port, status_of, Cluster};
-use common::mount::{bin, write_fsync, Daemon, TestDir, PURGE_AT_EVERY_CHECKPOINT};
+use common::mount::{
+    bin, no_inherited_files, write_fsync, Daemon, TestDir, PURGE_AT_EVERY_CHECKPOINT,
+};
 use common::proxy::real_ip;
 use common::vere;
 
@@ -637,7 +639,7 @@ fn run_expecting_exit(t: &TestDir, args: &[&str]) -> (bool, String) {
     std::fs::create_dir_all(&mnt).unwrap();
     let err_path = t.join("refused.log");
     let mut guard = Refused(Some(
-        Command::new(bin())
+        no_inherited_files(&mut Command::new(bin()))
             .arg("mount")
             .arg(t.join("data2"))
             .arg(&mnt)

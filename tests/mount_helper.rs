@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::mount::{bin, force_unmount, is_mounted, signal, TestDir};
+use common::mount::{bin, force_unmount, is_mounted, no_inherited_files, signal, TestDir};
 
 /// How long one command (a mount that reports readiness, a validation) may take.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(90);
@@ -31,7 +31,7 @@ fn helper() -> PathBuf {
 
 /// Run `cmd` to completion (bounded), capturing its output.
 fn run(cmd: &mut Command) -> Output {
-    let mut child = cmd
+    let mut child = no_inherited_files(cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -367,7 +367,7 @@ fn foreground_mount_notifies_systemd() {
     let socket_path = t.join("notify.sock");
     let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(COMMAND_TIMEOUT)).unwrap();
-    let child = Command::new(bin())
+    let child = no_inherited_files(&mut Command::new(bin()))
         .arg("mount")
         .arg(&data)
         .arg(&mp)

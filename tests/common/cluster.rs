@@ -22,7 +22,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::mount::{bin, force_unmount, is_mounted, signal, Daemon, TestDir};
+use super::mount::{bin, force_unmount, is_mounted, no_inherited_files, signal, Daemon, TestDir};
 use super::proxy::{advertised_ip, real_ip, Links, Proxy};
 use super::tmpfs::Tmpfs;
 
@@ -510,7 +510,7 @@ impl Cluster {
         let mnt = self.mountpoint(i);
         fs::create_dir_all(&mnt).unwrap();
         let log = self.dir.join(&format!("node{i}/refused.log"));
-        let mut child = Command::new(bin())
+        let mut child = no_inherited_files(&mut Command::new(bin()))
             .arg("mount")
             .arg(self.data_dir(i))
             .arg(&mnt)

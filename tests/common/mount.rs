@@ -24,6 +24,31 @@ pub const PURGE_AT_EVERY_CHECKPOINT: [&str; 6] = [
     "0",
 ];
 
+/// Keep `cmd`'s child from inheriting this test process's open files. LMDB opens data.mdb
+/// without O_CLOEXEC, so a daemon that a parallel test starts while this process has an env
+/// open in some test's mount holds that file for its whole life, and the mount's clean stop
+/// fails with EBUSY (seen once in `tests/diskfull.rs`, a daemon that "did not stop"). Every
+/// descriptor above stderr is marked close-on-exec in the child before it execs.
+pub fn no_inherited_files(cmd: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs between fork and exec and makes one async-signal-safe
+    // system call.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(cmd, || {
+            let r = libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            if r == -1 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        })
+    }
+}
+
 /// The daemon under test; `SEGURO_BIN` names another build (to measure a release against
 /// an earlier one with the same test).
 pub fn bin() -> PathBuf {
@@ -121,7 +146,7 @@ impl Daemon {
         fs::create_dir_all(mountpoint).unwrap();
         let log = unique(data_dir.with_extension("daemon"));
         let out = fs::File::create(&log).unwrap();
-        let child = Command::new(bin())
+        let child = no_inherited_files(&mut Command::new(bin()))
             .arg("mount")
             .arg(data_dir)
             .arg(mountpoint)
@@ -277,7 +302,12 @@ impl ChildTest {
             cmd.env(k, v);
         }
         ChildTest {
-            child: Some(cmd.stdout(Stdio::null()).spawn().expect("spawn child test")),
+            child: Some(
+                no_inherited_files(&mut cmd)
+                    .stdout(Stdio::null())
+                    .spawn()
+                    .expect("spawn child test"),
+            ),
         }
     }
 
@@ -361,7 +391,7 @@ pub fn run_bounded(cmd: &mut Command, timeout: Duration) -> Result<Output, Strin
         })
     }
     let what = format!("{cmd:?}");
-    let mut child = cmd
+    let mut child = no_inherited_files(cmd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

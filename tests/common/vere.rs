@@ -327,7 +327,7 @@ pub fn parse_epoch_name(name: &str) -> Option<u64> {
 /// Open an LMDB env the way vere does: flags 0 (no NOSYNC/WRITEMAP/NOMETASYNC/NOLOCK),
 /// `maxdbs` 2, map size 1 TiB. (heed creates files with mode 0600 where vere passes 0664;
 /// not adjustable through heed and irrelevant to the IO pattern.)
-fn open_env(dir: &Path) -> heed::Result<Env> {
+pub fn open_env(dir: &Path) -> heed::Result<Env> {
     // SAFETY: these envs are only touched through heed by this module, one Env per path per
     // process (see the module docs), and never with NO_LOCK.
     unsafe {
@@ -340,7 +340,7 @@ fn open_env(dir: &Path) -> heed::Result<Env> {
 
 /// Close an env and wait (bounded) until LMDB really closed it, so the same path can be
 /// reopened in this process.
-fn close_env(env: Env) -> io::Result<()> {
+pub fn close_env(env: Env) -> io::Result<()> {
     let closing = env.prepare_for_closing();
     if closing.wait_timeout(Duration::from_secs(30)) {
         Ok(())
