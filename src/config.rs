@@ -100,7 +100,8 @@ limits! {
     /// While batches keep being proposed, the proposer looks at the open batch on a timer
     /// of this period instead of being woken by each batch that opens (one runtime
     /// thread's wake-up per vere sync point); a WRITE no FSYNC follows then reaches the log
-    /// within this plus `batch_linger_us` once the flushes in flight have landed. A period with nothing proposed ends the watch.
+    /// within this plus `batch_linger_us` once the flushes in flight have landed. A period
+    /// with nothing proposed ends the watch.
     batch_watch_us: u64 = 10_000, fixed, min Min::Const(1), max 1_000_000;
     /// A leader sends each entry to its followers while its own log fdatasync of it runs
     /// (`replication/early.rs`): at most this many record bytes are queued for or travel

@@ -12,11 +12,6 @@ use common::vere;
 
 const IMAGE_BYTES: u64 = 8 << 20;
 
-/// The tests of this file run one at a time: a child process spawned by one (the reader)
-/// would otherwise inherit LMDB's descriptors of the other's mount (LMDB does not open them
-/// close-on-exec) and keep that mount busy.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
 /// A child started through `no_inherited_files` holds none of this process's LMDB files,
 /// which a plain spawn hands down (LMDB opens data.mdb without O_CLOEXEC): the inherited
 /// descriptor is what kept a parallel test's mount busy.
@@ -43,7 +38,6 @@ fn children_started_by_the_tests_inherit_no_lmdb_file() {
 
 #[test]
 fn vere_workload_survives_remount_and_tree_is_plain_lmdb() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t = TestDir::new("workload");
     let data = t.join("data");
     let log = t.join("pier/.urb/log");
@@ -116,7 +110,6 @@ fn reader_child() {
 
 #[test]
 fn reader_process_sees_commits_while_writer_commits() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t = TestDir::new("reader");
     let data = t.join("data");
     let log = t.join("log");
@@ -207,7 +200,6 @@ fn unprivileged_writer_child() {
 /// own, on the mount and in the replicated tree, and survives a remount.
 #[test]
 fn vere_workload_as_an_unprivileged_user_through_a_root_daemon() {
-    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: geteuid has no preconditions.
     assert_eq!(
         unsafe { libc::geteuid() },

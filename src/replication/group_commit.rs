@@ -218,8 +218,8 @@ impl GroupCommit {
     /// starts). Ops joining a batch that was open already are not: the proposer already
     /// lingers on it, or waits for the flush that lets it go, and takes them with it. Nor
     /// is a batch opening while the proposer watches: vere's commit is WRITEs then an
-    /// FSYNC that seals them, and the wake-up for the WRITE cost a runtime thread's
-    /// wake-up per sync point.
+    /// FSYNC that seals them, and waking for the WRITE cost a runtime thread's wake-up
+    /// per sync point.
     pub fn is_news_since(&self, before: Shape) -> bool {
         let now = self.shape();
         (now.open && !before.open && !self.watched) || now.sealed > before.sealed

@@ -16,9 +16,8 @@
 //! WRITEs), so a sync point wakes it once, for its FSYNC. A period with nothing proposed
 //! ends the watch, and the next batch to open wakes it again. An unsynced WRITE reaches
 //! the log within `batch_watch_us` + `batch_linger_us` (12 ms by default) once the flushes
-//! in flight have landed. The watch's
-//! period is not the linger's: a 2 ms watch timer fired every three LMDB commits and cost
-//! what it saved.
+//! in flight have landed. The watch's period is not the linger's: a 2 ms watch timer fired
+//! every three LMDB commits and cost what it saved.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
