@@ -5,7 +5,8 @@
 //! make fsync acknowledgements lie, so there is no other path to `log_io_completed(Ok)`.
 //! The sync runs inline: openraft 0.9 awaits the flush of each append before doing
 //! anything else, so a separate flusher thread only added a thread hop to every fsync
-//! (measured: see docs/BENCHMARKS.md).
+//! (measured: see docs/BENCHMARKS.md). A large record's page-aligned middle is written with
+//! O_DIRECT (`direct_write.rs`), the rest through the page cache; the fdatasync covers both.
 //! A failed fdatasync is sticky: the page cache's state is unknown after it (the
 //! "fsyncgate" lesson), so every later append fails too; openraft stops on it and the
 //! daemon exits for its service manager to restart it (daemon.rs).
@@ -31,6 +32,7 @@ use openraft::{AnyError, EntryPayload, LogId, RaftLogReader, StorageError, Stora
 use rkyv::util::AlignedVec;
 use tokio::sync::watch;
 
+use super::direct_write::DirectWrites;
 use super::early::{EarlyAppend, Record};
 use super::record::{self, HEADER_BYTES};
 use super::{Entry, TypeConfig};
@@ -70,6 +72,9 @@ pub struct LogOptions {
     pub disk: DiskFullPolicy,
     /// Bytes (in record form) of the newest entries kept decoded in memory (`log_cache_bytes`).
     pub cache_bytes_max: u64,
+    /// Records of at least this many bytes are written with O_DIRECT where the file
+    /// system allows (`log_direct_bytes_min`); 0 never.
+    pub direct_bytes_min: u64,
     /// Early replication (a cluster member): offered each append before it is written.
     pub early: Option<Arc<EarlyAppend>>,
     /// A cluster member's id: a committed vote naming it (it led when it stopped) is read
@@ -83,6 +88,8 @@ pub struct LogOptions {
 struct Segment {
     path: PathBuf,
     file: Arc<File>,
+    /// The active segment's handle for direct writes, if the log makes them.
+    direct: Option<Arc<File>>,
 }
 
 #[derive(Clone, Copy)]
@@ -105,6 +112,8 @@ struct Inner {
     last_log_id: Option<LogId<u64>>,
     purged: Option<LogId<u64>>,
     vote: Option<Vote<u64>>,
+    /// Direct writes of large records (`None`: all through the page cache).
+    direct: Option<DirectWrites>,
     /// The newest appended entries, decoded, for openraft's reads right after an append
     /// (the apply on every member, and each follower's replication stream on the leader):
     /// they skip the read, checksum and decode of the record. Holds only entries that are
@@ -421,6 +430,7 @@ impl Inner {
             last_log_id: purged,
             purged,
             vote,
+            direct: DirectWrites::new(opts.direct_bytes_min),
             recent: Recent {
                 entries: BTreeMap::new(),
                 bytes: 0,
@@ -476,11 +486,18 @@ impl Inner {
             }
             inner.active_len = offset;
             inner.zeroed_len = offset;
+            // Only the last segment is written to again.
+            let direct = if i + 1 == n {
+                inner.direct_handle(&path, &file)
+            } else {
+                None
+            };
             inner.segments.insert(
                 first,
                 Segment {
                     path,
                     file: Arc::new(file),
+                    direct,
                 },
             );
         }
@@ -497,16 +514,28 @@ impl Inner {
             .truncate(true)
             .open(&path)?;
         fsync_dir(&self.dir)?;
+        // The segment before is complete: its direct handle is not needed again.
+        if let Some(mut last) = self.segments.last_entry() {
+            last.get_mut().direct = None;
+        }
+        let direct = self.direct_handle(&path, &file);
         self.segments.insert(
             first,
             Segment {
                 path,
                 file: Arc::new(file),
+                direct,
             },
         );
         self.active_len = 0;
         self.zeroed_len = 0;
         Ok(())
+    }
+
+    /// A handle for direct writes to the segment at `path`, if this log makes them and
+    /// its file system takes them.
+    fn direct_handle(&self, path: &Path, file: &File) -> Option<Arc<File>> {
+        self.direct.as_ref()?.open(path, file).map(Arc::new)
     }
 
     /// Before a small record goes in at `active_len`, make sure zeros are already there
@@ -744,9 +773,16 @@ impl LogStore {
                 }
                 let (&seg_first, seg) = g.segments.last_key_value().expect("a segment exists");
                 let file = seg.file.clone();
-                g.prezero(&file, rec.bytes.len() as u64)?;
+                let direct = seg.direct.clone();
+                let len = rec.bytes.len() as u64;
+                g.prezero(&file, len)?;
                 let offset = g.active_len;
-                file.write_all_at(&rec.bytes, offset)?;
+                match (direct, g.direct.as_mut()) {
+                    (Some(d), Some(w)) if w.wants(len) => {
+                        w.write_at(&file, &d, &rec.bytes, offset)?
+                    }
+                    _ => file.write_all_at(&rec.bytes, offset)?,
+                }
                 if !files.iter().any(|f| Arc::ptr_eq(f, &file)) {
                     files.push(file);
                 }
@@ -1007,6 +1043,7 @@ mod tests {
                 disk: DiskFullPolicy::default(),
                 // Small, so the suite's reads meet entries both in and past the window.
                 cache_bytes_max: 4 << 10,
+                direct_bytes_min: 256 << 10,
                 early: None,
                 own_vote_uncommitted: None,
             })
@@ -1062,6 +1099,7 @@ mod tests {
             fault_sync_file: None,
             disk: DiskFullPolicy::default(),
             cache_bytes_max: 0,
+            direct_bytes_min: 256 << 10,
             early: None,
             own_vote_uncommitted: None,
         }
@@ -1294,6 +1332,88 @@ mod tests {
         }
         let (mut log, _) = LogStore::open(o).unwrap();
         check(&mut log);
+    }
+
+    /// Which pages of the file at `path` are in the page cache (mincore of a mapping
+    /// that is never touched, so looking does not bring any in).
+    fn resident_pages(path: &Path) -> Vec<bool> {
+        use std::os::fd::AsRawFd;
+        let f = File::open(path).unwrap();
+        let len = f.metadata().unwrap().len() as usize;
+        let mut pages = vec![0u8; len.div_ceil(4096)];
+        // SAFETY: a read-only shared mapping of a file we hold open, only passed to
+        // mincore and unmapped before it goes out of scope.
+        unsafe {
+            let p = libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            );
+            assert_ne!(p, libc::MAP_FAILED, "{}", io::Error::last_os_error());
+            assert_eq!(libc::mincore(p, len, pages.as_mut_ptr()), 0);
+            libc::munmap(p, len);
+        }
+        pages.iter().map(|b| b & 1 == 1).collect()
+    }
+
+    /// A large record's page-aligned middle goes to the disk directly, not through the
+    /// page cache (`direct_write.rs`), and reads back intact before and after reopening,
+    /// as do the small records around it, whose pages share the large one's head and
+    /// tail. With `direct_bytes_min` 0 the same middle is in the page cache.
+    #[test]
+    fn a_large_records_middle_bypasses_the_page_cache() {
+        use crate::op::Op;
+        use openraft::storage::RaftLogStorageExt;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let sizes = [100usize, 1 << 20, 300, (1 << 20) + 4096, 10];
+        for (direct_bytes_min, direct) in [(256 << 10, true), (0, false)] {
+            let t = TempDir::new("log-direct");
+            let dir = t.path().join("raft");
+            let mut o = opts(&dir);
+            o.segment_bytes_max = 64 << 20;
+            o.direct_bytes_min = direct_bytes_min;
+            let check = |log: &mut LogStore| {
+                let got = rt
+                    .block_on(log.try_get_log_entries(1..=sizes.len() as u64))
+                    .unwrap();
+                assert_eq!(got.len(), sizes.len());
+                for (e, len) in got.iter().zip(sizes) {
+                    let EntryPayload::Normal(b) = &e.payload else {
+                        panic!()
+                    };
+                    let Op::Write { data, .. } = &b.ops[0] else {
+                        panic!()
+                    };
+                    assert_eq!(data.len(), len);
+                    assert!(data.iter().all(|&x| x == e.log_id.index as u8));
+                }
+            };
+            let (mut log, _) = LogStore::open(o.clone()).unwrap();
+            for (i, len) in sizes.iter().enumerate() {
+                rt.block_on(log.blocking_append([write_entry(i as u64 + 1, 0, *len)]))
+                    .unwrap();
+            }
+            let (start, end) = {
+                let g = log.lock();
+                (g.locs[&2].offset, g.locs[&3].offset)
+            };
+            let resident = resident_pages(&dir.join(seg_name(1)));
+            let whole = &resident[start.div_ceil(4096) as usize..(end / 4096) as usize];
+            assert!(whole.len() >= 250, "{} whole pages", whole.len());
+            let cached = whole.iter().filter(|r| **r).count();
+            if direct {
+                assert_eq!(cached, 0, "pages of the direct middle in the page cache");
+            } else {
+                assert_eq!(cached, whole.len(), "a buffered record's pages not cached");
+            }
+            check(&mut log);
+            drop(log);
+            let (mut log, _) = LogStore::open(o).unwrap();
+            check(&mut log);
+        }
     }
 
     /// The log's file system fills up in the middle of a batch that also starts new

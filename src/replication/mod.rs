@@ -5,6 +5,7 @@
 pub mod checkpoint;
 pub mod control;
 pub mod control_client;
+pub mod direct_write;
 pub mod early;
 pub mod elections;
 pub mod group_commit;
@@ -137,6 +138,7 @@ pub async fn start(
         fault_sync_file: cfg.fault_log_sync_file.clone(),
         disk: disk.clone(),
         cache_bytes_max: cfg.limits.log_cache_bytes,
+        direct_bytes_min: cfg.limits.log_direct_bytes_min,
         early: cfg.cluster.is_some().then(|| early.clone()),
         own_vote_uncommitted: cfg.cluster.is_some().then_some(cfg.node_id),
     })
