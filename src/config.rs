@@ -123,10 +123,11 @@ limits! {
     /// replication streams read what was just appended without reading, checksumming and
     /// decoding it again. 0 reads everything from the segment files.
     log_cache_bytes: u64 = 16 << 20, settable, min Min::Const(0), max 1 << 30;
-    /// Log records of at least this many bytes have their page-aligned middle written
-    /// with O_DIRECT instead of through the page cache (`replication/direct_write.rs`);
-    /// the append's fdatasync covers both. 0 writes everything through the page cache.
-    log_direct_bytes_min: u64 = 256 << 10, settable, min Min::Const(0), max 1 << 30;
+    /// Log records and tree writes of at least this many bytes have their page-aligned
+    /// middle written with O_DIRECT instead of through the page cache
+    /// (`replication/direct_write.rs`); the log append's fdatasync, and the checkpoint's
+    /// for the tree, cover both. 0 writes everything through the page cache.
+    direct_write_bytes_min: u64 = 256 << 10, settable, min Min::Const(0), max 1 << 30;
     /// A log segment file is closed and a new one started past this size.
     log_segment_bytes_max: u64 = 64 << 20, settable, min Min::Const(4 << 20), max 4 << 30;
     /// Open files the state machine keeps cached while applying.

@@ -26,6 +26,7 @@ use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::op::{NodeKind, Op, Owner, Timespec};
+use crate::replication::direct_write::DirectWrites;
 use crate::sync::{fdatasync, fsync_dir};
 
 /// The parent of a relative path ("" for top-level names).
@@ -80,26 +81,47 @@ fn timespec(t: Option<Timespec>) -> libc::timespec {
     }
 }
 
+/// How a [`TreeApplier`] uses files.
+#[derive(Debug, Clone, Copy)]
+pub struct TreeLimits {
+    /// Files kept open between ops (`apply_open_files_max`).
+    pub open_files_max: usize,
+    /// Writes of at least this many bytes have their page-aligned middle written with
+    /// O_DIRECT (`direct_write_bytes_min`; 0 never). The checkpoint's fdatasync covers
+    /// them like the rest.
+    pub direct_bytes_min: u64,
+}
+
+/// A file of the tree kept open between ops.
+struct OpenFile {
+    file: File,
+    /// Its handle for direct writes: opened at its first large write (`None` until
+    /// then; `Some(None)` where its file system takes no direct I/O).
+    direct: Option<Option<File>>,
+}
+
 /// Applies ops to the tree and tracks what is not yet durable.
 pub struct TreeApplier {
     root: PathBuf,
     /// Where new names are made before they are renamed into place (same file system).
     staging: PathBuf,
     open_files_max: usize,
-    files: HashMap<String, File>,
+    files: HashMap<String, OpenFile>,
+    direct: Option<DirectWrites>,
     dirty_files: HashSet<String>,
     dirty_dirs: HashSet<String>,
 }
 
 impl TreeApplier {
-    pub fn new(root: PathBuf, open_files_max: usize) -> TreeApplier {
+    pub fn new(root: PathBuf, limits: TreeLimits) -> TreeApplier {
         let mut staging = root.clone().into_os_string();
         staging.push(".staging");
         TreeApplier {
             root,
             staging: staging.into(),
-            open_files_max,
+            open_files_max: limits.open_files_max,
             files: HashMap::new(),
+            direct: DirectWrites::new(limits.direct_bytes_min),
             dirty_files: HashSet::new(),
             dirty_dirs: HashSet::new(),
         }
@@ -114,20 +136,49 @@ impl TreeApplier {
     }
 
     fn file(&mut self, rel: &str) -> io::Result<&File> {
+        Ok(&self.open_file(rel)?.file)
+    }
+
+    fn open_file(&mut self, rel: &str) -> io::Result<&mut OpenFile> {
         if !self.files.contains_key(rel) {
             if self.files.len() >= self.open_files_max {
                 // Evict one; a dirty file is synced first so the checkpoint stays honest.
                 let victim = self.files.keys().next().cloned().expect("cache is full");
                 let f = self.files.remove(&victim).expect("key just read");
                 if self.dirty_files.contains(&victim) {
-                    fdatasync(&f).map_err(|e| sync_failed(&victim, e))?;
+                    fdatasync(&f.file).map_err(|e| sync_failed(&victim, e))?;
                     self.dirty_files.remove(&victim);
                 }
             }
-            let f = OpenOptions::new().write(true).open(self.abs(rel))?;
-            self.files.insert(rel.to_string(), f);
+            let file = OpenOptions::new().write(true).open(self.abs(rel))?;
+            self.files
+                .insert(rel.to_string(), OpenFile { file, direct: None });
         }
-        Ok(&self.files[rel])
+        Ok(self.files.get_mut(rel).expect("inserted above"))
+    }
+
+    /// pwrite `data` at `offset` into `path`: a large write's page-aligned middle with
+    /// O_DIRECT, where the file system takes it.
+    fn write(&mut self, path: &str, offset: u64, data: &[u8]) -> io::Result<()> {
+        let wants = self
+            .direct
+            .as_ref()
+            .is_some_and(|d| d.wants(data.len() as u64));
+        if !wants {
+            return self.file(path)?.write_all_at(data, offset);
+        }
+        let abs = self.abs(path);
+        let mut direct = self.direct.take().expect("wants above");
+        let result = (|| {
+            let f = self.open_file(path)?;
+            let handle = f.direct.get_or_insert_with(|| direct.open(&abs, &f.file));
+            match handle {
+                Some(d) => direct.write_at(&f.file, d, data, offset),
+                None => f.file.write_all_at(data, offset),
+            }
+        })();
+        self.direct = Some(direct);
+        result
     }
 
     /// Apply one op. `Ok(errno)` is the op's deterministic result (0 = success);
@@ -170,7 +221,7 @@ impl TreeApplier {
     fn apply_inner(&mut self, op: &Op) -> io::Result<()> {
         match op {
             Op::Write { path, offset, data } => {
-                self.file(path)?.write_all_at(data, *offset)?;
+                self.write(path, *offset, data)?;
                 self.dirty_files.insert(path.clone());
                 Ok(())
             }
@@ -307,7 +358,7 @@ impl TreeApplier {
         let files: Vec<String> = self.dirty_files.iter().cloned().collect();
         for rel in files {
             if let Some(f) = self.files.get(&rel) {
-                fdatasync(f).map_err(|e| sync_failed(&rel, e))?;
+                fdatasync(&f.file).map_err(|e| sync_failed(&rel, e))?;
             } else {
                 // Closed since it was written (namespace op cleared the cache): reopen.
                 match File::open(self.abs(&rel)) {
@@ -411,7 +462,13 @@ mod tests {
         let t = TempDir::new("tree");
         let root = t.path().join("tree");
         std::fs::create_dir(&root).unwrap();
-        let mut a = TreeApplier::new(root.clone(), 4);
+        let mut a = TreeApplier::new(
+            root.clone(),
+            TreeLimits {
+                open_files_max: 4,
+                direct_bytes_min: 256 << 10,
+            },
+        );
         let w = |p: &str, off, d: &[u8]| Op::Write {
             path: p.into(),
             offset: off,
@@ -488,7 +545,13 @@ mod tests {
         let t = TempDir::new("tree-owner");
         let root = t.path().join("tree");
         std::fs::create_dir(&root).unwrap();
-        let mut a = TreeApplier::new(root.clone(), 4);
+        let mut a = TreeApplier::new(
+            root.clone(),
+            TreeLimits {
+                open_files_max: 4,
+                direct_bytes_min: 256 << 10,
+            },
+        );
         // SAFETY: umask has no preconditions; restored below.
         let old = unsafe { libc::umask(0o077) };
         let owner = Owner {
@@ -550,5 +613,55 @@ mod tests {
             .unwrap()
             .collect();
         assert!(staged.is_empty(), "staging left {staged:?}");
+    }
+
+    /// A large write's page-aligned middle goes to the disk directly, not through the
+    /// page cache, and the file reads back as every write left it, small writes over
+    /// and around the large one included; with `direct_bytes_min` 0 the middle is cached.
+    #[test]
+    fn a_large_writes_middle_bypasses_the_page_cache_and_reads_back() {
+        use crate::replication::direct_write::resident_pages;
+        let mib = 1usize << 20;
+        for (direct_bytes_min, direct) in [(256 << 10, true), (0, false)] {
+            let t = TempDir::new("tree-direct");
+            let root = t.path().join("tree");
+            std::fs::create_dir(&root).unwrap();
+            std::fs::write(root.join("f"), b"").unwrap();
+            let mut a = TreeApplier::new(
+                root.clone(),
+                TreeLimits {
+                    open_files_max: 4,
+                    direct_bytes_min,
+                },
+            );
+            let mut want = vec![0u8; 3 * mib];
+            let mut w = |offset: usize, data: Vec<u8>| {
+                want[offset..offset + data.len()].copy_from_slice(&data);
+                let op = Op::Write {
+                    path: "f".into(),
+                    offset: offset as u64,
+                    data,
+                };
+                assert_eq!(a.apply(&op).unwrap(), 0);
+            };
+            w(100, vec![1; mib]);
+            w(mib + 100, vec![2; mib + 5000]);
+            // Small writes across the first one's tail and into the second one's middle.
+            w(mib - 50, vec![3; 300]);
+            w(mib + 8192, vec![4; 10]);
+            w(3 * mib - 7, vec![5; 7]);
+            let resident = resident_pages(&root.join("f"));
+            // The first write's whole pages, but the last (the small write at mib - 50
+            // went into it through the page cache).
+            let middle = &resident[1..mib / 4096 - 1];
+            let cached = middle.iter().filter(|r| **r).count();
+            if direct {
+                assert_eq!(cached, 0, "pages of a direct middle in the page cache");
+            } else {
+                assert_eq!(cached, middle.len(), "a buffered write's pages not cached");
+            }
+            a.sync().unwrap();
+            assert!(std::fs::read(root.join("f")).unwrap() == want);
+        }
     }
 }

@@ -464,7 +464,13 @@ impl Fs {
         };
         if n.area == Area::Local {
             // Host-local: the same syscalls the state machine would make, made here.
-            let mut local = crate::tree::TreeApplier::new(self.local_root.clone(), 1);
+            let mut local = crate::tree::TreeApplier::new(
+                self.local_root.clone(),
+                crate::tree::TreeLimits {
+                    open_files_max: 1,
+                    direct_bytes_min: 0,
+                },
+            );
             if let Some(size) = size {
                 local.apply_local(&Op::Truncate {
                     path: path.clone(),

@@ -63,7 +63,13 @@ fn setup() -> Setup {
     let limits = Limits::default();
     let fake = Arc::new(Fake {
         group: Mutex::new(GroupCommit::new(1, limits.entry_bytes_max)),
-        tree: Mutex::new(TreeApplier::new(tree.clone(), 8)),
+        tree: Mutex::new(TreeApplier::new(
+            tree.clone(),
+            crate::tree::TreeLimits {
+                open_files_max: 8,
+                direct_bytes_min: 256 << 10,
+            },
+        )),
         writable: AtomicBool::new(true),
         durable: Mutex::new(FsyncOutcome::Ok),
         alone: Mutex::default(),

@@ -147,6 +147,31 @@ fn dio_align(file: &File) -> Option<(u32, u32)> {
 }
 
 #[cfg(test)]
+/// Which pages of the file at `path` are in the page cache (mincore of a mapping
+/// that is never touched, so looking does not bring any in).
+pub fn resident_pages(path: &Path) -> Vec<bool> {
+    let f = File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let mut pages = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: a read-only shared mapping of a file we hold open, only passed to
+    // mincore and unmapped before it goes out of scope.
+    unsafe {
+        let p = libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ,
+            libc::MAP_SHARED,
+            f.as_raw_fd(),
+            0,
+        );
+        assert_ne!(p, libc::MAP_FAILED, "{}", io::Error::last_os_error());
+        assert_eq!(libc::mincore(p, len, pages.as_mut_ptr()), 0);
+        libc::munmap(p, len);
+    }
+    pages.iter().map(|b| b & 1 == 1).collect()
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -73,7 +73,7 @@ pub struct LogOptions {
     /// Bytes (in record form) of the newest entries kept decoded in memory (`log_cache_bytes`).
     pub cache_bytes_max: u64,
     /// Records of at least this many bytes are written with O_DIRECT where the file
-    /// system allows (`log_direct_bytes_min`); 0 never.
+    /// system allows (`direct_write_bytes_min`); 0 never.
     pub direct_bytes_min: u64,
     /// Early replication (a cluster member): offered each append before it is written.
     pub early: Option<Arc<EarlyAppend>>,
@@ -1334,31 +1334,6 @@ mod tests {
         check(&mut log);
     }
 
-    /// Which pages of the file at `path` are in the page cache (mincore of a mapping
-    /// that is never touched, so looking does not bring any in).
-    fn resident_pages(path: &Path) -> Vec<bool> {
-        use std::os::fd::AsRawFd;
-        let f = File::open(path).unwrap();
-        let len = f.metadata().unwrap().len() as usize;
-        let mut pages = vec![0u8; len.div_ceil(4096)];
-        // SAFETY: a read-only shared mapping of a file we hold open, only passed to
-        // mincore and unmapped before it goes out of scope.
-        unsafe {
-            let p = libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            );
-            assert_ne!(p, libc::MAP_FAILED, "{}", io::Error::last_os_error());
-            assert_eq!(libc::mincore(p, len, pages.as_mut_ptr()), 0);
-            libc::munmap(p, len);
-        }
-        pages.iter().map(|b| b & 1 == 1).collect()
-    }
-
     /// A large record's page-aligned middle goes to the disk directly, not through the
     /// page cache (`direct_write.rs`), and reads back intact before and after reopening,
     /// as do the small records around it, whose pages share the large one's head and
@@ -1400,7 +1375,7 @@ mod tests {
                 let g = log.lock();
                 (g.locs[&2].offset, g.locs[&3].offset)
             };
-            let resident = resident_pages(&dir.join(seg_name(1)));
+            let resident = super::super::direct_write::resident_pages(&dir.join(seg_name(1)));
             let whole = &resident[start.div_ceil(4096) as usize..(end / 4096) as usize];
             assert!(whole.len() >= 250, "{} whole pages", whole.len());
             let cached = whole.iter().filter(|r| **r).count();

@@ -138,7 +138,7 @@ pub async fn start(
         fault_sync_file: cfg.fault_log_sync_file.clone(),
         disk: disk.clone(),
         cache_bytes_max: cfg.limits.log_cache_bytes,
-        direct_bytes_min: cfg.limits.log_direct_bytes_min,
+        direct_bytes_min: cfg.limits.direct_write_bytes_min,
         early: cfg.cluster.is_some().then(|| early.clone()),
         own_vote_uncommitted: cfg.cluster.is_some().then_some(cfg.node_id),
     })
@@ -148,7 +148,10 @@ pub async fn start(
     })?;
     let (state_machine, applied_rx) = StateMachine::open(
         dir.root.clone(),
-        cfg.limits.apply_open_files_max,
+        crate::tree::TreeLimits {
+            open_files_max: cfg.limits.apply_open_files_max,
+            direct_bytes_min: cfg.limits.direct_write_bytes_min,
+        },
         Some(OverlayLink { origin, overlay }),
         observer,
         disk,

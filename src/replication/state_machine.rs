@@ -45,7 +45,7 @@ use super::snapshot::{self, SnapshotFile};
 use super::{Entry, TypeConfig};
 use crate::diskfull::DiskFullPolicy;
 use crate::op::{ApplyResult, Batch, Op};
-use crate::tree::TreeApplier;
+use crate::tree::{TreeApplier, TreeLimits};
 
 type StorageResult<T> = Result<T, StorageError<u64>>;
 
@@ -76,7 +76,7 @@ struct Inner {
     data_dir: PathBuf,
     tree: TreeApplier,
     tree_dir: PathBuf,
-    open_files_max: usize,
+    tree_limits: TreeLimits,
     observer: ObserverSlot,
     /// openraft's first `get_current_snapshot` (at startup) only wants the id.
     startup_probe_answered: bool,
@@ -261,7 +261,7 @@ impl StateMachine {
     /// snapshot install that a crash interrupted.
     pub fn open(
         data_dir: PathBuf,
-        open_files_max: usize,
+        tree_limits: TreeLimits,
         overlay: Option<OverlayLink>,
         observer: ObserverSlot,
         disk: DiskFullPolicy,
@@ -286,9 +286,9 @@ impl StateMachine {
                 shared: shared.clone(),
                 elections: Arc::default(),
                 inner: Arc::new(Mutex::new(Inner {
-                    tree: TreeApplier::new(tree_dir.clone(), open_files_max),
+                    tree: TreeApplier::new(tree_dir.clone(), tree_limits),
                     tree_dir,
-                    open_files_max,
+                    tree_limits,
                     data_dir,
                     observer,
                     startup_probe_answered: false,
@@ -312,7 +312,10 @@ impl StateMachine {
         std::fs::create_dir_all(dir.join("tree"))?;
         Ok(Self::open(
             dir.to_path_buf(),
-            8,
+            TreeLimits {
+                open_files_max: 8,
+                direct_bytes_min: 256 << 10,
+            },
             None,
             Arc::default(),
             DiskFullPolicy::default(),
@@ -722,7 +725,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                 // the old applied index.
                 let mut g = self.lock();
                 snapshot::install(&data_dir, &c, &mut g.ckpt_file)?;
-                g.tree = TreeApplier::new(g.tree_dir.clone(), g.open_files_max);
+                g.tree = TreeApplier::new(g.tree_dir.clone(), g.tree_limits);
                 g.applied = c.applied;
                 g.membership = c.membership.clone();
                 g.snapshot = Some(c.clone());
@@ -779,8 +782,17 @@ mod tests {
         std::fs::create_dir_all(t.path().join("tree")).unwrap();
         let gauges = Arc::new(DiskGauges::default());
         let disk = DiskFullPolicy::patient(&gauges);
-        let (sm, applied) =
-            StateMachine::open(t.path().into(), 8, None, Arc::default(), disk).unwrap();
+        let (sm, applied) = StateMachine::open(
+            t.path().into(),
+            TreeLimits {
+                open_files_max: 8,
+                direct_bytes_min: 256 << 10,
+            },
+            None,
+            Arc::default(),
+            disk,
+        )
+        .unwrap();
         // Both checkpoint slots get their pages now, so the checkpoint before the create
         // needs no new space.
         sm.checkpoint_now().unwrap();
@@ -837,7 +849,10 @@ mod tests {
         big.set_len(256 << 20).unwrap();
         let (sm, _) = StateMachine::open(
             tmp.path().into(),
-            8,
+            TreeLimits {
+                open_files_max: 8,
+                direct_bytes_min: 256 << 10,
+            },
             None,
             Arc::default(),
             DiskFullPolicy::default(),
