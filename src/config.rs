@@ -104,9 +104,10 @@ limits! {
     /// with nothing proposed ends the watch.
     batch_watch_us: u64 = 10_000, fixed, min Min::Const(1), max 1_000_000;
     /// A leader sends each entry to its followers while its own log fdatasync of it runs
-    /// (`replication/early.rs`): at most this many record bytes are queued for or travel
-    /// to one follower (one such AppendEntries carries at most this much). 0 sends entries
-    /// only after the leader's flush, through openraft's replication streams.
+    /// (`replication/early.rs`): at most this many record bytes are queued for one
+    /// follower, and one such AppendEntries carries at most this much while the next
+    /// queues. 0 sends entries only after the leader's flush, through openraft's
+    /// replication streams.
     early_append_bytes_max: u64 = 8 << 20, settable, min Min::Const(0), max 16 << 20;
     /// A follower that early replication could not reach is left out of it this long
     /// (openraft's stream carries it meanwhile).

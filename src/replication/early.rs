@@ -75,8 +75,9 @@ pub struct EarlyAppend {
     my_id: u64,
     /// What each follower answered last (either path): where a broken chain may start again.
     matched: Arc<Matched>,
-    /// Record bytes queued for or travelling to one follower, at most (one request carries
-    /// at most this much). 0 turns early replication off.
+    /// Record bytes queued for one follower, at most: one request carries at most this
+    /// much, and the next queues while it is under way (so twice this is in memory for a
+    /// follower at most; records are shared by all). 0 turns early replication off.
     bytes_max: u64,
     /// How long a follower that could not be reached is left out of early sends.
     pause: Duration,
@@ -101,8 +102,6 @@ struct Peer {
     prev: Option<LogId<u64>>,
     queue: VecDeque<Record>,
     queued_bytes: u64,
-    /// Bytes of the request under way, until it is answered.
-    inflight_bytes: u64,
     /// The last log id this follower acknowledged to an early send in `term`.
     acked: Option<LogId<u64>>,
     /// The newest commit index openraft's stream asked the early sends to carry in `term`.
@@ -125,7 +124,6 @@ impl Peer {
             prev: None,
             queue: VecDeque::new(),
             queued_bytes: 0,
-            inflight_bytes: 0,
             acked: None,
             commit: None,
             commit_delivered: None,
@@ -222,7 +220,7 @@ impl EarlyAppend {
             if !continues(peer.next, self.matched.get(*id), term, first.log_id.index) {
                 continue;
             }
-            if peer.queued_bytes + peer.inflight_bytes + bytes > self.bytes_max {
+            if peer.queued_bytes + bytes > self.bytes_max {
                 // The follower is slower than the log: openraft's stream carries it.
                 peer.break_chain();
                 continue;
@@ -451,7 +449,6 @@ impl EarlyAppend {
                     }
                     let prev = peer.prev;
                     let records: Vec<Record> = peer.queue.drain(..).collect();
-                    peer.inflight_bytes = peer.queued_bytes;
                     peer.queued_bytes = 0;
                     (term, prev, records, peer.commit, peer.addr.clone())
                 };
@@ -500,7 +497,6 @@ impl EarlyAppend {
                     // is a newer task's.
                     return;
                 }
-                peer.inflight_bytes = 0;
                 if !same_term {
                     // The term's chains were reset when it changed; this answer is of an
                     // earlier term and says nothing about the new one.
