@@ -444,6 +444,47 @@ fn verify_on_leader(
     }
 }
 
+/// The pier as the leader's mount shows it and as each node's tree and host-local area
+/// hold it (each directory with its entries): what a failed check on the mount needs to be
+/// explained after the run, whose directory does not outlive it.
+fn pier_views(c: &Cluster, leader: usize) -> String {
+    fn names(dir: &Path) -> Result<Vec<(String, PathBuf)>, String> {
+        let mut v: Vec<(String, PathBuf)> = fs::read_dir(dir)
+            .map_err(|e| format!("<{e}>"))?
+            .filter_map(|e| e.ok())
+            .map(|e| (e.file_name().to_string_lossy().into_owned(), e.path()))
+            .collect();
+        v.sort();
+        Ok(v)
+    }
+    let list = |dir: &Path| -> String {
+        match names(dir) {
+            Ok(v) => v
+                .iter()
+                .map(|(n, p)| match names(p) {
+                    Ok(inner) if p.is_dir() => {
+                        let inner: Vec<&str> = inner.iter().map(|(n, _)| n.as_str()).collect();
+                        format!("{n}/[{}]", inner.join(" "))
+                    }
+                    _ => n.clone(),
+                })
+                .collect::<Vec<_>>()
+                .join(" "),
+            Err(e) => e,
+        }
+    };
+    let mut s = format!("leader {leader}'s mount: {}\n", list(&c.mountpoint(leader)));
+    for i in c.nodes() {
+        let d = c.data_dir(i);
+        s.push_str(&format!(
+            "node {i} tree: {}\nnode {i} local: {}\n",
+            list(&d.join("tree")),
+            list(&d.join("local"))
+        ));
+    }
+    s
+}
+
 fn stop_writer(w: ChildTest) -> bool {
     let exited = !pid_alive(w.pid());
     w.kill9();
@@ -580,7 +621,10 @@ fn run(supervised: bool) {
                 if let Err(e) = verify_on_leader(&c, l2, acked1, &mut tally) {
                     fail(
                         &c,
-                        format!("under the faults, leader {l2} lacks acked events: {e}"),
+                        format!(
+                            "under the faults, leader {l2} lacks acked events: {e}\n{}",
+                            pier_views(&c, l2)
+                        ),
                     )
                 }
                 let w2 = spawn_writer(&c.mountpoint(l2), record, plan.writer_seeds[1]);
@@ -592,7 +636,10 @@ fn run(supervised: bool) {
                 if let Err(e) = verify_on_leader(&c, l2, acked2, &mut tally) {
                     fail(
                         &c,
-                        format!("leader {l2} lacks events its own writer acked: {e}"),
+                        format!(
+                            "leader {l2} lacks events its own writer acked: {e}\n{}",
+                            pier_views(&c, l2)
+                        ),
                     )
                 }
             }
@@ -614,7 +661,10 @@ fn run(supervised: bool) {
                 .unwrap_or_else(|e| {
                     fail(
                         &c,
-                        format!("after healing, leader {new_leader} lacks acked events: {e}"),
+                        format!(
+                            "after healing, leader {new_leader} lacks acked events: {e}\n{}",
+                            pier_views(&c, new_leader)
+                        ),
                     )
                 }),
             Writers::Supervised(ships) => {
