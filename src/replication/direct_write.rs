@@ -1,5 +1,5 @@
-//! Direct writes of the log's large records: their page-aligned middle goes to the disk
-//! with O_DIRECT instead of through the page cache.
+//! Direct writes of the log's large records and of large tree writes: their page-aligned
+//! middle goes to the disk with O_DIRECT instead of through the page cache.
 //!
 //! Why: a buffered write copies every byte into a page-cache page, and for the log's large
 //! records (sequential writes arrive as 1 MiB entries) those are new pages. On the virtual
@@ -26,8 +26,10 @@ use std::path::Path;
 
 use rkyv::util::AlignedVec;
 
-/// Alignment of a direct write's file offset, length and buffer: the page size, so a page
-/// is written either through the cache or directly, never both.
+/// Alignment of a direct write's file offset, length and buffer: the page size of the
+/// x86-64 hosts this is built for, so a page is written either through the cache or
+/// directly, never both. (With larger pages the kernel still keeps the two coherent, by
+/// writing back and dropping the cached pages a direct write overlaps.)
 const ALIGN_BYTES: usize = 4096;
 
 /// Direct writes for one log: the size from which a record goes direct, and the aligned
@@ -74,7 +76,7 @@ impl DirectWrites {
         {
             Ok(f) => Some(f),
             Err(e) => {
-                tracing::debug!(segment = %path.display(), error = %e, "no direct writes for this log segment");
+                tracing::debug!(file = %path.display(), error = %e, "no direct writes for this file");
                 None
             }
         }
@@ -86,9 +88,10 @@ impl DirectWrites {
     }
 
     /// Write `bytes` at `offset`: the page-aligned middle through `direct`, the rest
-    /// through `buffered` (the same file). A short or refused direct write is finished
-    /// through the page cache, so the record is always written whole or the error is an
-    /// I/O error of the file (a full disk included).
+    /// through `buffered` (the same file). A short direct write, or one that fails for a
+    /// reason of its own (EINVAL, ENOMEM: anything but what a buffered write would meet
+    /// too), is finished through the page cache: the outcome must not depend on the
+    /// path, or a tree replica would record an op result the others do not.
     pub fn write_at(
         &mut self,
         buffered: &File,
@@ -107,12 +110,23 @@ impl DirectWrites {
         let at = offset + head as u64;
         let done = match direct.write_at(&self.buf, at) {
             Ok(n) => n,
-            // A file system that reported direct I/O but refuses this write.
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => 0,
-            Err(e) => return Err(e),
+            Err(e) if is_shared_failure(&e) => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "a direct write failed; writing through the page cache");
+                0
+            }
         };
         buffered.write_all_at(&bytes[head + done..], at + done as u64)
     }
+}
+
+/// Failures the page cache would meet as well: the disk (EIO), no room (ENOSPC, EDQUOT),
+/// a read-only file system. Returned as they are, for the caller's full-disk or fatal path.
+fn is_shared_failure(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EIO) | Some(libc::ENOSPC) | Some(libc::EDQUOT) | Some(libc::EROFS)
+    )
 }
 
 /// For a record of `len` bytes at `offset`: the length of its head before the first page

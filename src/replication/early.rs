@@ -76,8 +76,9 @@ pub struct EarlyAppend {
     /// What each follower answered last (either path): where a broken chain may start again.
     matched: Arc<Matched>,
     /// Record bytes queued for one follower, at most: one request carries at most this
-    /// much, and the next queues while it is under way (so twice this is in memory for a
-    /// follower at most; records are shared by all). 0 turns early replication off.
+    /// much, and the next queues while it is under way. With the request's copy into its
+    /// frame, about three times this is in memory for a follower at most (queued records
+    /// are shared by all followers). 0 turns early replication off.
     bytes_max: u64,
     /// How long a follower that could not be reached is left out of early sends.
     pause: Duration,
@@ -457,6 +458,8 @@ impl EarlyAppend {
                 let vote = Vote::new_committed(term, self.my_id);
                 let bytes: u64 = records.iter().map(|r| r.bytes.len() as u64).sum();
                 let entries: Vec<Vec<u8>> = records.iter().map(|r| r.bytes.to_vec()).collect();
+                // Copied: the shared records need not outlive the request.
+                drop(records);
                 let n = entries.len() as u64;
                 let req = wire::encode_request(&wire::append_records(
                     &vote,

@@ -504,8 +504,14 @@ impl Inner {
         Ok(inner)
     }
 
-    /// Start a new segment for records from `first` on, durably named.
+    /// Start a new segment for records from `first` on, durably named. The segment before
+    /// it is synced first: once the new name is durable, recovery takes the old segment as
+    /// complete and refuses one whose end is torn (its records of this batch, written but
+    /// not yet synced, with a direct write's middle possibly on disk before its header).
     fn rotate(&mut self, first: u64) -> io::Result<()> {
+        if let Some(seg) = self.segments.values().next_back() {
+            fdatasync(&seg.file)?;
+        }
         let path = self.dir.join(seg_name(first));
         let file = OpenOptions::new()
             .read(true)
@@ -536,6 +542,18 @@ impl Inner {
     /// its file system takes them.
     fn direct_handle(&self, path: &Path, file: &File) -> Option<Arc<File>> {
         self.direct.as_ref()?.open(path, file).map(Arc::new)
+    }
+
+    /// The last segment is written to again (after a rollback or a truncate removed the
+    /// ones after it): give it back its direct handle.
+    fn reopen_last_direct(&mut self) {
+        let handle = match self.segments.values().next_back() {
+            Some(seg) if seg.direct.is_none() => self.direct_handle(&seg.path, &seg.file),
+            _ => return,
+        };
+        if let Some(mut last) = self.segments.last_entry() {
+            last.get_mut().direct = handle;
+        }
     }
 
     /// Before a small record goes in at `active_len`, make sure zeros are already there
@@ -593,6 +611,7 @@ impl Inner {
         }
         self.locs.split_off(&first);
         self.recent.forget_from(first);
+        self.reopen_last_direct();
         self.active_len = mark.active_len;
         self.zeroed_len = mark.zeroed_len;
         self.last_log_id = mark.last_log_id;
@@ -775,12 +794,15 @@ impl LogStore {
                 let file = seg.file.clone();
                 let direct = seg.direct.clone();
                 let len = rec.bytes.len() as u64;
-                g.prezero(&file, len)?;
+                let direct = direct.filter(|_| g.direct.as_ref().is_some_and(|w| w.wants(len)));
+                if direct.is_none() {
+                    // A direct record needs no zeros ahead: the kernel would write them
+                    // back before the direct write over them.
+                    g.prezero(&file, len)?;
+                }
                 let offset = g.active_len;
                 match (direct, g.direct.as_mut()) {
-                    (Some(d), Some(w)) if w.wants(len) => {
-                        w.write_at(&file, &d, &rec.bytes, offset)?
-                    }
+                    (Some(d), Some(w)) => w.write_at(&file, &d, &rec.bytes, offset)?,
                     _ => file.write_all_at(&rec.bytes, offset)?,
                 }
                 if !files.iter().any(|f| Arc::ptr_eq(f, &file)) {
@@ -977,6 +999,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         fsync_dir(&g.dir).map_err(io_write)?;
         g.active_len = loc.offset;
         g.zeroed_len = loc.offset;
+        g.reopen_last_direct();
         g.locs.split_off(&log_id.index);
         g.recent.forget_from(log_id.index);
         let prev = g.locs.keys().next_back().copied();
