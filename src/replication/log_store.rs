@@ -1489,6 +1489,121 @@ mod tests {
         assert_eq!(segs, 10);
     }
 
+    /// The same on ext4 (a loop device, since tmpfs takes no direct I/O), with records large
+    /// enough to go direct: a direct write that meets the full disk makes the append wait
+    /// with nothing reported flushed, and once space returns the batch is written again
+    /// (its middles directly) and every record reads back intact, also after reopening.
+    #[test]
+    fn a_full_ext4_disk_delays_a_direct_append_until_space_returns() {
+        use crate::diskfull::DiskGauges;
+        use crate::op::Op;
+        use crate::sync::tests::{wait_until, TempDir};
+        use openraft::storage::RaftLogStorageExt;
+        use std::process::Command;
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(&self.0).status();
+            }
+        }
+        let tmp = TempDir::new("log-full-ext4");
+        let img = tmp.path().join("ext4.img");
+        File::create(&img).unwrap().set_len(32 << 20).unwrap();
+        let st = Command::new("mkfs.ext4")
+            .args(["-q", "-F"])
+            .arg(&img)
+            .status();
+        assert!(st.is_ok_and(|s| s.success()), "mkfs.ext4 {}", img.display());
+        let mnt = tmp.path().join("mnt");
+        fs::create_dir(&mnt).unwrap();
+        let st = Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt)
+            .status();
+        assert!(
+            st.is_ok_and(|s| s.success()),
+            "mount -o loop {}",
+            img.display()
+        );
+        let _unmount = Unmount(mnt.clone());
+
+        let dir = mnt.join("raft");
+        let gauges = Arc::new(DiskGauges::default());
+        let mut o = opts(&dir);
+        o.segment_bytes_max = 64 << 20;
+        o.disk = DiskFullPolicy::patient(&gauges);
+        let mib = 1usize << 20;
+        let entry = |index: u64| write_entry(index, 0, mib);
+        let check = |log: &mut LogStore, rt: &tokio::runtime::Runtime| {
+            let got = rt.block_on(log.try_get_log_entries(1..=8)).unwrap();
+            assert_eq!(got.len(), 8);
+            for (i, e) in got.iter().enumerate() {
+                assert_eq!(e.log_id.index, i as u64 + 1);
+                let EntryPayload::Normal(b) = &e.payload else {
+                    panic!("entry {} is not a batch", i + 1)
+                };
+                let Op::Write { data, .. } = &b.ops[0] else {
+                    panic!()
+                };
+                assert_eq!(data.len(), mib);
+                assert!(data.iter().all(|&x| x == e.log_id.index as u8));
+            }
+        };
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let (mut log, flush) = LogStore::open(o.clone()).unwrap();
+        rt.block_on(log.blocking_append((1..=4).map(entry)))
+            .unwrap();
+        assert_eq!(flush.borrow().flushed_index, 4);
+
+        // Fill the file system to its last block (as root, the reserved blocks too).
+        let filler = mnt.join("filler");
+        {
+            let mut f = File::create(&filler).unwrap();
+            let chunk = vec![7u8; 64 << 10];
+            // Bounded: the file system has 32 MiB.
+            for _ in 0..(32 << 20) / chunk.len() {
+                if let Err(e) = std::io::Write::write_all(&mut f, &chunk) {
+                    assert!(diskfull::is_full(&e), "{e}");
+                    break;
+                }
+            }
+            let _ = f.sync_all();
+        }
+        let appending = append_in_background(&log, (5..=8).map(entry).collect());
+        wait_until("the append waits for space", || {
+            gauges.waiting.load(Ordering::Relaxed) == 1
+        });
+        assert!(!appending.is_finished());
+        assert_eq!(
+            flush.borrow().flushed_index,
+            4,
+            "nothing flushed while full"
+        );
+        assert!(!flush.borrow().failed);
+
+        fs::remove_file(&filler).unwrap();
+        appending.join().unwrap().unwrap();
+        assert_eq!(flush.borrow().flushed_index, 8);
+        // The retry went direct: the last record's whole pages are not in the page cache.
+        let (start, seg_first) = {
+            let g = log.lock();
+            (g.locs[&8].offset, g.locs[&8].seg_first)
+        };
+        let resident = super::super::direct_write::resident_pages(&dir.join(seg_name(seg_first)));
+        let first_page = start.div_ceil(4096) as usize;
+        let whole = &resident[first_page..first_page + 200];
+        assert_eq!(
+            whole.iter().filter(|r| **r).count(),
+            0,
+            "record 8 went through the page cache"
+        );
+        check(&mut log, &rt);
+        drop(log);
+        let (mut log, _) = LogStore::open(o).unwrap();
+        check(&mut log, &rt);
+    }
+
     /// ENOSPC from fdatasync itself (tmpfs never gives one, so through the test hook):
     /// nothing is reported flushed while it lasts, the batch is rewritten and synced
     /// again once it stops, and the records read back intact, also after reopening.
