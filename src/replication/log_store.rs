@@ -1107,6 +1107,27 @@ mod tests {
         }
     }
 
+    /// Entries 1..=`sizes.len()` read back as [`write_entry`] made them: entry i a write of
+    /// `sizes[i - 1]` bytes of value i.
+    fn assert_writes(rt: &tokio::runtime::Runtime, log: &mut LogStore, sizes: &[usize]) {
+        use crate::op::Op;
+        let got = rt
+            .block_on(log.try_get_log_entries(1..=sizes.len() as u64))
+            .unwrap();
+        assert_eq!(got.len(), sizes.len());
+        for (i, (e, len)) in got.iter().zip(sizes).enumerate() {
+            assert_eq!(e.log_id.index, i as u64 + 1);
+            let EntryPayload::Normal(b) = &e.payload else {
+                panic!("entry {} is not a batch", i + 1)
+            };
+            let Op::Write { data, .. } = &b.ops[0] else {
+                panic!("entry {} is not a write", i + 1)
+            };
+            assert_eq!(data.len(), *len);
+            assert!(data.iter().all(|&x| x == e.log_id.index as u8));
+        }
+    }
+
     fn blank(index: u64) -> Entry {
         openraft::Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
@@ -1318,7 +1339,6 @@ mod tests {
 
     #[test]
     fn mixed_large_and_small_records_read_back_intact() {
-        use crate::op::Op;
         use openraft::storage::RaftLogStorageExt;
         let rt = tokio::runtime::Runtime::new().unwrap();
         let t = TempDir::new("log-mixed");
@@ -1329,22 +1349,7 @@ mod tests {
         let sizes = [100usize, 300 << 10, 100, 200, 1 << 20, 50, 60];
         let mut o = opts(&dir);
         o.segment_bytes_max = 64 << 20;
-        let check = |log: &mut LogStore| {
-            let got = rt
-                .block_on(log.try_get_log_entries(1..=sizes.len() as u64))
-                .unwrap();
-            assert_eq!(got.len(), sizes.len());
-            for (e, len) in got.iter().zip(sizes) {
-                let EntryPayload::Normal(b) = &e.payload else {
-                    panic!()
-                };
-                let Op::Write { data, .. } = &b.ops[0] else {
-                    panic!()
-                };
-                assert_eq!(data.len(), len);
-                assert!(data.iter().all(|&x| x == e.log_id.index as u8));
-            }
-        };
+        let check = |log: &mut LogStore| assert_writes(&rt, log, &sizes);
         {
             let (mut log, _) = LogStore::open(o.clone()).unwrap();
             for (i, len) in sizes.iter().enumerate() {
@@ -1363,7 +1368,6 @@ mod tests {
     /// tail. With `direct_bytes_min` 0 the same middle is in the page cache.
     #[test]
     fn a_large_records_middle_bypasses_the_page_cache() {
-        use crate::op::Op;
         use openraft::storage::RaftLogStorageExt;
         let rt = tokio::runtime::Runtime::new().unwrap();
         let sizes = [100usize, 1 << 20, 300, (1 << 20) + 4096, 10];
@@ -1373,22 +1377,7 @@ mod tests {
             let mut o = opts(&dir);
             o.segment_bytes_max = 64 << 20;
             o.direct_bytes_min = direct_bytes_min;
-            let check = |log: &mut LogStore| {
-                let got = rt
-                    .block_on(log.try_get_log_entries(1..=sizes.len() as u64))
-                    .unwrap();
-                assert_eq!(got.len(), sizes.len());
-                for (e, len) in got.iter().zip(sizes) {
-                    let EntryPayload::Normal(b) = &e.payload else {
-                        panic!()
-                    };
-                    let Op::Write { data, .. } = &b.ops[0] else {
-                        panic!()
-                    };
-                    assert_eq!(data.len(), len);
-                    assert!(data.iter().all(|&x| x == e.log_id.index as u8));
-                }
-            };
+            let check = |log: &mut LogStore| assert_writes(&rt, log, &sizes);
             let (mut log, _) = LogStore::open(o.clone()).unwrap();
             for (i, len) in sizes.iter().enumerate() {
                 rt.block_on(log.blocking_append([write_entry(i as u64 + 1, 0, *len)]))
@@ -1496,7 +1485,6 @@ mod tests {
     #[test]
     fn a_full_ext4_disk_delays_a_direct_append_until_space_returns() {
         use crate::diskfull::DiskGauges;
-        use crate::op::Op;
         use crate::sync::tests::{wait_until, TempDir};
         use openraft::storage::RaftLogStorageExt;
         use std::process::Command;
@@ -1535,21 +1523,8 @@ mod tests {
         o.disk = DiskFullPolicy::patient(&gauges);
         let mib = 1usize << 20;
         let entry = |index: u64| write_entry(index, 0, mib);
-        let check = |log: &mut LogStore, rt: &tokio::runtime::Runtime| {
-            let got = rt.block_on(log.try_get_log_entries(1..=8)).unwrap();
-            assert_eq!(got.len(), 8);
-            for (i, e) in got.iter().enumerate() {
-                assert_eq!(e.log_id.index, i as u64 + 1);
-                let EntryPayload::Normal(b) = &e.payload else {
-                    panic!("entry {} is not a batch", i + 1)
-                };
-                let Op::Write { data, .. } = &b.ops[0] else {
-                    panic!()
-                };
-                assert_eq!(data.len(), mib);
-                assert!(data.iter().all(|&x| x == e.log_id.index as u8));
-            }
-        };
+        let check =
+            |log: &mut LogStore, rt: &tokio::runtime::Runtime| assert_writes(rt, log, &[mib; 8]);
         let rt = tokio::runtime::Runtime::new().unwrap();
         let (mut log, flush) = LogStore::open(o.clone()).unwrap();
         rt.block_on(log.blocking_append((1..=4).map(entry)))

@@ -307,15 +307,19 @@ impl StateMachine {
         ))
     }
 
+    /// The tree limits the state machine's tests open it with.
+    #[cfg(test)]
+    pub const TEST_TREE_LIMITS: TreeLimits = TreeLimits {
+        open_files_max: 8,
+        direct_bytes_min: 256 << 10,
+    };
+
     #[cfg(test)]
     pub fn for_test(dir: &std::path::Path) -> io::Result<StateMachine> {
         std::fs::create_dir_all(dir.join("tree"))?;
         Ok(Self::open(
             dir.to_path_buf(),
-            TreeLimits {
-                open_files_max: 8,
-                direct_bytes_min: 256 << 10,
-            },
+            Self::TEST_TREE_LIMITS,
             None,
             Arc::default(),
             DiskFullPolicy::default(),
@@ -784,10 +788,7 @@ mod tests {
         let disk = DiskFullPolicy::patient(&gauges);
         let (sm, applied) = StateMachine::open(
             t.path().into(),
-            TreeLimits {
-                open_files_max: 8,
-                direct_bytes_min: 256 << 10,
-            },
+            StateMachine::TEST_TREE_LIMITS,
             None,
             Arc::default(),
             disk,
@@ -849,10 +850,7 @@ mod tests {
         big.set_len(256 << 20).unwrap();
         let (sm, _) = StateMachine::open(
             tmp.path().into(),
-            TreeLimits {
-                open_files_max: 8,
-                direct_bytes_min: 256 << 10,
-            },
+            StateMachine::TEST_TREE_LIMITS,
             None,
             Arc::default(),
             DiskFullPolicy::default(),
