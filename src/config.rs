@@ -105,10 +105,18 @@ limits! {
     batch_watch_us: u64 = 10_000, fixed, min Min::Const(1), max 1_000_000;
     /// A leader sends each entry to its followers while its own log fdatasync of it runs
     /// (`replication/early.rs`): at most this many record bytes are queued for one
-    /// follower, and one such AppendEntries carries at most this much while the next
-    /// queues. 0 sends entries only after the leader's flush, through openraft's
-    /// replication streams.
+    /// follower while an AppendEntries to it is under way. 0 sends entries only after the
+    /// leader's flush, through openraft's replication streams.
     early_append_bytes_max: u64 = 8 << 20, settable, min Min::Const(0), max 16 << 20;
+    /// One early AppendEntries carries at most this many record bytes (a larger record
+    /// goes alone): its answer must come back well within openraft's wait for it (half of
+    /// a heartbeat), or openraft's stream takes the follower over.
+    early_request_bytes_max: u64 = 2 << 20, settable, min Min::Const(64 << 10), max 16 << 20;
+    /// An append whose records do not fit a follower's early queue waits up to this long
+    /// for the follower's sender to make room (the leader's log then goes at the
+    /// follower's pace) before that follower is left to openraft's stream, which under
+    /// sustained writes it does not leave again until they stop.
+    early_append_wait_ms: u64 = 100, settable, min Min::Const(0), max 1_000;
     /// A follower that early replication could not reach is left out of it this long
     /// (openraft's stream carries it meanwhile).
     early_append_pause_ms: u64 = 1_000, fixed, min Min::Const(10), max 600_000;
@@ -163,7 +171,7 @@ limits! {
                 .max(l.early_append_bytes_max * 2)
         ), max 1 << 30;
     /// Entries per AppendEntries of openraft's replication streams (an early send is
-    /// bounded by `early_append_bytes_max` bytes instead).
+    /// bounded by `early_request_bytes_max` bytes instead).
     append_entries_max: u64 = 4, fixed, min Min::Const(1), max 1024;
     /// Bytes of tree image (or of incremental snapshot) per snapshot chunk.
     snapshot_chunk_bytes: u64 = 4 << 20, fixed, min Min::Const(64 << 10), max 64 << 20;

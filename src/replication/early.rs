@@ -49,7 +49,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use openraft::metrics::RaftServerMetrics;
@@ -75,11 +75,17 @@ pub struct EarlyAppend {
     my_id: u64,
     /// What each follower answered last (either path): where a broken chain may start again.
     matched: Arc<Matched>,
-    /// Record bytes queued for one follower, at most: one request carries at most this
-    /// much, and the next queues while it is under way. With the request's copy into its
-    /// frame, about three times this is in memory for a follower at most (queued records
-    /// are shared by all followers). 0 turns early replication off.
+    /// Record bytes queued for one follower, at most, while a request to it is under way.
+    /// With the request's copy into its frame, about twice this plus `request_bytes_max`
+    /// is in memory for a follower at most (queued records are shared by all followers).
+    /// 0 turns early replication off.
     bytes_max: u64,
+    /// Record bytes one request carries, at most (at least one record).
+    request_bytes_max: u64,
+    /// How long an append waits for room in a follower's full queue.
+    room_wait: Duration,
+    /// Signalled when a sender takes records off its queue.
+    room: Condvar,
     /// How long a follower that could not be reached is left out of early sends.
     pause: Duration,
     /// How long a commit index waits for an early send to carry it.
@@ -134,6 +140,25 @@ impl Peer {
         }
     }
 
+    /// The queued records the next request carries: as many as fit `bytes_max` (at least
+    /// one); the rest wait for the one after.
+    fn take(&mut self, bytes_max: u64) -> Vec<Record> {
+        let mut bytes = 0;
+        let n = self
+            .queue
+            .iter()
+            .take_while(|r| {
+                bytes += r.bytes.len() as u64;
+                bytes <= bytes_max
+            })
+            .count()
+            .max(1);
+        let records: Vec<Record> = self.queue.drain(..n).collect();
+        self.queued_bytes -= records.iter().map(|r| r.bytes.len() as u64).sum::<u64>();
+        self.prev = records.last().map(|r| r.log_id);
+        records
+    }
+
     /// The chain to this follower is broken: nothing queued goes, and the next early send
     /// waits until the follower is known to hold the entry before it.
     fn break_chain(&mut self) {
@@ -186,6 +211,9 @@ impl EarlyAppend {
             my_id,
             matched,
             bytes_max: limits.early_append_bytes_max,
+            request_bytes_max: limits.early_request_bytes_max,
+            room_wait: Duration::from_millis(limits.early_append_wait_ms),
+            room: Condvar::new(),
             pause: Duration::from_millis(limits.early_append_pause_ms),
             commit_wait: Duration::from_micros(limits.early_commit_wait_us),
             state: Mutex::default(),
@@ -197,7 +225,8 @@ impl EarlyAppend {
     }
 
     /// The log store is about to write `records`, which follow `prev` in its log. Queue
-    /// them for every follower the chain reaches; never blocks on the network.
+    /// them for every follower the chain reaches; never blocks on the network, but waits
+    /// up to `early_append_wait_ms` for room in a follower's queue.
     pub fn offer(&self, prev: Option<LogId<u64>>, records: &[Record]) {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return;
@@ -214,25 +243,45 @@ impl EarlyAppend {
             return;
         }
         let now = Instant::now();
-        for (id, peer) in st.peers.iter_mut() {
-            if peer.paused_until.is_some_and(|t| t > now) {
-                continue;
+        let deadline = now + self.room_wait;
+        let ids: Vec<u64> = st.peers.keys().copied().collect();
+        for id in ids {
+            loop {
+                if st.term != term {
+                    // Deposed while waiting: nothing more goes early in that term.
+                    return;
+                }
+                let Some(peer) = st.peers.get_mut(&id) else {
+                    break;
+                };
+                if peer.paused_until.is_some_and(|t| t > now)
+                    || !continues(peer.next, self.matched.get(id), term, first.log_id.index)
+                {
+                    break;
+                }
+                if peer.queued_bytes + bytes <= self.bytes_max {
+                    if peer.queue.is_empty() {
+                        peer.prev = prev;
+                    }
+                    peer.queue.extend(records.iter().cloned());
+                    peer.queued_bytes += bytes;
+                    peer.next = Some(last.log_id.index + 1);
+                    peer.wake.notify_one();
+                    break;
+                }
+                let left = deadline.saturating_duration_since(Instant::now());
+                if peer.queue.is_empty() || left.is_zero() {
+                    // The follower is slower than the log: openraft's stream carries it.
+                    peer.break_chain();
+                    break;
+                }
+                // Its sender makes room when it takes the next request.
+                st = self
+                    .room
+                    .wait_timeout(st, left)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
             }
-            if !continues(peer.next, self.matched.get(*id), term, first.log_id.index) {
-                continue;
-            }
-            if peer.queued_bytes + bytes > self.bytes_max {
-                // The follower is slower than the log: openraft's stream carries it.
-                peer.break_chain();
-                continue;
-            }
-            if peer.queue.is_empty() {
-                peer.prev = prev;
-            }
-            peer.queue.extend(records.iter().cloned());
-            peer.queued_bytes += bytes;
-            peer.next = Some(last.log_id.index + 1);
-            peer.wake.notify_one();
         }
     }
 
@@ -449,10 +498,10 @@ impl EarlyAppend {
                         break;
                     }
                     let prev = peer.prev;
-                    let records: Vec<Record> = peer.queue.drain(..).collect();
-                    peer.queued_bytes = 0;
+                    let records = peer.take(self.request_bytes_max);
                     (term, prev, records, peer.commit, peer.addr.clone())
                 };
+                self.room.notify_all();
                 let (term, prev, records, commit, addr) = job;
                 let last = records.last().expect("queue was not empty").log_id;
                 let vote = Vote::new_committed(term, self.my_id);
@@ -692,6 +741,53 @@ mod tests {
         e.lock().term = 0;
         e.offer(Some(id(3, 9)), &[record(3, 10, 10)]);
         assert_eq!(next(&e), None);
+    }
+
+    /// A request takes the queued records that fit its bound, at least one, and leaves
+    /// the rest to follow the last one it took.
+    #[test]
+    fn a_request_takes_what_fits_its_bound() {
+        let e = leading();
+        e.offer(Some(id(3, 9)), &[record(3, 10, 400), record(3, 11, 400)]);
+        e.offer(Some(id(3, 11)), &[record(3, 12, 150)]);
+        let mut st = e.lock();
+        let p = st.peers.get_mut(&2).unwrap();
+        let ids = |r: &[Record]| r.iter().map(|r| r.log_id.index).collect::<Vec<_>>();
+        assert_eq!(
+            ids(&p.take(100)),
+            [10],
+            "a record past the bound goes alone"
+        );
+        assert_eq!((p.prev, p.queued_bytes), (Some(id(3, 10)), 550));
+        assert_eq!(ids(&p.take(1000)), [11, 12]);
+        assert_eq!((p.prev, p.queued_bytes), (Some(id(3, 12)), 0));
+        assert!(p.queue.is_empty());
+    }
+
+    /// An append that does not fit a follower's queue waits for its sender to take the
+    /// next request, and the chain goes on; if the sender takes nothing within
+    /// `early_append_wait_ms`, the chain breaks.
+    #[test]
+    fn an_append_waits_for_room_then_the_chain_goes_on() {
+        let e = leading();
+        e.offer(Some(id(3, 9)), &[record(3, 10, 600)]);
+        let sender = {
+            let e = e.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(20));
+                let taken = e.lock().peers.get_mut(&2).unwrap().take(1000);
+                e.room.notify_all();
+                taken.len()
+            })
+        };
+        e.offer(Some(id(3, 10)), &[record(3, 11, 600)]);
+        assert_eq!(sender.join().unwrap(), 1);
+        assert_eq!(next(&e), Some(12), "queued after the sender made room");
+        assert_eq!(e.lock().peers[&2].queue.len(), 1);
+        let waited = Instant::now();
+        e.offer(Some(id(3, 11)), &[record(3, 12, 600)]);
+        assert!(waited.elapsed() >= e.room_wait, "gave the sender its time");
+        assert_eq!(next(&e), None, "nothing taken in time: left to the stream");
     }
 
     /// The stream waits for an early send under way, once: if it is not answered in
