@@ -3,7 +3,7 @@
 //!
 //! A client carries one RPC at a time (openraft drives each replication stream
 //! sequentially), so the bytes in flight per client are bounded by `frame_bytes_max`; the
-//! early sender (`early.rs`) adds up to `early_append_bytes_max` on a link of its own.
+//! early sender (`early.rs`) adds up to `early_request_bytes_max` on a link of its own.
 //!
 //! Entry and snapshot bytes are counted here, per peer and direction (`metrics.rs`), as
 //! they travel: for an incremental snapshot, the delta's bytes.
