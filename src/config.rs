@@ -143,6 +143,10 @@ limits! {
     apply_open_files_max: usize = 64, fixed, min Min::Const(4), max 4096;
     /// FUSE worker threads.
     fuse_threads: usize = 4, settable, min Min::Const(1), max 64;
+    /// glibc malloc arenas the daemon's threads share (glibc's default is eight per
+    /// core): each arena keeps what it freed, so a dozen threads passing 1 MiB buffers
+    /// around under a sustained write each held their own high-water mark.
+    malloc_arenas_max: usize = 2, fixed, min Min::Const(1), max 64;
     /// Largest FUSE WRITE the kernel may send.
     fuse_write_bytes_max: u32 = 1 << 20, fixed, min Min::Const(4096), max 16 << 20;
     /// How long `mount` waits for the node to become a writable leader.
