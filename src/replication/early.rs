@@ -98,6 +98,9 @@ struct State {
     /// The term this node leads in, or 0.
     term: u64,
     peers: BTreeMap<u64, Peer>,
+    /// An append waits on `EarlyAppend::room`: a sender that takes records signals it
+    /// (otherwise it saves the futex call, once per request).
+    room_awaited: bool,
 }
 
 struct Peer {
@@ -276,11 +279,13 @@ impl EarlyAppend {
                     break;
                 }
                 // Its sender makes room when it takes the next request.
+                st.room_awaited = true;
                 st = self
                     .room
                     .wait_timeout(st, left)
                     .unwrap_or_else(|e| e.into_inner())
                     .0;
+                st.room_awaited = false;
             }
         }
     }
@@ -499,9 +504,12 @@ impl EarlyAppend {
                     }
                     let prev = peer.prev;
                     let records = peer.take(self.request_bytes_max);
-                    (term, prev, records, peer.commit, peer.addr.clone())
+                    let job = (term, prev, records, peer.commit, peer.addr.clone());
+                    if st.room_awaited {
+                        self.room.notify_all();
+                    }
+                    job
                 };
-                self.room.notify_all();
                 let (term, prev, records, commit, addr) = job;
                 let last = records.last().expect("queue was not empty").log_id;
                 let vote = Vote::new_committed(term, self.my_id);
