@@ -124,6 +124,12 @@ limits! {
     /// waits this long for the follower's next early send to carry it instead (one
     /// message per sync point instead of two); then, or with no early chain, it travels.
     early_commit_wait_us: u64 = 5_000, fixed, min Min::Const(0), max 1_000_000;
+    /// Ops this leader proposed alone (namespace ops, attribute changes) and answered EIO
+    /// because they were not applied within `ack_timeout_ms`, remembered so that if one
+    /// applies after all, the kernel's cached names and attributes for it are dropped as
+    /// for another node's op (the kernel kept them: the op failed as far as it knows). The
+    /// oldest is forgotten past this many.
+    abandoned_ops_max: usize = 64, fixed, min Min::Const(1), max 4096;
     /// How long fsync (and a namespace op) waits for durability before answering EIO.
     ack_timeout_ms: u64 = 10_000, settable, min Min::Const(10), max 3_600_000;
     /// A checkpoint (tree synced, applied id recorded, log purged) after this many entries.

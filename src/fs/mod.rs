@@ -29,7 +29,7 @@
 
 pub mod inodes;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::OsStr;
 use std::fs::{self, File, Metadata, OpenOptions};
 use std::io;
@@ -102,6 +102,10 @@ pub struct Fs {
     /// stamp), so the tree catches up with it; ctime cannot be set, so it is shown from
     /// here until an attribute change (or the end of this run) replaces it with the tree's.
     stamps: Mutex<HashMap<u64, Timespec>>,
+    /// Ops proposed alone that were answered EIO before they applied (at most
+    /// `abandoned_ops_max`, oldest first). The kernel kept its cache as if each failed, so
+    /// one that applies after all is invalidated like another node's op.
+    abandoned: Mutex<VecDeque<Op>>,
 }
 
 /// What `Fs::new` needs from the replication side.
@@ -189,6 +193,7 @@ impl Fs {
             registry: p.registry,
             invalidator: Invalidator::default(),
             stamps: Mutex::default(),
+            abandoned: Mutex::default(),
         })
     }
 
@@ -345,13 +350,28 @@ impl Fs {
         if op.needs_room() {
             self.check_room()?;
         }
-        match self.pipeline.propose_alone(op) {
+        match self.pipeline.propose_alone(op.clone()) {
             Ok(0) => Ok(()),
             Ok(errno) => Err(Errno(errno)),
             Err(why) => {
                 tracing::error!(%why, "namespace op failed");
+                // It may still apply (a full disk or a slow quorum held it up).
+                let mut abandoned = self.abandoned.lock().expect("abandoned mutex poisoned");
+                if abandoned.len() == self.limits.abandoned_ops_max {
+                    abandoned.pop_front();
+                }
+                abandoned.push_back(op);
                 Err(Errno(libc::EIO))
             }
+        }
+    }
+
+    /// Whether `op` is one this leader answered EIO before it applied (forgetting it).
+    fn take_abandoned(&self, op: &Op) -> bool {
+        let mut abandoned = self.abandoned.lock().expect("abandoned mutex poisoned");
+        match abandoned.iter().position(|a| a == op) {
+            Some(i) => abandoned.remove(i).is_some(),
+            None => false,
         }
     }
 
@@ -1195,7 +1215,7 @@ impl Fs {
 
 impl ApplyObserver for Fs {
     fn applied(&self, op: &Op, own: bool) {
-        if own && self.pipeline.writable() {
+        if own && self.pipeline.writable() && !self.take_abandoned(op) {
             // The leader's kernel cache already shows its own writes.
             return;
         }

@@ -20,6 +20,8 @@ struct Fake {
     writable: AtomicBool,
     durable: Mutex<FsyncOutcome>,
     alone: Mutex<Vec<Op>>,
+    /// Ops proposed alone time out unapplied (a full disk held them up).
+    stall: AtomicBool,
 }
 
 impl Pipeline for Fake {
@@ -34,6 +36,9 @@ impl Pipeline for Fake {
     }
     fn propose_alone(&self, op: Op) -> Result<i32, ProposeError> {
         self.alone.lock().unwrap().push(op.clone());
+        if self.stall.load(Ordering::SeqCst) {
+            return Err(ProposeError::Timeout);
+        }
         Ok(self.tree.lock().unwrap().apply(&op).unwrap())
     }
     fn durable(&self) -> FsyncOutcome {
@@ -73,6 +78,7 @@ fn setup() -> Setup {
         writable: AtomicBool::new(true),
         durable: Mutex::new(FsyncOutcome::Ok),
         alone: Mutex::default(),
+        stall: AtomicBool::new(false),
     });
     let registry = Arc::new(Registry::new(&limits, []));
     let fs = Fs::new(FsParts {
@@ -126,6 +132,51 @@ fn a_write_reads_back_at_once_and_waits_in_the_open_batch() {
         matches!(&ops[..], [Op::Write { path, offset: 4096, data }, Op::SetAttr { mtime: Some(_), .. }]
             if path == "data.mdb" && data == b"page"),
         "{ops:?}"
+    );
+}
+
+/// An op answered EIO because it did not apply in time may still apply (a full disk held
+/// it up): the leader's kernel kept its cache as if the op failed, so when it applies it
+/// is invalidated like another node's op, once; an own op that was answered is not.
+#[test]
+fn an_op_answered_eio_that_applies_after_all_is_treated_as_foreign() {
+    use crate::replication::state_machine::ApplyObserver;
+    let s = setup();
+    let (ino, fh) = create(&s, "data.mdb");
+    s.fs.release(fh);
+    let known = |path: &str| s.fs.inodes.lock().unwrap().find(Area::Tree, path).is_some();
+    assert!(known("data.mdb"));
+
+    s.fake.stall.store(true, Ordering::SeqCst);
+    assert_eq!(
+        s.fs.unlink(ROOT_INO, OsStr::new("data.mdb")),
+        Err(Errno(libc::EIO))
+    );
+    assert!(
+        known("data.mdb"),
+        "answered EIO: the name stays as the kernel sees it"
+    );
+
+    // Later the unlink applies after all, as this leader's own op.
+    let op = Op::Unlink {
+        path: "data.mdb".into(),
+    };
+    assert_eq!(s.fake.tree.lock().unwrap().apply(&op).unwrap(), 0);
+    s.fs.applied(&op, true);
+    assert!(!known("data.mdb"), "applied after all: the name is dropped");
+    assert_eq!(
+        s.fs.getattr(ino).map(|_| ()),
+        Err(Errno(libc::ENOENT)),
+        "and the file is gone from the mount"
+    );
+
+    // An own op that was answered is the kernel's already; an abandoned op counts once.
+    s.fake.stall.store(false, Ordering::SeqCst);
+    create(&s, "data.mdb");
+    s.fs.applied(&op, true);
+    assert!(
+        known("data.mdb"),
+        "nothing abandoned any more: own ops are skipped"
     );
 }
 
