@@ -1090,6 +1090,30 @@ mod tests {
         })
     }
 
+    /// Start appending `entries` on a full disk and check that the append waits for space
+    /// (the disk policy's gauge) with nothing more reported flushed than `flushed` and the
+    /// log not failed; the append is left running.
+    fn append_waiting_for_space(
+        log: &LogStore,
+        flush: &watch::Receiver<FlushState>,
+        gauges: &crate::diskfull::DiskGauges,
+        entries: Vec<Entry>,
+        flushed: u64,
+    ) -> std::thread::JoinHandle<Result<(), String>> {
+        let appending = append_in_background(log, entries);
+        crate::sync::tests::wait_until("the append waits for space", || {
+            gauges.waiting.load(Ordering::Relaxed) == 1
+        });
+        assert!(!appending.is_finished());
+        assert_eq!(
+            flush.borrow().flushed_index,
+            flushed,
+            "nothing flushed while full"
+        );
+        assert!(!flush.borrow().failed, "a full disk is not a failed log");
+        appending
+    }
+
     /// Entry `index` of term 1: one write of `len` bytes of value `index` at `offset`.
     fn write_entry(index: u64, offset: u64, len: usize) -> Entry {
         use crate::op::{Batch, Op};
@@ -1410,7 +1434,7 @@ mod tests {
     fn a_full_disk_delays_an_append_until_space_returns_and_loses_nothing() {
         use crate::diskfull::DiskGauges;
         use crate::op::Op;
-        use crate::sync::tests::{wait_until, TempDir};
+        use crate::sync::tests::TempDir;
         use crate::test_tmpfs::Tmpfs;
         use openraft::storage::RaftLogStorageExt;
         let tmp = TempDir::new("log-full");
@@ -1442,18 +1466,9 @@ mod tests {
         assert_eq!(flush.borrow().flushed_index, 5);
 
         let filler = t.fill("filler");
-        let appending = append_in_background(&log, (6..=10).map(entry).collect());
-        wait_until("the append waits for space", || {
-            gauges.waiting.load(Ordering::Relaxed) == 1
-        });
-        assert!(!appending.is_finished());
-        assert_eq!(
-            flush.borrow().flushed_index,
-            5,
-            "nothing flushed while full"
-        );
+        let appending =
+            append_waiting_for_space(&log, &flush, &gauges, (6..=10).map(entry).collect(), 5);
         assert_eq!(flush.borrow().flushed_seq, 5);
-        assert!(!flush.borrow().failed);
 
         fs::remove_file(filler).unwrap();
         appending.join().unwrap().unwrap();
@@ -1485,7 +1500,7 @@ mod tests {
     #[test]
     fn a_full_ext4_disk_delays_a_direct_append_until_space_returns() {
         use crate::diskfull::DiskGauges;
-        use crate::sync::tests::{wait_until, TempDir};
+        use crate::sync::tests::TempDir;
         use openraft::storage::RaftLogStorageExt;
         use std::process::Command;
         struct Unmount(PathBuf);
@@ -1545,17 +1560,8 @@ mod tests {
             }
             let _ = f.sync_all();
         }
-        let appending = append_in_background(&log, (5..=8).map(entry).collect());
-        wait_until("the append waits for space", || {
-            gauges.waiting.load(Ordering::Relaxed) == 1
-        });
-        assert!(!appending.is_finished());
-        assert_eq!(
-            flush.borrow().flushed_index,
-            4,
-            "nothing flushed while full"
-        );
-        assert!(!flush.borrow().failed);
+        let appending =
+            append_waiting_for_space(&log, &flush, &gauges, (5..=8).map(entry).collect(), 4);
 
         fs::remove_file(&filler).unwrap();
         appending.join().unwrap().unwrap();
@@ -1585,7 +1591,6 @@ mod tests {
     #[test]
     fn an_enospc_from_fdatasync_is_waited_out_and_the_batch_rewritten() {
         use crate::diskfull::DiskGauges;
-        use crate::sync::tests::wait_until;
         use openraft::storage::RaftLogStorageExt;
         let tmp = TempDir::new("log-sync-enospc");
         let fault = tmp.path().join("fault");
@@ -1600,13 +1605,8 @@ mod tests {
         assert_eq!(flush.borrow().flushed_index, 3);
 
         fs::write(&fault, b"ENOSPC").unwrap();
-        let appending = append_in_background(&log, (4..=6).map(blank).collect());
-        wait_until("the append waits out the ENOSPC", || {
-            gauges.waiting.load(Ordering::Relaxed) == 1
-        });
-        assert!(!appending.is_finished());
-        assert_eq!(flush.borrow().flushed_index, 3, "flushed during ENOSPC");
-        assert!(!flush.borrow().failed, "a full disk is not a failed log");
+        let appending =
+            append_waiting_for_space(&log, &flush, &gauges, (4..=6).map(blank).collect(), 3);
 
         fs::remove_file(&fault).unwrap();
         appending.join().unwrap().unwrap();
