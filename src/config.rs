@@ -134,10 +134,13 @@ limits! {
     ack_timeout_ms: u64 = 10_000, settable, min Min::Const(10), max 3_600_000;
     /// A checkpoint (tree synced, applied id recorded, log purged) after this many entries.
     checkpoint_entries: u64 = 2_000, settable, min Min::Const(16), max 1 << 30;
-    /// The newest log entries kept decoded in memory (record bytes), so the apply and the
-    /// replication streams read what was just appended without reading, checksumming and
-    /// decoding it again. 0 reads everything from the segment files.
-    log_cache_bytes: u64 = 16 << 20, settable, min Min::Const(0), max 1 << 30;
+    /// Log entries kept decoded in memory at most (record bytes), so the apply and the
+    /// replication streams read what was appended without reading, checksumming and
+    /// decoding it again. An entry leaves once the apply and every stream have read it, so
+    /// this fills only while they trail the log: under a sustained write openraft's streams
+    /// trail by up to `inflight_bytes_max`, hence the same default. 0 reads everything
+    /// from the segment files.
+    log_cache_bytes: u64 = 64 << 20, settable, min Min::Const(0), max 1 << 30;
     /// Log records and tree writes of at least this many bytes have their page-aligned
     /// middle written with O_DIRECT instead of through the page cache
     /// (`replication/direct_write.rs`); the log append's fdatasync, and the checkpoint's

@@ -24,8 +24,8 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, EntryPayload, LogId, RaftLogReader, StorageError, StorageIOError, Vote};
@@ -70,7 +70,7 @@ pub struct LogOptions {
     pub fault_sync_file: Option<PathBuf>,
     /// How a full disk is waited out.
     pub disk: DiskFullPolicy,
-    /// Bytes (in record form) of the newest entries kept decoded in memory (`log_cache_bytes`).
+    /// Bytes (in record form) of entries kept decoded in memory at most (`log_cache_bytes`).
     pub cache_bytes_max: u64,
     /// Records of at least this many bytes are written with O_DIRECT where the file
     /// system allows (`direct_write_bytes_min`); 0 never.
@@ -114,18 +114,30 @@ struct Inner {
     vote: Option<Vote<u64>>,
     /// Direct writes of large records (`None`: all through the page cache).
     direct: Option<DirectWrites>,
-    /// The newest appended entries, decoded, for openraft's reads right after an append
-    /// (the apply on every member, and each follower's replication stream on the leader):
-    /// they skip the read, checksum and decode of the record. Holds only entries that are
-    /// in `locs` (truncate, purge and rollback drop theirs).
+    /// The newest appended entries, decoded, for openraft's reads after an append (the
+    /// apply on every member, and each follower's replication stream on the leader): they
+    /// skip the read, checksum and decode of the record. Holds only entries that are in
+    /// `locs` (truncate, purge and rollback drop theirs).
     recent: Recent,
 }
 
-/// A byte-bounded window of the newest entries, oldest evicted first.
+/// A byte-bounded window of the newest entries that some reader has still to read.
+///
+/// Each reader (the store itself, whose reads are openraft's apply, and each reader
+/// openraft takes for a replication stream) has a mark: the end of the furthest range it
+/// read. Entries below every live reader's mark are dropped at once, so a follower or a
+/// single node keeps only what it has not applied, and a leader also what a stream has not
+/// sent yet: under a sustained write openraft's streams trail the log by up to the
+/// overlay's window, and reading those entries back from disk was the leader's largest
+/// cost (TUNING.md). A reader that stops reading (a stream to a member that is down) holds
+/// entries only up to `bytes_max`, oldest evicted first. Everything here is a hint: an
+/// entry not found is read from its segment.
 struct Recent {
     entries: BTreeMap<u64, (Arc<Entry>, u64)>,
     bytes: u64,
     bytes_max: u64,
+    /// The marks of the live readers; a reader's mark dies with its last clone.
+    readers: Vec<Weak<AtomicU64>>,
 }
 
 impl Recent {
@@ -149,6 +161,26 @@ impl Recent {
     fn forget_from(&mut self, from: u64) {
         for (_, (_, b)) in self.entries.split_off(&from) {
             self.bytes -= b;
+        }
+    }
+
+    /// A new reader's mark, from which nothing has been read yet.
+    fn new_reader(&mut self) -> Arc<AtomicU64> {
+        let mark = Arc::new(AtomicU64::new(0));
+        self.readers.retain(|r| r.strong_count() > 0);
+        self.readers.push(Arc::downgrade(&mark));
+        mark
+    }
+
+    /// Drop the entries every live reader has read past.
+    fn forget_read(&mut self) {
+        let floor = self
+            .readers
+            .iter()
+            .filter_map(|r| r.upgrade().map(|m| m.load(Ordering::Relaxed)))
+            .min();
+        if let Some(floor) = floor.filter(|&f| f > 0) {
+            self.forget_upto(floor - 1);
         }
     }
 
@@ -275,13 +307,15 @@ struct Mark {
     last_segment: Option<u64>,
 }
 
-/// The log store handed to openraft. Cloning shares the same log.
+/// The log store handed to openraft. Cloning shares the same log and the same reader mark;
+/// `get_log_reader` makes a reader with a mark of its own (see [`Recent`]).
 #[derive(Clone)]
 pub struct LogStore {
     inner: Arc<Mutex<Inner>>,
     flush: Arc<Flush>,
     disk: DiskFullPolicy,
     early: Option<Arc<EarlyAppend>>,
+    read_mark: Arc<AtomicU64>,
 }
 
 /// Records smaller than this are written into pre-zeroed space (see `Inner::prezero`).
@@ -435,6 +469,7 @@ impl Inner {
                 entries: BTreeMap::new(),
                 bytes: 0,
                 bytes_max: opts.cache_bytes_max,
+                readers: Vec::new(),
             },
         };
         let n = firsts.len();
@@ -704,8 +739,10 @@ impl LogStore {
     /// Open (recovering a torn tail). The returned watch receiver reports durable
     /// progress.
     pub fn open(opts: LogOptions) -> io::Result<(LogStore, watch::Receiver<FlushState>)> {
-        let inner = Inner::open(&opts)?;
+        let mut inner = Inner::open(&opts)?;
         let flushed_index = inner.last_log_id.map_or(0, |l| l.index);
+        // The store's own reads are openraft's apply.
+        let read_mark = inner.recent.new_reader();
         let (state, state_rx) = watch::channel(FlushState {
             flushed_index,
             ..FlushState::default()
@@ -720,6 +757,7 @@ impl LogStore {
                 }),
                 disk: opts.disk,
                 early: opts.early,
+                read_mark,
             },
             state_rx,
         ))
@@ -839,7 +877,15 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> StorageResult<Vec<Entry>> {
         let (start, end) = bounds(&range);
-        let located = self.lock().locate(start, end);
+        let located = {
+            let mut g = self.lock();
+            let located = g.locate(start, end);
+            let log_end = g.last_log_id.map_or(0, |l| l.index + 1);
+            self.read_mark
+                .fetch_max(end.min(log_end), Ordering::Relaxed);
+            g.recent.forget_read();
+            located
+        };
         read_entries(located).map_err(io_read)
     }
 }
@@ -856,7 +902,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
-        self.clone()
+        LogStore {
+            read_mark: self.lock().recent.new_reader(),
+            ..self.clone()
+        }
     }
 
     async fn save_vote(&mut self, vote: &Vote<u64>) -> StorageResult<()> {
@@ -1249,6 +1298,75 @@ mod tests {
             .unwrap();
         rt.block_on(log.blocking_append([huge.clone()])).unwrap();
         assert!(rt.block_on(log.try_get_log_entries(150..=150)).unwrap() == vec![huge]);
+    }
+
+    /// The window drops what every live reader has read past: the store's own reads (the
+    /// apply) and each reader openraft takes for a stream. A stream that has not read an
+    /// entry yet keeps it; a dropped reader no longer holds anything back; an unbounded
+    /// read never marks entries not yet appended as read.
+    #[test]
+    fn recent_entries_stay_until_every_reader_has_read_them() {
+        use crate::op::{Batch, Op};
+        use openraft::storage::RaftLogStorageExt;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let t = TempDir::new("log-readers");
+        let mut o = opts(&t.path().join("raft"));
+        o.segment_bytes_max = 4 << 20;
+        o.cache_bytes_max = 1 << 20;
+        let (mut log, _) = LogStore::open(o).unwrap();
+        let entry = |index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Batch {
+                origin: 2,
+                seq: index,
+                ops: vec![Op::Write {
+                    path: "f".into(),
+                    offset: 0,
+                    data: vec![index as u8; 1000],
+                }],
+            }),
+        };
+        let cached = |log: &LogStore| {
+            log.lock()
+                .recent
+                .entries
+                .keys()
+                .copied()
+                .collect::<Vec<_>>()
+        };
+        rt.block_on(log.blocking_append((1..=10).map(entry)))
+            .unwrap();
+        let mut stream = rt.block_on(log.get_log_reader());
+
+        // The apply reads 1..=5; the stream has read nothing: all stay.
+        let got = rt.block_on(log.try_get_log_entries(1..=5)).unwrap();
+        assert!(got == (1..=5).map(entry).collect::<Vec<_>>());
+        assert_eq!(cached(&log), (1..=10).collect::<Vec<_>>());
+
+        // The stream reads 1..=7: both have read 1..=5, which go.
+        let got = rt.block_on(stream.try_get_log_entries(1..=7)).unwrap();
+        assert!(got == (1..=7).map(entry).collect::<Vec<_>>());
+        assert_eq!(cached(&log), (6..=10).collect::<Vec<_>>());
+
+        // A clone of the stream's reader shares its mark.
+        let mut clone = stream.clone();
+        rt.block_on(clone.try_get_log_entries(8..=9)).unwrap();
+        rt.block_on(log.try_get_log_entries(6..=8)).unwrap();
+        assert_eq!(cached(&log), (9..=10).collect::<Vec<_>>());
+
+        // With the stream gone, the apply alone decides; an unbounded read marks only
+        // what the log holds, so entries appended after it stay.
+        drop((stream, clone));
+        rt.block_on(log.try_get_log_entries(9..)).unwrap();
+        assert!(cached(&log).is_empty());
+        rt.block_on(log.blocking_append((11..=12).map(entry)))
+            .unwrap();
+        assert_eq!(cached(&log), vec![11, 12]);
+        let got = rt.block_on(log.try_get_log_entries(1..=12)).unwrap();
+        assert!(
+            got == (1..=12).map(entry).collect::<Vec<_>>(),
+            "dropped entries read from disk"
+        );
     }
 
     /// A cluster member that led when it stopped reads its vote back uncommitted, so it
