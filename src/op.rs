@@ -9,7 +9,43 @@
 //! Encoding is rkyv; decoding always validates (`rkyv::from_bytes` checks the archive) because
 //! the bytes come from disk or from a peer.
 
-use rkyv::{Archive, Deserialize, Serialize};
+use std::sync::Arc;
+
+use rkyv::rancor::Fallible;
+use rkyv::ser::{Allocator, Writer};
+use rkyv::vec::{ArchivedVec, VecResolver};
+use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
+use rkyv::{Archive, Deserialize, Place, Serialize};
+
+/// A write's bytes, shared: the op in its batch, the overlay piece that serves reads until
+/// it is applied, and every clone openraft makes of the entry (the apply's and each
+/// replication stream's reads) hold one buffer instead of a copy each.
+pub type Bytes = Arc<[u8]>;
+
+/// Archives [`Bytes`] exactly as a `Vec<u8>`, so the log and wire formats are those of
+/// earlier releases (`op::tests::a_batch_archived_by_the_previous_release_decodes`).
+pub struct AsVec;
+
+impl ArchiveWith<Bytes> for AsVec {
+    type Archived = ArchivedVec<u8>;
+    type Resolver = VecResolver;
+
+    fn resolve_with(field: &Bytes, resolver: VecResolver, out: Place<ArchivedVec<u8>>) {
+        ArchivedVec::resolve_from_len(field.len(), resolver, out);
+    }
+}
+
+impl<S: Fallible + Allocator + Writer + ?Sized> SerializeWith<Bytes, S> for AsVec {
+    fn serialize_with(field: &Bytes, serializer: &mut S) -> Result<VecResolver, S::Error> {
+        ArchivedVec::<u8>::serialize_from_slice(field, serializer)
+    }
+}
+
+impl<D: Fallible + ?Sized> DeserializeWith<ArchivedVec<u8>, Bytes, D> for AsVec {
+    fn deserialize_with(field: &ArchivedVec<u8>, _: &mut D) -> Result<Bytes, D::Error> {
+        Ok(Arc::from(field.as_slice()))
+    }
+}
 
 /// Seconds and nanoseconds since the Unix epoch, as `utimensat` takes them.
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,7 +95,8 @@ pub enum Op {
     Write {
         path: String,
         offset: u64,
-        data: Vec<u8>,
+        #[rkyv(with = AsVec)]
+        data: Bytes,
     },
     /// ftruncate to `size` (also used for fallocate mode 0 that extends a file).
     Truncate {
@@ -244,7 +281,7 @@ mod tests {
                 Op::Write {
                     path: "0i0/data.mdb".into(),
                     offset: 4096,
-                    data: vec![0xab; 5000],
+                    data: vec![0xab; 5000].into(),
                 },
                 Op::Truncate {
                     path: "0i0/data.mdb".into(),
@@ -326,7 +363,7 @@ mod tests {
                 Op::Write {
                     path: "f".into(),
                     offset: 4,
-                    data: b"abc".to_vec(),
+                    data: b"abc".to_vec().into(),
                 },
             ],
         };

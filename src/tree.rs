@@ -472,7 +472,7 @@ mod tests {
         let w = |p: &str, off, d: &[u8]| Op::Write {
             path: p.into(),
             offset: off,
-            data: d.to_vec(),
+            data: d.to_vec().into(),
         };
         assert_eq!(
             a.apply(&Op::Mkdir {
@@ -640,7 +640,7 @@ mod tests {
                 let op = Op::Write {
                     path: "f".into(),
                     offset: offset as u64,
-                    data,
+                    data: data.into(),
                 };
                 assert_eq!(a.apply(&op).unwrap(), 0);
             };

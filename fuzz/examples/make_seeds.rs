@@ -28,7 +28,7 @@ fn batch() -> Batch {
             Op::Write {
                 path: "data.mdb".into(),
                 offset: 4096,
-                data: vec![7; 24],
+                data: vec![7; 24].into(),
             },
             Op::Truncate {
                 path: "lock.mdb".into(),

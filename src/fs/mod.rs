@@ -653,9 +653,10 @@ impl Fs {
                 let Op::Write { offset, data, .. } = &op else {
                     unreachable!("split_write makes writes")
                 };
+                // The overlay shares the op's bytes: no copy.
                 let kind = PieceKind::Write {
                     offset: *offset,
-                    data: Arc::from(data.as_slice()),
+                    data: data.clone(),
                 };
                 (op, kind)
             })

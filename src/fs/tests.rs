@@ -130,7 +130,7 @@ fn a_write_reads_back_at_once_and_waits_in_the_open_batch() {
     let ops = accepted(&s.fake);
     assert!(
         matches!(&ops[..], [Op::Write { path, offset: 4096, data }, Op::SetAttr { mtime: Some(_), .. }]
-            if path == "data.mdb" && data == b"page"),
+            if path == "data.mdb" && data[..] == b"page"[..]),
         "{ops:?}"
     );
 }

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use crate::op::{Batch, Op, Timespec};
+use crate::op::{Batch, Bytes, Op, Timespec};
 
 /// Room reserved in an entry for the batch's own framing.
 const BATCH_OVERHEAD_BYTES: usize = 256;
@@ -59,7 +59,7 @@ pub fn split_write(path: &str, offset: u64, data: &[u8], entry_bytes_max: usize)
     let probe = Op::Write {
         path: path.to_string(),
         offset,
-        data: Vec::new(),
+        data: Bytes::from([]),
     };
     let chunk = entry_bytes_max
         .saturating_sub(probe.encoded_bytes_estimate() + BATCH_OVERHEAD_BYTES)
@@ -72,7 +72,7 @@ pub fn split_write(path: &str, offset: u64, data: &[u8], entry_bytes_max: usize)
         .map(|(i, c)| Op::Write {
             path: path.to_string(),
             offset: offset + (i * chunk) as u64,
-            data: c.to_vec(),
+            data: Bytes::from(c),
         })
         .collect()
 }
@@ -244,7 +244,7 @@ mod tests {
         Op::Write {
             path: "f".into(),
             offset,
-            data: vec![1; len],
+            data: vec![1; len].into(),
         }
     }
 
@@ -324,7 +324,7 @@ mod tests {
         Op::Write {
             path: "f".into(),
             offset: 0,
-            data: vec![0; len],
+            data: vec![0; len].into(),
         }
     }
 
@@ -400,7 +400,7 @@ mod tests {
         let write = |path: &str| Op::Write {
             path: path.into(),
             offset: 0,
-            data: vec![1; 10],
+            data: vec![1; 10].into(),
         };
         p.push_data_stamped(write("a"), t(1));
         p.push_data_stamped(write("a"), t(2));

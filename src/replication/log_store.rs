@@ -1174,7 +1174,7 @@ mod tests {
                 ops: vec![Op::Write {
                     path: "f".into(),
                     offset,
-                    data: vec![index as u8; len],
+                    data: vec![index as u8; len].into(),
                 }],
             }),
         }
@@ -1244,7 +1244,7 @@ mod tests {
                 ops: vec![Op::Write {
                     path: "f".into(),
                     offset: 0,
-                    data: vec![byte; 1000],
+                    data: vec![byte; 1000].into(),
                 }],
             }),
         };
@@ -1290,7 +1290,7 @@ mod tests {
                 ops: vec![Op::Write {
                     path: "f".into(),
                     offset: 0,
-                    data: vec![4; 100 << 10],
+                    data: vec![4; 100 << 10].into(),
                 }],
             }),
         };
@@ -1322,7 +1322,7 @@ mod tests {
                 ops: vec![Op::Write {
                     path: "f".into(),
                     offset: 0,
-                    data: vec![index as u8; 1000],
+                    data: vec![index as u8; 1000].into(),
                 }],
             }),
         };

@@ -207,7 +207,7 @@ mod tests {
             ops: vec![Op::Write {
                 path: "a".into(),
                 offset: 1,
-                data: vec![1, 2, 3],
+                data: vec![1, 2, 3].into(),
             }],
         };
         let mut nodes = BTreeMap::new();

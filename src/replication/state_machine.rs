@@ -812,7 +812,7 @@ mod tests {
                     Op::Write {
                         path: "a".into(),
                         offset: 0,
-                        data: vec![7; 256 << 10],
+                        data: vec![7; 256 << 10].into(),
                     },
                 ],
             }),

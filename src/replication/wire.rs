@@ -442,7 +442,7 @@ mod tests {
                 ops: vec![Op::Write {
                     path: "a".into(),
                     offset: 0,
-                    data: vec![1; 100],
+                    data: vec![1; 100].into(),
                 }],
             }),
         };
