@@ -9,6 +9,7 @@
 //! Encoding is rkyv; decoding always validates (`rkyv::from_bytes` checks the archive) because
 //! the bytes come from disk or from a peer.
 
+use std::ops::Deref;
 use std::sync::Arc;
 
 use rkyv::rancor::Fallible;
@@ -22,28 +23,45 @@ use rkyv::{Archive, Deserialize, Place, Serialize};
 /// replication stream's reads) hold one buffer instead of a copy each.
 pub type Bytes = Arc<[u8]>;
 
-/// Archives [`Bytes`] exactly as a `Vec<u8>`, so the log and wire formats are those of
-/// earlier releases (`op::tests::a_batch_archived_by_the_previous_release_decodes`).
+/// Archives a shared byte buffer ([`Bytes`], or an early send's `Arc<Vec<u8>>` record)
+/// exactly as a `Vec<u8>`, so the log and wire formats are those of earlier releases
+/// (`op::tests::a_batch_archived_by_the_previous_release_decodes`) and serialising reads
+/// the shared bytes where they are.
 pub struct AsVec;
 
-impl ArchiveWith<Bytes> for AsVec {
+impl<F, T> ArchiveWith<F> for AsVec
+where
+    F: Deref<Target = T>,
+    T: AsRef<[u8]> + ?Sized,
+{
     type Archived = ArchivedVec<u8>;
     type Resolver = VecResolver;
 
-    fn resolve_with(field: &Bytes, resolver: VecResolver, out: Place<ArchivedVec<u8>>) {
-        ArchivedVec::resolve_from_len(field.len(), resolver, out);
+    fn resolve_with(field: &F, resolver: VecResolver, out: Place<ArchivedVec<u8>>) {
+        ArchivedVec::resolve_from_len(field.deref().as_ref().len(), resolver, out);
     }
 }
 
-impl<S: Fallible + Allocator + Writer + ?Sized> SerializeWith<Bytes, S> for AsVec {
-    fn serialize_with(field: &Bytes, serializer: &mut S) -> Result<VecResolver, S::Error> {
-        ArchivedVec::<u8>::serialize_from_slice(field, serializer)
+impl<F, T, S> SerializeWith<F, S> for AsVec
+where
+    F: Deref<Target = T>,
+    T: AsRef<[u8]> + ?Sized,
+    S: Fallible + Allocator + Writer + ?Sized,
+{
+    fn serialize_with(field: &F, serializer: &mut S) -> Result<VecResolver, S::Error> {
+        ArchivedVec::<u8>::serialize_from_slice(field.deref().as_ref(), serializer)
     }
 }
 
 impl<D: Fallible + ?Sized> DeserializeWith<ArchivedVec<u8>, Bytes, D> for AsVec {
     fn deserialize_with(field: &ArchivedVec<u8>, _: &mut D) -> Result<Bytes, D::Error> {
         Ok(Arc::from(field.as_slice()))
+    }
+}
+
+impl<D: Fallible + ?Sized> DeserializeWith<ArchivedVec<u8>, Arc<Vec<u8>>, D> for AsVec {
+    fn deserialize_with(field: &ArchivedVec<u8>, _: &mut D) -> Result<Arc<Vec<u8>>, D::Error> {
+        Ok(Arc::new(field.as_slice().to_vec()))
     }
 }
 

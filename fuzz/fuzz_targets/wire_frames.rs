@@ -45,7 +45,7 @@ fn request(req: Request) {
     if let Request::Append { entries, .. } = &mut sealed {
         let mut any = false;
         for e in entries.iter_mut() {
-            any |= seal_record(e);
+            any |= seal_record(std::sync::Arc::make_mut(e).as_mut_slice());
         }
         if any {
             if let Ok(r) = wire::to_raft_request(sealed) {

@@ -514,8 +514,7 @@ impl EarlyAppend {
                 let last = records.last().expect("queue was not empty").log_id;
                 let vote = Vote::new_committed(term, self.my_id);
                 let bytes: u64 = records.iter().map(|r| r.bytes.len() as u64).sum();
-                let entries: Vec<Vec<u8>> = records.iter().map(|r| r.bytes.to_vec()).collect();
-                // Copied: the shared records need not outlive the request.
+                let entries: Vec<Arc<Vec<u8>>> = records.iter().map(|r| r.bytes.clone()).collect();
                 drop(records);
                 let n = entries.len() as u64;
                 let req = wire::encode_request(&wire::append_records(

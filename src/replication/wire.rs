@@ -2,17 +2,20 @@
 //! openraft's types. Entries travel in their on-disk record form (`record.rs`), so they
 //! carry their checksum across the network too. Every decode validates the archive.
 
+use std::sync::Arc;
+
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
 use openraft::{BasicNode, LogId, SnapshotMeta, StoredMembership, Vote};
 use rkyv::util::AlignedVec;
+use rkyv::with::Map;
 use rkyv::{Archive, Deserialize, Serialize};
 
 use super::record;
 use super::TypeConfig;
-use crate::op::DecodeError;
+use crate::op::{AsVec, DecodeError};
 
 #[derive(Archive, Serialize, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WLogId {
@@ -42,7 +45,9 @@ pub enum Request {
         vote: WVote,
         prev: Option<WLogId>,
         commit: Option<WLogId>,
-        entries: Vec<Vec<u8>>,
+        /// Records (`record.rs`), shared with an early sender's queue.
+        #[rkyv(with = Map<AsVec>)]
+        entries: Vec<Arc<Vec<u8>>>,
     },
     Vote {
         vote: WVote,
@@ -222,7 +227,11 @@ pub fn append_request(r: &AppendEntriesRequest<TypeConfig>) -> Request {
         vote: wv(&r.vote),
         prev: r.prev_log_id.as_ref().map(wl),
         commit: r.leader_commit.as_ref().map(wl),
-        entries: r.entries.iter().map(record::encode).collect(),
+        entries: r
+            .entries
+            .iter()
+            .map(|e| Arc::new(record::encode(e)))
+            .collect(),
     }
 }
 
@@ -232,7 +241,7 @@ pub fn append_records(
     vote: &Vote<u64>,
     prev: Option<&LogId<u64>>,
     commit: Option<&LogId<u64>>,
-    entries: Vec<Vec<u8>>,
+    entries: Vec<Arc<Vec<u8>>>,
 ) -> Request {
     Request::Append {
         vote: wv(vote),
