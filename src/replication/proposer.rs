@@ -18,12 +18,17 @@
 //! the log within `batch_watch_us` + `batch_linger_us` (12 ms by default) once the flushes
 //! in flight have landed. The watch's period is not the linger's: a 2 ms watch timer fired
 //! every three LMDB commits and cost what it saved.
+//!
+//! A data batch's outcome (applied, or not committed) is looked at whenever this task runs
+//! ([`Outcomes`]), not by a task of its own: that task's wake-up and poll were one more per
+//! sync point on the leader.
 
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use openraft::Raft;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tokio::time::Instant;
 
 use super::group_commit::GroupCommit;
@@ -41,6 +46,63 @@ pub struct Proposer {
     /// The watch's period (`batch_watch_us`).
     pub watch: Duration,
     pub role: Arc<Role>,
+}
+
+/// Data batches' outcomes from openraft, oldest first: nobody waits for them, but one that
+/// was not committed is logged. Checked each time the proposer runs; they complete in log
+/// order, so the check stops at the first still pending.
+struct Outcomes<T, E> {
+    pending: VecDeque<oneshot::Receiver<Result<T, E>>>,
+}
+
+/// Outcomes kept unchecked at most; older ones are handed to a task of their own (a
+/// proposer that stays idle after a burst checks nothing until its next proposal).
+const OUTCOMES_PENDING_MAX: usize = 64;
+
+impl<T: Send + 'static, E: std::fmt::Display + Send + 'static> Outcomes<T, E> {
+    fn new() -> Self {
+        Outcomes {
+            pending: VecDeque::new(),
+        }
+    }
+
+    fn push(&mut self, rx: oneshot::Receiver<Result<T, E>>) {
+        self.pending.push_back(rx);
+        while self.pending.len() > OUTCOMES_PENDING_MAX {
+            let rx = self.pending.pop_front().expect("longer than the bound");
+            tokio::spawn(async move { report(rx.await.ok()) });
+        }
+    }
+
+    /// Report the outcomes that arrived; how many of them were failures.
+    fn check(&mut self) -> usize {
+        let mut failed = 0;
+        while let Some(rx) = self.pending.front_mut() {
+            let outcome = match rx.try_recv() {
+                Err(oneshot::error::TryRecvError::Empty) => break,
+                Ok(r) => Some(r),
+                Err(oneshot::error::TryRecvError::Closed) => None,
+            };
+            self.pending.pop_front();
+            failed += usize::from(!report(outcome));
+        }
+        failed
+    }
+}
+
+/// Log a data batch that was not committed (its fsyncs fail on their own); true if it was.
+fn report<T, E: std::fmt::Display>(outcome: Option<Result<T, E>>) -> bool {
+    match outcome {
+        Some(Ok(_)) => true,
+        Some(Err(e)) => {
+            tracing::warn!(error = %e, "a data batch was not committed");
+            false
+        }
+        None => {
+            tracing::warn!("raft dropped a data batch without answering");
+            false
+        }
+    }
 }
 
 /// The proposer's watch over the group while it is busy: until `until` it looks at the
@@ -87,7 +149,9 @@ impl Proposer {
         let mut proposed_seq = 0u64;
         let mut generation = self.role.generation();
         let mut watch = Watch::default();
+        let mut outcomes = Outcomes::new();
         loop {
+            outcomes.check();
             let flushed = *self.flush_rx.borrow_and_update();
             if self.role.generation() != generation {
                 // Leadership was lost: proposals of the old term will never be flushed by
@@ -176,19 +240,7 @@ impl Proposer {
                         // The waiter may have timed out and gone; then nobody needs it.
                         let _ = tx.send(rx);
                     }
-                    None => {
-                        tokio::spawn(async move {
-                            match rx.await {
-                                Ok(Ok(_)) => {}
-                                Ok(Err(e)) => {
-                                    tracing::warn!(error = %e, "a data batch was not committed")
-                                }
-                                Err(_) => {
-                                    tracing::warn!("raft dropped a data batch without answering")
-                                }
-                            }
-                        });
-                    }
+                    None => outcomes.push(rx),
                 },
                 Err(fatal) => {
                     tracing::error!(error = %fatal, "raft stopped; no more proposals");
@@ -206,6 +258,43 @@ impl Proposer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Outcomes leave in log order as they arrive, failures counted; one still pending
+    /// holds back those behind it; past the bound the oldest go to a task of their own.
+    #[tokio::test]
+    async fn data_batch_outcomes_are_checked_in_order_and_bounded() {
+        let mut o: Outcomes<(), String> = Outcomes::new();
+        let (tx1, rx1) = oneshot::channel();
+        let (tx2, rx2) = oneshot::channel();
+        let (tx3, rx3) = oneshot::channel::<Result<(), String>>();
+        o.push(rx1);
+        o.push(rx2);
+        o.push(rx3);
+        assert_eq!(o.check(), 0);
+        assert_eq!(o.pending.len(), 3, "nothing arrived");
+        tx2.send(Err("not leader".into())).unwrap();
+        assert_eq!(o.check(), 0);
+        assert_eq!(
+            o.pending.len(),
+            3,
+            "the first still pending holds the rest back"
+        );
+        tx1.send(Ok(())).unwrap();
+        drop(tx3);
+        assert_eq!(o.check(), 2, "the error and the dropped one");
+        assert!(o.pending.is_empty());
+
+        let senders: Vec<_> = (0..OUTCOMES_PENDING_MAX + 5)
+            .map(|_| {
+                let (tx, rx) = oneshot::channel::<Result<(), String>>();
+                o.push(rx);
+                tx
+            })
+            .collect();
+        assert_eq!(o.pending.len(), OUTCOMES_PENDING_MAX);
+        drop(senders);
+        assert_eq!(o.check(), OUTCOMES_PENDING_MAX);
+    }
 
     const PERIOD: Duration = Duration::from_millis(10);
     const LINGER: Duration = Duration::from_millis(2);
