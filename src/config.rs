@@ -152,6 +152,12 @@ limits! {
     apply_open_files_max: usize = 64, fixed, min Min::Const(4), max 4096;
     /// FUSE worker threads.
     fuse_threads: usize = 4, settable, min Min::Const(1), max 64;
+    /// Worker threads of the runtime that runs openraft, the proposer and the peer links.
+    /// Two, not more: the log's fdatasync and the apply block one each, and every idle
+    /// worker more is one more woken to look for work each time a task is scheduled
+    /// (TUNING.md: 4 → 2 took 3 context switches and a tenth of the CPU off an LMDB
+    /// commit on a 3-node leader; 1 was slower).
+    runtime_threads: usize = 2, settable, min Min::Const(1), max 64;
     /// glibc malloc arenas the daemon's threads share (glibc's default is eight per
     /// core): each arena keeps what it freed, so a dozen threads passing 1 MiB buffers
     /// around under a sustained write each held their own high-water mark.

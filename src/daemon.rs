@@ -306,9 +306,7 @@ fn open(cfg: &MountConfig) -> Result<Opened, MountError> {
     limit_malloc_arenas(cfg.limits.malloc_arenas_max);
     let data_dir = DataDir::open(&cfg.data_dir, cfg.node_id, &cfg.cluster_label())?;
     let rt = tokio::runtime::Builder::new_multi_thread()
-        // More workers than cores: the state machine and the log do blocking IO on them,
-        // and FUSE handlers waiting for Raft need the rest to make progress.
-        .worker_threads(4)
+        .worker_threads(cfg.limits.runtime_threads)
         .enable_all()
         .thread_name("seguro-rt")
         .build()?;
