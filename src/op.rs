@@ -386,6 +386,9 @@ mod tests {
             ],
         };
         assert_eq!(Batch::decode(&bytes).unwrap(), want);
+        // And this release archives it to the very same bytes (a write's data is `Bytes`
+        // now, archived through `AsVec` as the `Vec<u8>` it was).
+        assert_eq!(want.encode().as_slice(), bytes.as_slice());
         // The archived op's size (the stride of the op vector) is what it was.
         assert_eq!(std::mem::size_of::<ArchivedOp>(), 88);
     }
