@@ -156,8 +156,9 @@ limits! {
     /// Two, not more: the log's fdatasync and the apply block one each, and every idle
     /// worker more is one more woken to look for work each time a task is scheduled
     /// (TUNING.md: 4 → 2 took 3 context switches and a tenth of the CPU off an LMDB
-    /// commit on a 3-node leader; 1 was slower).
-    runtime_threads: usize = 2, settable, min Min::Const(1), max 64;
+    /// commit on a 3-node leader). Not fewer: with one, every fdatasync would stall the
+    /// peer links and timers too (and it was slower).
+    runtime_threads: usize = 2, settable, min Min::Const(2), max 64;
     /// glibc malloc arenas the daemon's threads share (glibc's default is eight per
     /// core): each arena keeps what it freed, so a dozen threads passing 1 MiB buffers
     /// around under a sustained write each held their own high-water mark.

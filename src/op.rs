@@ -18,9 +18,11 @@ use rkyv::vec::{ArchivedVec, VecResolver};
 use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
 use rkyv::{Archive, Deserialize, Place, Serialize};
 
-/// A write's bytes, shared: the op in its batch, the overlay piece that serves reads until
-/// it is applied, and every clone openraft makes of the entry (the apply's and each
-/// replication stream's reads) hold one buffer instead of a copy each.
+/// A write's bytes, shared: on the node that accepted the write, the op in its batch, the
+/// overlay piece that serves reads until it is applied, and every clone openraft makes of
+/// the entry while it is in the log's cache (the apply's and each replication stream's
+/// reads) hold one buffer instead of a copy each. An entry decoded from disk or from a
+/// peer gets a buffer of its own.
 pub type Bytes = Arc<[u8]>;
 
 /// Archives a shared byte buffer ([`Bytes`], or an early send's `Arc<Vec<u8>>` record)

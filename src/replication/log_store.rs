@@ -125,8 +125,8 @@ struct Inner {
 ///
 /// Each reader (the store itself, whose reads are openraft's apply, and each reader
 /// openraft takes for a replication stream) has a mark: the end of the furthest range it
-/// read. Entries below every live reader's mark are dropped at once, so a follower or a
-/// single node keeps only what it has not applied, and a leader also what a stream has not
+/// read. Entries below every live reader's mark are dropped at the next read, so a
+/// follower or a single node keeps only what it has not applied, and a leader also what a stream has not
 /// sent yet: under a sustained write openraft's streams trail the log by up to the
 /// overlay's window, and reading those entries back from disk was the leader's largest
 /// cost (TUNING.md). A reader that stops reading (a stream to a member that is down) holds
@@ -157,10 +157,14 @@ impl Recent {
         }
     }
 
-    /// Drop the entries at `from` and after.
+    /// Drop the entries at `from` and after (truncated, or an append rolled back): the
+    /// entries appended there next are new to every reader, whatever it read before.
     fn forget_from(&mut self, from: u64) {
         for (_, (_, b)) in self.entries.split_off(&from) {
             self.bytes -= b;
+        }
+        for mark in self.readers.iter().filter_map(Weak::upgrade) {
+            mark.fetch_min(from, Ordering::Relaxed);
         }
     }
 
@@ -1236,6 +1240,8 @@ mod tests {
         o.segment_bytes_max = 4 << 20;
         o.cache_bytes_max = 64 << 10;
         let (mut log, _) = LogStore::open(o).unwrap();
+        // A stream that reads nothing: only truncate, purge and the bound evict here.
+        let _stream = rt.block_on(log.get_log_reader());
         let write = |term: u64, index: u64, byte: u8| Entry {
             log_id: LogId::new(openraft::CommittedLeaderId::new(term, 1), index),
             payload: EntryPayload::Normal(Batch {
@@ -1362,11 +1368,23 @@ mod tests {
         rt.block_on(log.blocking_append((11..=12).map(entry)))
             .unwrap();
         assert_eq!(cached(&log), vec![11, 12]);
+        rt.block_on(log.try_get_log_entries(11..=11)).unwrap();
+        assert_eq!(cached(&log), vec![12]);
         let got = rt.block_on(log.try_get_log_entries(1..=12)).unwrap();
         assert!(
             got == (1..=12).map(entry).collect::<Vec<_>>(),
             "dropped entries read from disk"
         );
+
+        // Entries appended again after a truncate are new to a reader that had read past
+        // them.
+        assert!(cached(&log).is_empty());
+        rt.block_on(log.truncate(LogId::new(openraft::CommittedLeaderId::new(1, 1), 11)))
+            .unwrap();
+        rt.block_on(log.blocking_append((11..=12).map(entry)))
+            .unwrap();
+        rt.block_on(log.try_get_log_entries(11..=11)).unwrap();
+        assert_eq!(cached(&log), vec![12]);
     }
 
     /// A cluster member that led when it stopped reads its vote back uncommitted, so it
