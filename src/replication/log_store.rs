@@ -1184,6 +1184,25 @@ mod tests {
         }
     }
 
+    /// A log with a window of `cache_bytes` in a fresh directory, and a runtime to drive it.
+    fn open_with_cache(
+        name: &str,
+        cache_bytes: u64,
+    ) -> (tokio::runtime::Runtime, TempDir, LogStore) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let t = TempDir::new(name);
+        let mut o = opts(&t.path().join("raft"));
+        o.segment_bytes_max = 4 << 20;
+        o.cache_bytes_max = cache_bytes;
+        let (log, _) = LogStore::open(o).unwrap();
+        (rt, t, log)
+    }
+
+    /// The indexes the window holds.
+    fn cached(log: &LogStore) -> Vec<u64> {
+        log.lock().recent.entries.keys().copied().collect()
+    }
+
     /// Entries 1..=`sizes.len()` read back as [`write_entry`] made them: entry i a write of
     /// `sizes[i - 1]` bytes of value i.
     fn assert_writes(rt: &tokio::runtime::Runtime, log: &mut LogStore, sizes: &[usize]) {
@@ -1234,12 +1253,7 @@ mod tests {
     fn recent_entries_follow_truncate_purge_and_their_bound() {
         use crate::op::{Batch, Op};
         use openraft::storage::RaftLogStorageExt;
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let t = TempDir::new("log-recent");
-        let mut o = opts(&t.path().join("raft"));
-        o.segment_bytes_max = 4 << 20;
-        o.cache_bytes_max = 64 << 10;
-        let (mut log, _) = LogStore::open(o).unwrap();
+        let (rt, _t, mut log) = open_with_cache("log-recent", 64 << 10);
         // A stream that reads nothing: only truncate, purge and the bound evict here.
         let _stream = rt.block_on(log.get_log_reader());
         let write = |term: u64, index: u64, byte: u8| Entry {
@@ -1312,34 +1326,9 @@ mod tests {
     /// read never marks entries not yet appended as read.
     #[test]
     fn recent_entries_stay_until_every_reader_has_read_them() {
-        use crate::op::{Batch, Op};
         use openraft::storage::RaftLogStorageExt;
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let t = TempDir::new("log-readers");
-        let mut o = opts(&t.path().join("raft"));
-        o.segment_bytes_max = 4 << 20;
-        o.cache_bytes_max = 1 << 20;
-        let (mut log, _) = LogStore::open(o).unwrap();
-        let entry = |index: u64| Entry {
-            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
-            payload: EntryPayload::Normal(Batch {
-                origin: 2,
-                seq: index,
-                ops: vec![Op::Write {
-                    path: "f".into(),
-                    offset: 0,
-                    data: vec![index as u8; 1000].into(),
-                }],
-            }),
-        };
-        let cached = |log: &LogStore| {
-            log.lock()
-                .recent
-                .entries
-                .keys()
-                .copied()
-                .collect::<Vec<_>>()
-        };
+        let (rt, _t, mut log) = open_with_cache("log-readers", 1 << 20);
+        let entry = |index: u64| write_entry(index, 0, 1000);
         rt.block_on(log.blocking_append((1..=10).map(entry)))
             .unwrap();
         let mut stream = rt.block_on(log.get_log_reader());
