@@ -85,6 +85,7 @@ pub fn run(from: &str, key_file: &Path, dest: &Path, update: bool) -> Result<Str
         // A tool neither leads nor follows.
         liveness: std::sync::Arc::new(crate::replication::quorum::Liveness::new(0)),
         matched: std::sync::Arc::default(),
+        received: std::sync::Arc::default(),
     };
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

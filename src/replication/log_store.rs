@@ -34,6 +34,7 @@ use tokio::sync::watch;
 
 use super::direct_write::DirectWrites;
 use super::early::{EarlyAppend, Record};
+use super::received::Received;
 use super::record::{self, HEADER_BYTES};
 use super::{Entry, TypeConfig};
 use crate::diskfull::{self, DiskFullPolicy};
@@ -77,6 +78,8 @@ pub struct LogOptions {
     pub direct_bytes_min: u64,
     /// Early replication (a cluster member): offered each append before it is written.
     pub early: Option<Arc<EarlyAppend>>,
+    /// Records received from the leader (a cluster member), written as they are.
+    pub received: Option<Arc<Received>>,
     /// A cluster member's id: a committed vote naming it (it led when it stopped) is read
     /// back uncommitted, so it leads again only in a new term won by election. Its
     /// followers may hold entries it sent early and never made durable itself (a crash, or
@@ -319,6 +322,7 @@ pub struct LogStore {
     flush: Arc<Flush>,
     disk: DiskFullPolicy,
     early: Option<Arc<EarlyAppend>>,
+    received: Option<Arc<Received>>,
     read_mark: Arc<AtomicU64>,
 }
 
@@ -761,6 +765,7 @@ impl LogStore {
                 }),
                 disk: opts.disk,
                 early: opts.early,
+                received: opts.received,
                 read_mark,
             },
             state_rx,
@@ -769,6 +774,22 @@ impl LogStore {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         self.inner.lock().expect("log store mutex poisoned")
+    }
+
+    /// `entry` in record form: the record it was received in from the leader, if that is
+    /// held (`received.rs`), else encoded here.
+    fn record_of(&self, entry: &Entry) -> Arc<Vec<u8>> {
+        match self.received.as_ref().and_then(|r| r.take(&entry.log_id)) {
+            Some(bytes) => {
+                debug_assert!(
+                    *bytes == record::encode(entry),
+                    "the record received for {} is not its entry's encoding",
+                    entry.log_id
+                );
+                bytes
+            }
+            None => Arc::new(record::encode(entry)),
+        }
     }
 
     /// The segments and how far back the log reaches, for retention (`retention.rs`),
@@ -956,7 +977,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 last_index = entry.log_id.index;
                 Pending {
                     log_id: entry.log_id,
-                    bytes: Arc::new(record::encode(entry)),
+                    bytes: self.record_of(entry),
                 }
             })
             .collect();
@@ -1121,6 +1142,7 @@ mod tests {
                 cache_bytes_max: 4 << 10,
                 direct_bytes_min: 256 << 10,
                 early: None,
+                received: None,
                 own_vote_uncommitted: None,
             })
             .map_err(io_write)?;
@@ -1241,6 +1263,7 @@ mod tests {
             cache_bytes_max: 0,
             direct_bytes_min: 256 << 10,
             early: None,
+            received: None,
             own_vote_uncommitted: None,
         }
     }
@@ -1324,6 +1347,51 @@ mod tests {
     /// apply) and each reader openraft takes for a stream. A stream that has not read an
     /// entry yet keeps it; a dropped reader no longer holds anything back; an unbounded
     /// read never marks entries not yet appended as read.
+    /// A follower's append takes the record it received for an entry instead of encoding
+    /// the entry again, and the entry reads back from it.
+    #[test]
+    fn a_record_received_from_the_leader_is_written_as_it_is() {
+        use openraft::storage::RaftLogStorageExt;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let t = TempDir::new("log-received");
+        let received = Arc::new(Received::default());
+        let mut o = opts(&t.path().join("raft"));
+        o.received = Some(received.clone());
+        let (mut log, _) = LogStore::open(o).unwrap();
+        let e = write_entry(1, 0, 100);
+        let bytes = Arc::new(record::encode(&e));
+        let _held = received.hold([(e.log_id, bytes.clone())]);
+        rt.block_on(log.blocking_append([e.clone()])).unwrap();
+        assert!(
+            received.take(&e.log_id).is_none(),
+            "the append took the received record"
+        );
+        let got = rt.block_on(log.try_get_log_entries(1..=1)).unwrap();
+        assert!(
+            got == vec![e],
+            "the entry reads back from the record written"
+        );
+    }
+
+    /// Debug builds check each received record against its entry's encoding: bytes that
+    /// are not that entry's never reach the log unnoticed.
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "is not its entry's encoding")]
+    fn a_received_record_that_is_not_its_entry_is_caught() {
+        use openraft::storage::RaftLogStorageExt;
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let t = TempDir::new("log-received-other");
+        let received = Arc::new(Received::default());
+        let mut o = opts(&t.path().join("raft"));
+        o.received = Some(received.clone());
+        let (mut log, _) = LogStore::open(o).unwrap();
+        let e = write_entry(1, 0, 100);
+        let other = Arc::new(record::encode(&write_entry(1, 0, 50)));
+        let _held = received.hold([(e.log_id, other)]);
+        let _ = rt.block_on(log.blocking_append([e]));
+    }
+
     #[test]
     fn recent_entries_stay_until_every_reader_has_read_them() {
         use openraft::storage::RaftLogStorageExt;

@@ -16,6 +16,7 @@ pub mod overlay;
 pub mod pipeline;
 pub mod proposer;
 pub mod quorum;
+pub mod received;
 pub mod record;
 pub mod retention;
 pub mod role;
@@ -129,6 +130,7 @@ pub async fn start(
     let liveness = Arc::new(quorum::Liveness::new(election_timeout_max_ms(&cfg.limits)));
     let matched = Arc::new(quorum::Matched::default());
     let early = early::EarlyAppend::new(cfg.node_id, &cfg.limits, matched.clone());
+    let received = Arc::new(received::Received::default());
     let raft_dir = dir.raft_dir();
     let disk = DiskFullPolicy::new(&cfg.limits, registry.disk.clone());
     let (log, flush_rx) = LogStore::open(LogOptions {
@@ -140,6 +142,7 @@ pub async fn start(
         cache_bytes_max: cfg.limits.log_cache_bytes,
         direct_bytes_min: cfg.limits.direct_write_bytes_min,
         early: cfg.cluster.is_some().then(|| early.clone()),
+        received: cfg.cluster.is_some().then(|| received.clone()),
         own_vote_uncommitted: cfg.cluster.is_some().then_some(cfg.node_id),
     })
     .map_err(|source| StartError::Log {
@@ -197,6 +200,7 @@ pub async fn start(
         registry,
         liveness: liveness.clone(),
         matched: matched.clone(),
+        received,
     };
     let listener = match &cfg.cluster {
         Some(c) => Some(

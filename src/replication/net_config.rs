@@ -7,6 +7,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use super::quorum::{Liveness, Matched};
+use super::received::Received;
 use super::transport::{ClusterKey, LinkLimits};
 use crate::counters::Registry;
 
@@ -31,4 +32,7 @@ pub struct NetConfig {
     /// Fed on a leader by the network and by early sends (`early.rs`): how far each
     /// follower's log durably matches. Read by fsync.
     pub matched: Arc<Matched>,
+    /// Fed by the server with the records of each AppendEntries while openraft handles it,
+    /// taken by the log store's append (`received.rs`).
+    pub received: Arc<Received>,
 }

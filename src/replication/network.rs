@@ -719,9 +719,23 @@ async fn serve_link(
                 Request::Append { .. } => Counted::Entries(entry_bytes(&r)),
                 _ => Counted::Nothing,
             };
-            Ok((wire::to_raft_request(r)?, counted))
+            let records = match &r {
+                Request::Append { entries, .. } => entries.clone(),
+                _ => Vec::new(),
+            };
+            let req = wire::to_raft_request(r)?;
+            // Each record decoded (and checked) into the entry of the same place: the log
+            // store writes it as it is while openraft handles this request.
+            let held = match &req {
+                RaftRequest::Append(a) => Some(
+                    cfg.received
+                        .hold(a.entries.iter().map(|e| e.log_id).zip(records)),
+                ),
+                _ => None,
+            };
+            Ok((req, counted, held))
         });
-        let (req, counted) = match decoded {
+        let (req, counted, _held) = match decoded {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(%peer, node = link.peer_id, error = %e, "undecodable request; closing peer link");
