@@ -1343,21 +1343,23 @@ mod tests {
         assert!(rt.block_on(log.try_get_log_entries(150..=150)).unwrap() == vec![huge]);
     }
 
-    /// The window drops what every live reader has read past: the store's own reads (the
-    /// apply) and each reader openraft takes for a stream. A stream that has not read an
-    /// entry yet keeps it; a dropped reader no longer holds anything back; an unbounded
-    /// read never marks entries not yet appended as read.
+    /// A follower's log store, with the records its network would hold for it.
+    fn open_receiving(name: &str) -> (tokio::runtime::Runtime, TempDir, Arc<Received>, LogStore) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let t = TempDir::new(name);
+        let received = Arc::new(Received::default());
+        let mut o = opts(&t.path().join("raft"));
+        o.received = Some(received.clone());
+        let (log, _) = LogStore::open(o).unwrap();
+        (rt, t, received, log)
+    }
+
     /// A follower's append takes the record it received for an entry instead of encoding
     /// the entry again, and the entry reads back from it.
     #[test]
     fn a_record_received_from_the_leader_is_written_as_it_is() {
         use openraft::storage::RaftLogStorageExt;
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let t = TempDir::new("log-received");
-        let received = Arc::new(Received::default());
-        let mut o = opts(&t.path().join("raft"));
-        o.received = Some(received.clone());
-        let (mut log, _) = LogStore::open(o).unwrap();
+        let (rt, _t, received, mut log) = open_receiving("log-received");
         let e = write_entry(1, 0, 100);
         let bytes = Arc::new(record::encode(&e));
         let _held = received.hold([(e.log_id, bytes.clone())]);
@@ -1380,18 +1382,17 @@ mod tests {
     #[should_panic(expected = "is not its entry's encoding")]
     fn a_received_record_that_is_not_its_entry_is_caught() {
         use openraft::storage::RaftLogStorageExt;
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        let t = TempDir::new("log-received-other");
-        let received = Arc::new(Received::default());
-        let mut o = opts(&t.path().join("raft"));
-        o.received = Some(received.clone());
-        let (mut log, _) = LogStore::open(o).unwrap();
+        let (rt, _t, received, mut log) = open_receiving("log-received-other");
         let e = write_entry(1, 0, 100);
         let other = Arc::new(record::encode(&write_entry(1, 0, 50)));
         let _held = received.hold([(e.log_id, other)]);
         let _ = rt.block_on(log.blocking_append([e]));
     }
 
+    /// The window drops what every live reader has read past: the store's own reads (the
+    /// apply) and each reader openraft takes for a stream. A stream that has not read an
+    /// entry yet keeps it; a dropped reader no longer holds anything back; an unbounded
+    /// read never marks entries not yet appended as read.
     #[test]
     fn recent_entries_stay_until_every_reader_has_read_them() {
         use openraft::storage::RaftLogStorageExt;
