@@ -350,6 +350,8 @@ pub struct Registry {
     /// Disk-full state, set by the log store, the state machine and the leader's
     /// free-space check.
     pub disk: Arc<crate::diskfull::DiskGauges>,
+    /// Log records a follower wrote as its leader sent them (`replication/received.rs`).
+    pub records_as_received: Arc<AtomicU64>,
     /// By node id. Members are known at start; one added later gets its counters on its
     /// first link.
     peers: Mutex<BTreeMap<u64, Arc<PeerCounters>>>,
@@ -361,6 +363,7 @@ impl Registry {
             fsync: FsyncStats::new(limits.fsync_recent_samples_max),
             fuse_errors: Arc::default(),
             disk: Arc::default(),
+            records_as_received: Arc::default(),
             peers: Mutex::new(others.into_iter().map(|id| (id, Arc::default())).collect()),
         }
     }

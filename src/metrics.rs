@@ -276,6 +276,18 @@ pub fn render(st: &Status, reg: &Registry) -> String {
     }
 
     o.family(
+        "seguro_log_records_as_received_total",
+        "counter",
+        "Log records this node wrote as its leader sent them, without encoding the entry again.",
+    );
+    o.sample(
+        "seguro_log_records_as_received_total",
+        &[],
+        reg.records_as_received
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
+
+    o.family(
         "seguro_fuse_errors_total",
         "counter",
         "FUSE requests answered with an error, by operation (ENOENT on lookup is routine).",

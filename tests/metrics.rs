@@ -922,6 +922,13 @@ fn entries_reach_followers_early_and_once_but_fsync_still_waits_for_the_leaders_
         })
     };
     let before = lag_zero("followers caught up before the workload");
+    let follower_before: std::collections::BTreeMap<usize, f64> = fol
+        .iter()
+        .map(|&f| {
+            let s = scrape(maddr(f));
+            (f, s.value("seguro_log_records_as_received_total", &[]))
+        })
+        .collect();
 
     const FSYNCS: u64 = 200;
     let f = File::create(c.mountpoint(l).join("early.bin")).expect("create early.bin");
@@ -969,6 +976,14 @@ fn entries_reach_followers_early_and_once_but_fsync_still_waits_for_the_leaders_
             requests <= FSYNCS as f64 * 1.5,
             "{requests} AppendEntries requests for {FSYNCS} fsyncs:\n{}",
             after.text
+        );
+        // The follower wrote the records it received as they are, not encoded again.
+        let as_received = |s: &Scrape| s.value("seguro_log_records_as_received_total", &[]);
+        let written = as_received(&scrape(maddr(f))) - follower_before[&f];
+        eprintln!("node {f}: {written} of {appended} records written as received");
+        assert!(
+            written >= appended * 0.9,
+            "{written} of {appended} records written as received"
         );
     }
 

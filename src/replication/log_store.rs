@@ -1362,7 +1362,7 @@ mod tests {
         let (rt, _t, received, mut log) = open_receiving("log-received");
         let e = write_entry(1, 0, 100);
         let bytes = Arc::new(record::encode(&e));
-        let _held = received.hold([(e.log_id, bytes.clone())]);
+        let _held = received.hold([(e.log_id, bytes)]);
         rt.block_on(log.blocking_append([e.clone()])).unwrap();
         assert!(
             received.take(&e.log_id).is_none(),

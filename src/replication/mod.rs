@@ -130,7 +130,9 @@ pub async fn start(
     let liveness = Arc::new(quorum::Liveness::new(election_timeout_max_ms(&cfg.limits)));
     let matched = Arc::new(quorum::Matched::default());
     let early = early::EarlyAppend::new(cfg.node_id, &cfg.limits, matched.clone());
-    let received = Arc::new(received::Received::default());
+    let received = Arc::new(received::Received::counting(
+        registry.records_as_received.clone(),
+    ));
     let raft_dir = dir.raft_dir();
     let disk = DiskFullPolicy::new(&cfg.limits, registry.disk.clone());
     let (log, flush_rx) = LogStore::open(LogOptions {

@@ -38,6 +38,7 @@ use super::control::{ControlServer, OpenImage};
 use super::early;
 use super::net_config::NetConfig;
 use super::quorum::Liveness;
+use super::record;
 use super::snapshot;
 use super::snapshot::delta::{self, Manifest, Piece};
 use super::transport::{Link, LinkError};
@@ -723,16 +724,17 @@ async fn serve_link(
                 Request::Append { entries, .. } => entries.clone(),
                 _ => Vec::new(),
             };
+            // Decodes and checks every record, or fails the request.
             let req = wire::to_raft_request(r)?;
-            // Each record decoded (and checked) into the entry of the same place: the log
-            // store writes it as it is while openraft handles this request.
-            let held = match &req {
-                RaftRequest::Append(a) => Some(
-                    cfg.received
-                        .hold(a.entries.iter().map(|e| e.log_id).zip(records)),
-                ),
-                _ => None,
-            };
+            // The log store writes them as they are while openraft handles this request,
+            // each under the log id its own header names.
+            let held = (!records.is_empty()).then(|| {
+                cfg.received.hold(
+                    records
+                        .into_iter()
+                        .filter_map(|b| Some((record::log_id(&b)?, b))),
+                )
+            });
             Ok((req, counted, held))
         });
         let (req, counted, _held) = match decoded {

@@ -12,12 +12,18 @@
 //! so a log id is never reused for other contents). Debug builds check every record
 //! against the encoding it stands for.
 //!
+//! The decode checks a record's length (a header and its body, nothing after) as well as
+//! its checksum, so what is written is one whole record that recovery reads back as such.
+//! Each record is held under the log id its own header names.
+//!
 //! A request's records are held only while openraft handles that request ([`Held`]); by the
-//! time it answers, the append that takes them has run, and what is left (entries the
-//! follower already held, a refused request) is dropped. So the records held are those of
-//! the requests under way, one per peer link at most.
+//! time it answers, the append that takes them has run (openraft 0.9 queues the append
+//! before the response), and what is left (entries the follower already held, a refused
+//! request) is dropped. So the records held are those of the requests under way, one per
+//! peer link at most, for as long as each is handled (its append's fdatasync included).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use openraft::LogId;
@@ -33,6 +39,8 @@ fn key(id: &LogId<u64>) -> Key {
 #[derive(Default)]
 pub struct Received {
     records: Mutex<HashMap<Key, Arc<Vec<u8>>>>,
+    /// Records taken for an append (`seguro_log_records_as_received_total`).
+    taken: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Received {
@@ -42,34 +50,46 @@ impl std::fmt::Debug for Received {
 }
 
 impl Received {
+    /// Counting the records taken into `taken`.
+    pub fn counting(taken: Arc<AtomicU64>) -> Received {
+        Received {
+            records: Mutex::default(),
+            taken,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Key, Arc<Vec<u8>>>> {
         self.records.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Hold `records`, each the record its entry's log id was decoded from, until the
-    /// returned guard drops.
+    /// Hold `records` (decoded and checked, each under its own log id) until the returned
+    /// guard drops.
     pub fn hold(
         self: &Arc<Self>,
         records: impl IntoIterator<Item = (LogId<u64>, Arc<Vec<u8>>)>,
     ) -> Held {
         let mut held = self.lock();
-        let keys = records
+        let records = records
             .into_iter()
             .map(|(id, bytes)| {
                 let k = key(&id);
-                held.insert(k, bytes);
-                k
+                held.insert(k, bytes.clone());
+                (k, bytes)
             })
             .collect();
         Held {
             received: self.clone(),
-            keys,
+            records,
         }
     }
 
     /// The record received for `log_id`, if one is held; it is held no longer.
     pub fn take(&self, log_id: &LogId<u64>) -> Option<Arc<Vec<u8>>> {
-        self.lock().remove(&key(log_id))
+        let taken = self.lock().remove(&key(log_id));
+        if taken.is_some() {
+            self.taken.fetch_add(1, Ordering::Relaxed);
+        }
+        taken
     }
 
     #[cfg(test)]
@@ -81,17 +101,21 @@ impl Received {
 /// One request's records: dropped from [`Received`] when this drops, if not taken.
 pub struct Held {
     received: Arc<Received>,
-    keys: Vec<Key>,
+    records: Vec<(Key, Arc<Vec<u8>>)>,
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.keys.is_empty() {
+        if self.records.is_empty() {
             return;
         }
         let mut held = self.received.lock();
-        for k in &self.keys {
-            held.remove(k);
+        for (k, bytes) in &self.records {
+            // Only this request's own: another link may have brought the same entry since,
+            // for a request still under way.
+            if held.get(k).is_some_and(|h| Arc::ptr_eq(h, bytes)) {
+                held.remove(k);
+            }
         }
     }
 }
@@ -116,6 +140,7 @@ mod tests {
             None,
             "another term's entry 6 is another entry"
         );
+        assert_eq!(r.taken.load(Ordering::Relaxed), 1, "one record taken");
         assert_eq!(r.len(), 1);
         drop(held);
         assert_eq!(
@@ -124,5 +149,18 @@ mod tests {
             "what the append did not take leaves with its request"
         );
         assert_eq!(r.take(&id(2, 6)), None);
+    }
+
+    /// Two links may bring the same entry at once (an early send and openraft's stream):
+    /// the request that ends first leaves the other's record in place.
+    #[test]
+    fn a_request_that_ends_drops_only_its_own_records() {
+        let r = Arc::new(Received::default());
+        let first = r.hold([(id(2, 7), Arc::new(vec![7]))]);
+        let second = r.hold([(id(2, 7), Arc::new(vec![7]))]);
+        drop(first);
+        assert_eq!(r.len(), 1, "the second request's record stays");
+        drop(second);
+        assert_eq!(r.len(), 0);
     }
 }

@@ -167,7 +167,17 @@ pub fn decode_body(
     })
 }
 
-/// Decode one whole record from a byte slice (a record received from a peer).
+/// The log id a record's header names, if it has a header.
+pub fn log_id(bytes: &[u8]) -> Option<LogId<u64>> {
+    let h = decode_header(bytes.get(..HEADER_BYTES)?.try_into().ok()?)?;
+    Some(LogId::new(
+        openraft::CommittedLeaderId::new(h.term, h.leader),
+        h.index,
+    ))
+}
+
+/// Decode one whole record from a byte slice (a record received from a peer): exactly a
+/// header and its body, nothing after.
 pub fn decode(bytes: &[u8]) -> Result<Entry, DecodeError> {
     let bad = |reason: &str| DecodeError {
         what: "log record",
@@ -179,9 +189,16 @@ pub fn decode(bytes: &[u8]) -> Result<Entry, DecodeError> {
         .try_into()
         .unwrap();
     let h = decode_header(hb).ok_or_else(|| bad("bad header"))?;
-    let body = bytes
-        .get(HEADER_BYTES..HEADER_BYTES + h.body_bytes as usize)
-        .ok_or_else(|| bad("short body"))?;
+    if bytes.len() as u64 != h.record_bytes() {
+        // A follower writes a received record as it is (`received.rs`): anything after its
+        // body would land in the log, where recovery would read it as the next header.
+        return Err(bad(if (bytes.len() as u64) < h.record_bytes() {
+            "short body"
+        } else {
+            "bytes after the body"
+        }));
+    }
+    let body = &bytes[HEADER_BYTES..];
     let mut aligned = AlignedVec::<16>::with_capacity(body.len());
     aligned.extend_from_slice(body);
     decode_body(hb, &h, &aligned)
@@ -251,5 +268,12 @@ mod tests {
                 "truncation to {n} went unnoticed"
             );
         }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(
+            decode(&longer).is_err(),
+            "a byte after the body went unnoticed"
+        );
+        assert_eq!(log_id(&bytes), Some(e.log_id));
     }
 }
