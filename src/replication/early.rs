@@ -664,9 +664,7 @@ mod tests {
     use super::*;
     use openraft::CommittedLeaderId;
 
-    fn id(term: u64, index: u64) -> LogId<u64> {
-        LogId::new(CommittedLeaderId::new(term, 1), index)
-    }
+    use crate::replication::test_log_id as id;
 
     /// Early sends continue a chain, or start where the follower is known to be.
     #[test]

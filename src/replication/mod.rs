@@ -299,3 +299,9 @@ pub async fn start(
         matched,
     })
 }
+
+/// Log id `index` of term `term` led by node 1: what the replication modules' tests append.
+#[cfg(test)]
+pub(crate) fn test_log_id(term: u64, index: u64) -> openraft::LogId<u64> {
+    openraft::LogId::new(openraft::CommittedLeaderId::new(term, 1), index)
+}

@@ -825,11 +825,8 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::CommittedLeaderId;
 
-    fn id(term: u64, index: u64) -> LogId<u64> {
-        LogId::new(CommittedLeaderId::new(term, 1), index)
-    }
+    use crate::replication::test_log_id as id;
 
     #[test]
     fn a_request_is_left_out_only_if_its_commit_index_was_delivered() {

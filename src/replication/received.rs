@@ -123,11 +123,8 @@ impl Drop for Held {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use openraft::CommittedLeaderId;
 
-    fn id(term: u64, index: u64) -> LogId<u64> {
-        LogId::new(CommittedLeaderId::new(term, 1), index)
-    }
+    use crate::replication::test_log_id as id;
 
     #[test]
     fn records_are_held_by_log_id_until_taken_or_their_request_ends() {
