@@ -50,6 +50,13 @@ pub struct Header {
 }
 
 impl Header {
+    pub fn log_id(&self) -> LogId<u64> {
+        LogId::new(
+            openraft::CommittedLeaderId::new(self.term, self.leader),
+            self.index,
+        )
+    }
+
     pub fn record_bytes(&self) -> u64 {
         HEADER_BYTES as u64 + self.body_bytes as u64
     }
@@ -162,18 +169,14 @@ pub fn decode_body(
         _ => EntryPayload::Membership(membership_from_record(body)?),
     };
     Ok(openraft::Entry::<TypeConfig> {
-        log_id: LogId::new(openraft::CommittedLeaderId::new(h.term, h.leader), h.index),
+        log_id: h.log_id(),
         payload,
     })
 }
 
 /// The log id a record's header names, if it has a header.
 pub fn log_id(bytes: &[u8]) -> Option<LogId<u64>> {
-    let h = decode_header(bytes.get(..HEADER_BYTES)?.try_into().ok()?)?;
-    Some(LogId::new(
-        openraft::CommittedLeaderId::new(h.term, h.leader),
-        h.index,
-    ))
+    Some(decode_header(bytes.get(..HEADER_BYTES)?.try_into().ok()?)?.log_id())
 }
 
 /// Decode one whole record from a byte slice (a record received from a peer): exactly a
